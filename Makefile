@@ -1,0 +1,26 @@
+# `make run` and `make test` each set up their own virtual environment first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test bench lint
+
+$(BIN)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade 'pip>=23' 'setuptools<81'
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+run: $(BIN)/.installed
+	$(BIN)/hub --host 127.0.0.1 --port 8080 --demo
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check hub handlers tests bench
+	$(BIN)/ruff format --check hub handlers tests bench
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest -q
+
+bench: $(BIN)/.installed
+	$(BIN)/python -m bench

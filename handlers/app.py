@@ -1,0 +1,164 @@
+"""Builds the Tornado applications from a Config, and `hub`, the command that serves them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import resource
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
+from tornado.web import Application
+
+from handlers.base import log_request
+from handlers.demo import DemoTokenHandler, start_demo
+from handlers.ops import (
+    HealthHandler,
+    MetricsHandler,
+    NotFoundHandler,
+    ReadyHandler,
+    StaticHandler,
+)
+from handlers.publish import PublishHandler
+from handlers.stream import EventsHandler
+from hub.auth import Verifier
+from hub.config import Config, ConfigError, parse_config
+from hub.core import Hub
+
+__all__ = ["build_app", "build_internal_app", "main", "static_dir"]
+
+log = logging.getLogger("hub")
+
+
+def static_dir(config: Config) -> Path:
+    """--static-dir, else static/ beside the packages (a checkout), else the installed copy."""
+    if config.static_dir:
+        return Path(config.static_dir)
+    beside = Path(__file__).resolve().parent.parent / "static"
+    if beside.is_dir():
+        return beside
+    return Path(sys.prefix) / "share" / "hub" / "static"
+
+
+def build_app(config: Config, hub: Hub | None = None) -> Application:
+    """The public application: streams, publishing (unless an internal listener takes it),
+    operations, the demo page. `app.settings["hub"]` is the core."""
+    config.require_key()
+    if hub is None:
+        hub = Hub(config)
+    verifier = Verifier(config.jwt_algorithm, config.jwt_secret, config.jwt_public_key)
+    deps: dict[str, Any] = {"hub": hub, "verifier": verifier}
+    static = str(static_dir(config))
+    routes: list[Any] = [
+        (r"/events", EventsHandler, deps),
+        (r"/healthz", HealthHandler, deps),
+        (r"/readyz", ReadyHandler, deps),
+        (r"/metrics", MetricsHandler, deps),
+        (r"/()", StaticHandler, {"path": static, "default_filename": "index.html"}),
+        (r"/static/(.*)", StaticHandler, {"path": static}),
+    ]
+    if config.internal_port is None:
+        routes.append((r"/publish", PublishHandler, {**deps, "authenticated": True}))
+    if config.demo:
+        routes.append((r"/demo/token", DemoTokenHandler, deps))
+    return Application(
+        routes,
+        hub=hub,
+        log_function=log_request,
+        compress_response=False,  # gzip would hold SSE frames back (text/event-stream is text/*)
+        default_handler_class=NotFoundHandler,
+        default_handler_args=deps,
+    )
+
+
+def build_internal_app(hub: Hub) -> Application:
+    """POST /publish without authentication, for a listener only internal services reach."""
+    verifier = Verifier(hub.config.jwt_algorithm, hub.config.jwt_secret, hub.config.jwt_public_key)
+    deps: dict[str, Any] = {"hub": hub, "verifier": verifier}
+    return Application(
+        [
+            (r"/publish", PublishHandler, {**deps, "authenticated": False}),
+            (r"/healthz", HealthHandler, deps),
+        ],
+        hub=hub,
+        log_function=log_request,
+        default_handler_class=NotFoundHandler,
+        default_handler_args=deps,
+    )
+
+
+def _raise_fd_limit() -> None:
+    """Each stream is a socket: take the hard limit on open files."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+async def serve(config: Config) -> None:
+    app = build_app(config)
+    hub: Hub = app.settings["hub"]
+    # The body limit is enforced by PublishHandler with a JSON 413; Tornado's own limit only
+    # has to be above it (Tornado would answer a bare 400 and drop the connection).
+    server = HTTPServer(app, max_body_size=config.max_body * 2 + 65536)
+    sockets = bind_sockets(config.port, config.host)
+    server.add_sockets(sockets)
+    port = sockets[0].getsockname()[1]
+    log.info(
+        "listening on http://%s:%d%s", config.host, port, " (demo mode)" if config.demo else ""
+    )
+    internal = None
+    if config.internal_port is not None:
+        internal = HTTPServer(build_internal_app(hub), max_body_size=config.max_body * 2 + 65536)
+        internal_sockets = bind_sockets(config.internal_port, config.internal_host)
+        internal.add_sockets(internal_sockets)
+        log.info(
+            "publishing on http://%s:%d/publish (internal, no token)",
+            config.internal_host,
+            internal_sockets[0].getsockname()[1],
+        )
+    if config.demo:
+        start_demo(hub)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: closing %d streams", len(hub.registry))
+    server.stop()
+    if internal is not None:
+        internal.stop()
+    await hub.stop()
+    await asyncio.wait_for(server.close_all_connections(), timeout=5.0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        config = parse_config(argv)
+        config.require_key()
+    except ConfigError as exc:
+        print(f"hub: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if config.demo and not os.environ.get("HUB_JWT_SECRET"):
+        log.warning("demo mode: tokens are signed with a secret made up for this run")
+    _raise_fd_limit()
+    if config.loop == "uvloop":
+        import uvloop
+
+        uvloop.install()
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""What every handler shares: JSON errors, and logs that never carry a token."""
+
+from __future__ import annotations
+
+import logging
+import re
+from http.client import responses
+from typing import Any
+
+import ujson
+from tornado.web import HTTPError, RequestHandler
+
+from hub.auth import AuthError, Claims, Verifier
+from hub.core import Hub
+
+__all__ = ["HubHandler", "log_request", "redact"]
+
+access_log = logging.getLogger("tornado.access")
+_TOKEN_PARAM = re.compile(r"(?i)([?&](?:token|access_token)=)[^&#]*")
+
+
+def redact(uri: str) -> str:
+    """The URI with token query parameters blanked: tokens must not reach logs."""
+    return _TOKEN_PARAM.sub(r"\1***", uri)
+
+
+def log_request(handler: RequestHandler) -> None:
+    """Tornado's access log line, with the URI redacted."""
+    status = handler.get_status()
+    if status < 400:
+        level = logging.INFO
+    elif status < 500:
+        level = logging.WARNING
+    else:
+        level = logging.ERROR
+    request = handler.request
+    access_log.log(
+        level,
+        "%d %s %s (%s) %.2fms",
+        status,
+        request.method,
+        redact(request.uri or ""),
+        request.remote_ip,
+        1000.0 * request.request_time(),
+    )
+
+
+class HubHandler(RequestHandler):
+    def initialize(self, hub: Hub, verifier: Verifier) -> None:
+        self.hub = hub
+        self.verifier = verifier
+
+    def fail(self, status: int, error: str, **extra: Any) -> None:
+        """Answer with a JSON error body and stop."""
+        self.clear()
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Cache-Control", "no-store")
+        self.finish(ujson.dumps({"error": error, **extra}, escape_forward_slashes=False))
+
+    def answer(self, status: int, body: Any) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Cache-Control", "no-store")
+        self.finish(ujson.dumps(body, escape_forward_slashes=False))
+
+    def token(self) -> str | None:
+        """Authorization: Bearer, else ?token= (EventSource cannot set headers), else the
+        hub_token cookie."""
+        header = self.request.headers.get("Authorization", "")
+        if header[:7].lower() == "bearer ":
+            return header[7:].strip()
+        return self.get_query_argument("token", None) or self.get_cookie("hub_token")
+
+    def authenticate(self, publisher: bool = False) -> Claims | None:
+        """The verified claims, or None after answering 401/403."""
+        try:
+            if publisher:
+                return self.verifier.verify_publisher(self.token())
+            return self.verifier.verify(self.token())
+        except AuthError as exc:
+            if exc.status == 401:
+                self.set_header("WWW-Authenticate", 'Bearer realm="hub"')
+            self.fail(exc.status, exc.message, **exc.extra)
+            return None
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        reason = responses.get(status_code, "error").lower()
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, HTTPError) and exc.log_message:
+            reason = exc.log_message % exc.args if exc.args else exc.log_message
+        self.set_header("Content-Type", "application/json")
+        self.finish(ujson.dumps({"error": reason}))
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        # Tornado's own version logs the full request, query string (and so a token) included.
+        if isinstance(value, HTTPError):
+            return
+        logging.getLogger("hub").error(
+            "uncaught exception in %s %s",
+            self.request.method,
+            redact(self.request.uri or ""),
+            exc_info=(typ, value, tb),
+        )

@@ -1,0 +1,55 @@
+"""Operations: /healthz, /readyz, /metrics, and JSON 404s."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CONTENT_TYPE_LATEST
+from tornado.web import StaticFileHandler
+
+from handlers.base import HubHandler
+
+__all__ = ["HealthHandler", "MetricsHandler", "NotFoundHandler", "ReadyHandler", "StaticHandler"]
+
+STARTED = time.time()
+
+
+class HealthHandler(HubHandler):
+    def get(self) -> None:
+        self.answer(
+            200,
+            {
+                "status": "ok",
+                "streams": len(self.hub.registry),
+                "history": len(self.hub.history),
+                "uptime_s": round(time.time() - STARTED, 1),
+            },
+        )
+
+
+class ReadyHandler(HubHandler):
+    """Ready for new streams: 503 while shutting down, so a load balancer stops sending."""
+
+    def get(self) -> None:
+        if self.hub.stopping:
+            self.fail(503, "shutting down")
+        else:
+            self.answer(200, {"status": "ready"})
+
+
+class MetricsHandler(HubHandler):
+    def get(self) -> None:
+        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.finish(self.hub.metrics.exposition())
+
+
+class NotFoundHandler(HubHandler):
+    def prepare(self) -> None:
+        self.fail(404, f"no such endpoint: {self.request.method} {self.request.path}")
+
+
+class StaticHandler(StaticFileHandler):
+    """The demo page and hub.js: always revalidated, so a redeploy is seen at once."""
+
+    def set_extra_headers(self, path: str) -> None:
+        self.set_header("Cache-Control", "no-cache")

@@ -1,0 +1,92 @@
+"""POST /publish: read the body within its limit, decode it whole, hand it to the hub."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from tornado.web import stream_request_body
+
+from handlers.base import HubHandler
+from hub.auth import Verifier
+from hub.core import Hub
+from hub.decode import decode_frames, decode_json, decode_ndjson
+from hub.dispatch import known_types
+from hub.message import Event, ParseError, Rejected
+
+__all__ = ["DECODERS", "PublishHandler"]
+
+DECODERS: dict[str, Callable[[bytes], list[Event]]] = {
+    "application/json": decode_json,
+    "application/x-ndjson": decode_ndjson,
+    "application/jsonl": decode_ndjson,
+    "application/octet-stream": decode_frames,
+}
+
+
+@stream_request_body
+class PublishHandler(HubHandler):
+    """The body is streamed in so that the size limit and the auth check cost nothing:
+    a request over the limit or without a valid token is answered before its body is read."""
+
+    def initialize(self, hub: Hub, verifier: Verifier, authenticated: bool = True) -> None:
+        super().initialize(hub, verifier)
+        self.authenticated = authenticated
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.decoder: Callable[[bytes], list[Event]] = decode_json
+
+    def refuse(self, status: int, error: str, **extra: object) -> None:
+        self.hub.metrics.rejected.labels(str(status)).inc()
+        self.fail(status, error, **extra)
+
+    def prepare(self) -> None:
+        if self.request.method != "POST":
+            return
+        if self.authenticated and self.authenticate(publisher=True) is None:
+            self.hub.metrics.rejected.labels(str(self.get_status())).inc()
+            return
+        ctype = self.request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        decoder = DECODERS.get(ctype)
+        if decoder is None:
+            self.refuse(
+                415,
+                f"unsupported content type {ctype or 'none'!r}",
+                accepted=sorted(DECODERS),
+            )
+            return
+        self.decoder = decoder
+        limit = self.hub.config.max_body
+        length = self.request.headers.get("Content-Length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            self.refuse(413, f"body of {length} bytes is over the limit of {limit}", limit=limit)
+
+    def data_received(self, chunk: bytes) -> None:
+        if self._finished:
+            return
+        self.size += len(chunk)
+        limit = self.hub.config.max_body
+        if self.size > limit:
+            self.chunks = []
+            self.refuse(413, f"body is over the limit of {limit} bytes", limit=limit)
+            return
+        self.chunks.append(chunk)
+
+    async def post(self) -> None:
+        body = b"".join(self.chunks)
+        self.chunks = []
+        try:
+            events = self.decoder(body)
+        except ParseError as exc:
+            extra: dict[str, object] = {"offset": exc.offset}
+            if exc.index is not None:
+                extra["index"] = exc.index
+            self.refuse(400, exc.message, **extra)
+            return
+        except Rejected as exc:
+            extra = {"known_types": known_types()}
+            if exc.index is not None:
+                extra["index"] = exc.index
+            self.refuse(422, exc.message, **extra)
+            return
+        ids = await self.hub.publish(events)
+        self.answer(202, {"ids": ids})

@@ -1,0 +1,96 @@
+"""JWT verification (pyjwt) and what the claims allow.
+
+Exactly one algorithm is accepted, the configured one: `alg: none` and algorithm confusion
+(an HS256 token signed with an RS256 public key as its secret) fail the algorithm check
+before any signature is looked at.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+
+__all__ = ["AuthError", "Claims", "Verifier"]
+
+
+class AuthError(Exception):
+    """Refused: status 401 (who are you?) or 403 (not allowed)."""
+
+    def __init__(self, status: int, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.extra = extra
+
+
+@dataclass(frozen=True, slots=True)
+class Claims:
+    user: str
+    exp: float
+    iat: float
+    sid: str | None
+    topics: frozenset[str]  # "*" = any topic
+    publish: bool
+
+    def may_subscribe(self, topic: str) -> bool:
+        return "*" in self.topics or topic in self.topics
+
+
+class Verifier:
+    def __init__(self, algorithm: str, secret: str | None, public_key_path: str | None) -> None:
+        self.algorithm = algorithm
+        key: Any
+        if public_key_path:
+            key = Path(public_key_path).read_text()
+        elif secret is not None:
+            key = secret
+        else:
+            raise ValueError("a secret or a public key is needed")
+        self._key = key
+
+    def verify(self, token: str | None) -> Claims:
+        if not token:
+            raise AuthError(401, "missing token (Authorization: Bearer, ?token= or hub_token)")
+        try:
+            claims = jwt.decode(
+                token,
+                self._key,
+                algorithms=[self.algorithm],
+                options={"require": ["exp", "sub"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise AuthError(401, "token expired") from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise AuthError(401, f'token lacks the required claim "{exc.claim}"') from None
+        except jwt.InvalidAlgorithmError:
+            raise AuthError(
+                401, f"token algorithm not allowed (expected {self.algorithm})"
+            ) from None
+        except jwt.InvalidSignatureError:
+            raise AuthError(401, "token signature invalid") from None
+        except jwt.InvalidTokenError as exc:
+            raise AuthError(401, f"token invalid: {exc}") from None
+        topics = claims.get("topics", [])
+        if not isinstance(topics, list) or not all(isinstance(t, str) for t in topics):
+            raise AuthError(401, "token claim topics must be a list of strings")
+        sid = claims.get("sid")
+        if sid is not None and not isinstance(sid, str):
+            raise AuthError(401, "token claim sid must be a string")
+        iat = claims.get("iat", 0)
+        return Claims(
+            user=claims["sub"],
+            exp=float(claims["exp"]),
+            iat=float(iat) if isinstance(iat, int | float) else 0.0,
+            sid=sid,
+            topics=frozenset(topics),
+            publish=claims.get("publish") is True,
+        )
+
+    def verify_publisher(self, token: str | None) -> Claims:
+        claims = self.verify(token)
+        if not claims.publish:
+            raise AuthError(403, "token may not publish (it needs the claim publish: true)")
+        return claims

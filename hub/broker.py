@@ -1,0 +1,64 @@
+"""The broker: how a published event reaches every hub process that may hold its recipients.
+
+The interface is small on purpose (centrifuge's Broker, Mercure's Transport): publish gives
+events their ids and makes them reach every node's feed; each node's feed hands them to
+its own Hub.deliver. MemoryBroker is the default and serves ONE process: a publish reaches
+only the streams of the process that took it. Past one process, a shared broker (Redis) is
+the second implementation of the same interface.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from hub.message import Event
+
+__all__ = ["Broker", "MemoryBroker"]
+
+
+class Broker(Protocol):
+    # Ids at or before `floor` predate this broker's history: a client that resumes from
+    # one of them is told it missed events.
+    floor: tuple[int, int]
+
+    def start(self, deliver: Callable[[Event], None]) -> None:
+        """Begin feeding every published event (from any node) to `deliver`, in id order."""
+        ...
+
+    async def publish(self, events: Sequence[Event]) -> list[str]:
+        """Give the events ids, in order, and send them to every node; return the ids."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class MemoryBroker:
+    """One process, no network: ids are `<boot ms>-<seq>`, so they stay unique and
+    increasing across restarts of the hub (as long as the clock does not go back)."""
+
+    def __init__(self) -> None:
+        self.boot = int(time.time() * 1000)
+        self.seq = 0
+        self.floor = (self.boot, 0)
+        self._deliver: Callable[[Event], None] | None = None
+
+    def start(self, deliver: Callable[[Event], None]) -> None:
+        self._deliver = deliver
+
+    async def publish(self, events: Sequence[Event]) -> list[str]:
+        deliver = self._deliver
+        if deliver is None:
+            raise RuntimeError("broker not started")
+        prefix = f"{self.boot}-"
+        ids = []
+        for event in events:
+            self.seq += 1
+            event.assign_id(prefix + str(self.seq))
+            ids.append(event.id)
+            deliver(event)
+        return ids
+
+    async def close(self) -> None:
+        self._deliver = None

@@ -1,0 +1,127 @@
+"""Settings, from flags and HUB_* environment variables, in one place.
+
+Every flag `--some-name` has the variable `HUB_SOME_NAME`; a flag given on the command line
+wins over the variable. The JWT secret comes from HUB_JWT_SECRET only: a flag would show it
+in `ps` output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+__all__ = ["Config", "ConfigError", "parse_config"]
+
+MIN_SECRET_BYTES = 32
+
+
+class ConfigError(Exception):
+    """A setting that makes the hub refuse to start; the message says how to fix it."""
+
+
+@dataclass
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    demo: bool = False
+    jwt_secret: str | None = None
+    jwt_algorithm: str = "HS256"
+    jwt_public_key: str | None = None  # path to a PEM public key, for RS256 / ES256
+    history: int = 10_000  # events kept for Last-Event-ID resume
+    history_bytes: int = 64 * 1024 * 1024  # and at most this many bytes of frames
+    heartbeat: float = 15.0  # seconds between heartbeat comments on a quiet stream
+    retry: float = 3.0  # seconds, sent as the stream's `retry:` field
+    max_body: int = 1024 * 1024  # publish body limit, bytes
+    max_pending: int = 1024 * 1024  # unsent bytes per stream before it is cut as slow
+    flush_interval: float = 0.005  # seconds a pass waits for more events to coalesce
+    internal_port: int | None = None  # serve POST /publish here, unauthenticated, and only here
+    internal_host: str = "127.0.0.1"
+    revoke_ttl: float = 3600.0  # seconds a logout keeps refusing the tokens issued before it
+    static_dir: str | None = None
+    loop: str = "asyncio"  # or uvloop
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.jwt_secret is not None and len(self.jwt_secret.encode()) < MIN_SECRET_BYTES:
+            raise ConfigError(
+                f"HUB_JWT_SECRET must be at least {MIN_SECRET_BYTES} bytes "
+                f"(it has {len(self.jwt_secret.encode())})"
+            )
+        if self.jwt_algorithm not in ("HS256", "HS384", "HS512", "RS256", "ES256"):
+            raise ConfigError(f"unsupported JWT algorithm {self.jwt_algorithm}")
+        if self.jwt_algorithm.startswith("HS") and self.jwt_public_key:
+            raise ConfigError("--jwt-public-key needs --jwt-algorithm RS256 or ES256")
+        if not self.jwt_algorithm.startswith("HS") and not self.jwt_public_key:
+            raise ConfigError(f"--jwt-algorithm {self.jwt_algorithm} needs --jwt-public-key")
+        if self.loop not in ("asyncio", "uvloop"):
+            raise ConfigError("--loop must be asyncio or uvloop")
+        for name in ("history", "history_bytes", "max_body", "max_pending"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        for name in ("heartbeat", "retry", "flush_interval"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+
+    def require_key(self) -> None:
+        """Outside demo mode the hub does not start without a key to verify tokens with;
+        in demo mode it makes up a secret for this run."""
+        if self.jwt_secret is None and self.jwt_public_key is None:
+            if not self.demo:
+                raise ConfigError(
+                    "no JWT key: set HUB_JWT_SECRET (32+ bytes), or --jwt-algorithm RS256/ES256 "
+                    "with --jwt-public-key, or run with --demo to try the hub with demo tokens"
+                )
+            self.jwt_secret = secrets.token_urlsafe(48)
+
+
+def _flag_type(field: dataclasses.Field[object]) -> type:
+    text = str(field.type)
+    if "int" in text:
+        return int
+    if "float" in text:
+        return float
+    return str
+
+
+def parse_config(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Config:
+    """Flags over HUB_* variables over defaults. Raises ConfigError for bad values."""
+    env = os.environ if environ is None else environ
+    parser = argparse.ArgumentParser(
+        prog="hub", description="Server-Sent Events notification hub (see README.md)"
+    )
+    for field in dataclasses.fields(Config):
+        if field.name == "jwt_secret":
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        var = "HUB_" + field.name.upper()
+        if field.type in ("bool", bool):
+            parser.add_argument(flag, action="store_true", default=None, help=f"(${var})")
+        else:
+            parser.add_argument(
+                flag, type=_flag_type(field), default=None, help=f"(${var}, {field.default})"
+            )
+    args = parser.parse_args(argv)
+    values: dict[str, object] = {}
+    for field in dataclasses.fields(Config):
+        var = "HUB_" + field.name.upper()
+        given = getattr(args, field.name, None)
+        if given is not None:
+            values[field.name] = given
+        elif var in env and env[var] != "":
+            raw = env[var]
+            try:
+                if field.type in ("bool", bool):
+                    values[field.name] = raw.lower() in ("1", "true", "yes", "on")
+                elif field.name == "jwt_secret":
+                    values[field.name] = raw
+                else:
+                    values[field.name] = _flag_type(field)(raw)
+            except ValueError:
+                raise ConfigError(f"{var}={raw!r} is not a valid value") from None
+    return Config(**values)  # type: ignore[arg-type]

@@ -1,0 +1,123 @@
+"""Publish bodies -> validated, routed events: one JSON object, a JSON array, NDJSON, or
+concatenated binary frames. A body is taken whole or not at all: the first bad event
+rejects the batch, so nothing partial is ever delivered."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hub.dispatch import lookup
+from hub.message import FRAME_HEADER, Event, ParseError, Rejected, loads
+
+__all__ = ["MAX_USER_LENGTH", "build_event", "decode_frames", "decode_json", "decode_ndjson"]
+
+MAX_USER_LENGTH = 256
+_FIELDS = frozenset(("type", "user", "data", "ts"))
+
+
+def build_event(
+    obj: Any,
+    index: int,
+    offset: int,
+    header_type: int | None = None,
+    header_ts: int | None = None,
+) -> Event:
+    """Validate one event object and route it. `offset` is where it starts in the body."""
+    if not isinstance(obj, dict):
+        raise Rejected("an event must be a JSON object", index)
+    fields = _FIELDS if header_type is None else _FIELDS - {"type", "ts"}
+    unknown = obj.keys() - fields
+    if unknown:
+        raise Rejected(
+            f"unknown field(s) {', '.join(sorted(map(str, unknown)))}; "
+            f"an event has {', '.join(sorted(fields))}",
+            index,
+        )
+    try:
+        if header_type is None:
+            if "type" not in obj:
+                raise Rejected("missing field type")
+            kind = lookup(obj["type"])
+            ts = obj.get("ts")
+            if ts is not None and (not isinstance(ts, int) or isinstance(ts, bool) or ts < 0):
+                raise Rejected("ts must be a non-negative integer (ms since the epoch)")
+        else:
+            kind = lookup(header_type)
+            ts = header_ts
+        user = obj.get("user")
+        if user is not None and (
+            not isinstance(user, str) or not user or len(user) > MAX_USER_LENGTH
+        ):
+            raise Rejected(f"user must be a non-empty string of at most {MAX_USER_LENGTH} chars")
+        try:
+            event = Event(kind.number, kind.name, user, obj.get("data"), ts)
+        except OverflowError:
+            raise ParseError(
+                f"invalid JSON in event at byte {offset}: NaN and Infinity are not JSON",
+                offset=offset,
+                index=index,
+            ) from None
+        event.route = kind.route(event)
+    except Rejected as exc:
+        exc.index = index
+        raise
+    return event
+
+
+def decode_json(body: bytes) -> list[Event]:
+    """One event object, or an array of them."""
+    if not body.strip():
+        raise ParseError("empty body", offset=0)
+    value = loads(body)
+    if isinstance(value, list):
+        if not value:
+            raise Rejected("empty batch")
+        return [build_event(obj, i, 0) for i, obj in enumerate(value)]
+    return [build_event(value, 0, 0)]
+
+
+def decode_ndjson(body: bytes) -> list[Event]:
+    """One event object per line; blank lines are skipped."""
+    events: list[Event] = []
+    offset = 0
+    for line in body.split(b"\n"):
+        if line.strip():
+            obj = loads(line, base_offset=offset, index=len(events))
+            events.append(build_event(obj, len(events), offset))
+        offset += len(line) + 1
+    if not events:
+        raise ParseError("empty body", offset=0)
+    return events
+
+
+def decode_frames(body: bytes) -> list[Event]:
+    """Concatenated binary frames: uint32 type | uint64 ts ms (0 = stamp it) | uint32 length |
+    payload (UTF-8 JSON object with user and data)."""
+    events: list[Event] = []
+    offset = 0
+    size = len(body)
+    if not size:
+        raise ParseError("empty body", offset=0)
+    while offset < size:
+        index = len(events)
+        if size - offset < FRAME_HEADER.size:
+            raise ParseError(
+                f"truncated frame header at byte {offset}: {size - offset} of "
+                f"{FRAME_HEADER.size} bytes",
+                offset=offset,
+                index=index,
+            )
+        type_, ts, length = FRAME_HEADER.unpack_from(body, offset)
+        start = offset + FRAME_HEADER.size
+        if start + length > size:
+            raise ParseError(
+                f"truncated frame at byte {offset}: payload length {length}, "
+                f"{size - start} bytes left",
+                offset=offset,
+                index=index,
+            )
+        # An empty payload is an event without user or data (a bare broadcast, say).
+        obj = loads(body[start : start + length], base_offset=start, index=index) if length else {}
+        events.append(build_event(obj, index, offset, header_type=type_, header_ts=ts or None))
+        offset = start + length
+    return events

@@ -1,0 +1,100 @@
+"""The dispatch table: event type number -> name and route function.
+
+A route function looks at one event and says who receives it. It runs once, at publish time,
+on the node that took the publish; the route then travels with the event. Adding a type is
+one route function and one entry in TABLE.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from hub.message import Event, Rejected
+
+__all__ = ["LOG", "LOGOUT", "TABLE", "Kind", "Route", "known_types", "lookup"]
+
+
+class Route(NamedTuple):
+    """Who receives an event: the streams of these users, the subscribers of these topics,
+    or everyone. `ends` names the streams that end once they have the event:
+    (user, session), where session None means all of the user's streams."""
+
+    users: tuple[str, ...] = ()
+    topics: tuple[str, ...] = ()
+    everyone: bool = False
+    ends: tuple[str, str | None] | None = None
+
+
+RouteFunction = Callable[[Event], Route]
+
+
+def _user(event: Event) -> str:
+    if event.user is None:
+        raise Rejected(f"{event.name} events need a user")
+    return event.user
+
+
+def route_login(event: Event) -> Route:
+    return Route(users=(_user(event),), topics=("presence",))
+
+
+def route_payment(event: Event) -> Route:
+    return Route(users=(_user(event),), topics=("payments",))
+
+
+def route_logout(event: Event) -> Route:
+    user = _user(event)
+    session = event.data.get("session") if isinstance(event.data, dict) else None
+    if session is not None and not isinstance(session, str):
+        raise Rejected("logout data.session must be a string")
+    return Route(users=(user,), topics=("presence",), ends=(user, session))
+
+
+def route_log(event: Event) -> Route:
+    return Route(topics=("logs",))
+
+
+def route_broadcast(event: Event) -> Route:
+    return Route(everyone=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Kind:
+    number: int
+    name: str
+    route: RouteFunction
+
+
+TABLE: dict[int, Kind] = {
+    kind.number: kind
+    for kind in (
+        Kind(0x01, "login", route_login),
+        Kind(0x02, "payment", route_payment),
+        Kind(0x03, "logout", route_logout),
+        Kind(0x04, "log", route_log),
+        Kind(0x05, "broadcast", route_broadcast),
+    )
+}
+
+_BY_NAME = {kind.name: kind for kind in TABLE.values()}
+
+LOGOUT = 0x03
+LOG = 0x04
+
+
+def lookup(type_: object) -> Kind:
+    """The table entry for a type given as number or name; Rejected if there is none."""
+    kind = None
+    if isinstance(type_, int) and not isinstance(type_, bool):
+        kind = TABLE.get(type_)
+    elif isinstance(type_, str):
+        kind = _BY_NAME.get(type_)
+    if kind is None:
+        raise Rejected(f"unknown event type {type_!r}")
+    return kind
+
+
+def known_types() -> list[dict[str, object]]:
+    return [{"type": k.number, "name": k.name} for k in TABLE.values()]

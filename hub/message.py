@@ -1,0 +1,141 @@
+"""Events: what a publisher sends, what a stream receives, and the bytes in between.
+
+An event is validated and routed once, when it is published; its SSE frame is encoded once,
+when it gets its id, and the same bytes object then goes to every recipient.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+import time
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import ujson
+
+if TYPE_CHECKING:
+    from hub.dispatch import Route
+
+__all__ = [
+    "FRAME_HEADER",
+    "Event",
+    "ParseError",
+    "Rejected",
+    "encode_frame",
+    "loads",
+]
+
+# The binary publish frame: uint32 event_type | uint64 ts (ms) | uint32 payload_len | payload.
+FRAME_HEADER = struct.Struct(">IQI")
+
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+_FIELD_UNSAFE = re.compile(r"[\r\n\x00]")
+
+
+class ParseError(Exception):
+    """The body is not well-formed (400). `offset` is the byte where reading failed."""
+
+    def __init__(self, message: str, offset: int, index: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.offset = offset
+        self.index = index
+
+
+class Rejected(Exception):
+    """The body is well-formed but an event in it is not acceptable (422)."""
+
+    def __init__(self, message: str, index: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.index = index
+
+
+def encode_frame(event_id: str | None, event: str | None, data: str) -> bytes:
+    """One SSE frame. Nothing in `data` can end a field early or start a second event:
+    every line break in it becomes a new `data:` line, and CR, LF and NUL are dropped from
+    the single-line `id:` and `event:` fields."""
+    parts = []
+    if event_id is not None:
+        parts.append("id: " + _FIELD_UNSAFE.sub("", event_id))
+    if event is not None:
+        parts.append("event: " + _FIELD_UNSAFE.sub("", event))
+    if "\n" in data or "\r" in data:
+        parts.extend("data: " + line for line in _LINE_BREAK.split(data))
+    else:
+        parts.append("data: " + data)
+    parts.append("\n")
+    return "\n".join(parts).encode()
+
+
+def loads(raw: bytes | str, base_offset: int = 0, index: int | None = None) -> Any:
+    """Parse JSON; errors name the byte offset in the body. NaN and Infinity, which ujson
+    accepts and browsers' JSON.parse refuses, are caught when the event body is encoded."""
+    try:
+        return ujson.loads(raw)
+    except (ValueError, OverflowError):
+        _raise_json_error(raw, base_offset, index)
+
+
+def _raise_json_error(raw: bytes | str, base_offset: int, index: int | None) -> NoReturn:
+    """ujson says what is wrong but not where; the standard parser says where (error path only)."""
+    text = raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else raw
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as exc:
+        pos = len(text[: exc.pos].encode("utf-8", "surrogateescape"))
+        raise ParseError(
+            f"malformed JSON at byte {base_offset + pos}: {exc.msg}",
+            offset=base_offset + pos,
+            index=index,
+        ) from None
+    except (UnicodeDecodeError, ValueError):
+        pass
+    if isinstance(raw, bytes):
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ParseError(
+                f"invalid UTF-8 at byte {base_offset + exc.start}",
+                offset=base_offset + exc.start,
+                index=index,
+            ) from None
+    raise ParseError(f"malformed JSON at byte {base_offset}", offset=base_offset, index=index)
+
+
+class Event:
+    """One published event. `body` is the JSON a stream's `data:` line carries; `frame` is
+    the whole SSE frame, set once the broker has given the event its id."""
+
+    __slots__ = ("body", "data", "frame", "id", "name", "route", "ts", "type", "user")
+
+    def __init__(
+        self,
+        type: int,
+        name: str,
+        user: str | None,
+        data: Any,
+        ts: int | None = None,
+    ) -> None:
+        self.type = type
+        self.name = name
+        self.user = user
+        self.data = data
+        self.ts = ts or int(time.time() * 1000)
+        # allow_nan=False raises OverflowError for NaN/Infinity: not JSON to any browser.
+        self.body = ujson.dumps(
+            {"type": type, "name": name, "user": user, "ts": self.ts, "data": data},
+            escape_forward_slashes=False,
+            allow_nan=False,
+        )
+        self.id = ""
+        self.frame = b""
+        self.route: Route | None = None
+
+    def assign_id(self, event_id: str) -> None:
+        self.id = event_id
+        self.frame = encode_frame(event_id, self.name, self.body)
+
+    def __repr__(self) -> str:
+        return f"Event(id={self.id!r}, name={self.name!r}, user={self.user!r})"
