@@ -1,0 +1,110 @@
+"""Token verification with pyjwt, for each supported key kind, and the attacks on it."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+from pathlib import Path
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from hub.auth import AuthError, Verifier
+from hub.config import Config, ConfigError, parse_config
+
+SECRET = "auth-tests-secret-0123456789-abcdefghijklmn"
+
+
+def claims(**extra: object) -> dict[str, object]:
+    return {"sub": "u1", "exp": int(time.time()) + 60, "topics": ["a"], **extra}
+
+
+def public_pem(private_key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> bytes:
+    return private_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "make_key"),
+    [
+        ("RS256", lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048)),
+        ("ES256", lambda: ec.generate_private_key(ec.SECP256R1())),
+    ],
+)
+def test_public_key_algorithms_verify_and_refuse_hmac_confusion(
+    tmp_path: Path, algorithm, make_key
+):
+    private = make_key()
+    pem = public_pem(private)
+    key_file = tmp_path / "public.pem"
+    key_file.write_bytes(pem)
+    verifier = Verifier(algorithm, None, str(key_file))
+    token = jwt.encode(claims(sid="s9"), private, algorithm=algorithm)
+    got = verifier.verify(token)
+    assert (got.user, got.sid, got.topics) == ("u1", "s9", frozenset({"a"}))
+    # Algorithm confusion: an HS256 token whose "secret" is the public key everyone has.
+    header = base64.urlsafe_b64encode(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    payload = base64.urlsafe_b64encode(json.dumps(claims()).encode())
+    signing_input = header.rstrip(b"=") + b"." + payload.rstrip(b"=")
+    sig = base64.urlsafe_b64encode(hmac.new(pem, signing_input, hashlib.sha256).digest())
+    forged = (signing_input + b"." + sig.rstrip(b"=")).decode()
+    with pytest.raises(AuthError) as err:
+        verifier.verify(forged)
+    assert err.value.status == 401 and "algorithm not allowed" in err.value.message
+
+
+def test_unsigned_token_is_refused():
+    verifier = Verifier("HS256", SECRET, None)
+    unsigned = jwt.encode(claims(), None, algorithm="none")
+    with pytest.raises(AuthError, match="algorithm not allowed"):
+        verifier.verify(unsigned)
+
+
+@pytest.mark.parametrize(
+    ("token_claims", "message"),
+    [
+        ({"sub": "u1", "exp": int(time.time()) - 5}, "token expired"),
+        ({"exp": int(time.time()) + 60}, 'required claim "sub"'),
+        ({"sub": "u1"}, 'required claim "exp"'),
+        ({"sub": "u1", "exp": int(time.time()) + 60, "topics": "a"}, "topics must be a list"),
+    ],
+)
+def test_claims_that_are_missing_or_wrong_are_refused(token_claims, message):
+    verifier = Verifier("HS256", SECRET, None)
+    with pytest.raises(AuthError) as err:
+        verifier.verify(jwt.encode(token_claims, SECRET, algorithm="HS256"))
+    assert err.value.status == 401 and message in err.value.message
+
+
+def test_publishing_needs_the_publish_claim():
+    verifier = Verifier("HS256", SECRET, None)
+    with pytest.raises(AuthError) as err:
+        verifier.verify_publisher(jwt.encode(claims(), SECRET, algorithm="HS256"))
+    assert err.value.status == 403
+    ok = verifier.verify_publisher(jwt.encode(claims(publish=True), SECRET, algorithm="HS256"))
+    assert ok.publish
+
+
+def test_short_secrets_and_missing_keys_stop_the_hub_with_a_clear_message():
+    with pytest.raises(ConfigError, match="at least 32 bytes"):
+        Config(jwt_secret="short")
+    with pytest.raises(ConfigError, match="no JWT key"):
+        parse_config([], {}).require_key()
+    demo = parse_config(["--demo"], {})
+    demo.require_key()
+    assert demo.jwt_secret and len(demo.jwt_secret) >= 32
+
+
+def test_flags_win_over_environment_variables():
+    config = parse_config(
+        ["--port", "9001"], {"HUB_PORT": "9000", "HUB_HEARTBEAT": "2.5", "HUB_DEMO": "1"}
+    )
+    assert (config.port, config.heartbeat, config.demo) == (9001, 2.5, True)
+    with pytest.raises(ConfigError, match="HUB_HISTORY"):
+        parse_config([], {"HUB_HISTORY": "lots"})

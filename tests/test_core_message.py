@@ -1,0 +1,143 @@
+"""The SSE encoder and the publish-body decoders, without any server."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from hub.decode import decode_frames, decode_json, decode_ndjson
+from hub.dispatch import TABLE, Route, known_types
+from hub.message import Event, ParseError, Rejected, encode_frame
+
+
+def parse_frame(frame: bytes) -> list[tuple[str, str]]:
+    text = frame.decode()
+    assert text.endswith("\n\n")
+    return [tuple(line.split(": ", 1)) for line in text[:-2].split("\n")]  # type: ignore[misc]
+
+
+def test_frame_with_newlines_in_data_becomes_several_data_lines_of_one_event():
+    frame = encode_frame("1-1", "payment", "a\nb\r\nc\rd")
+    assert parse_frame(frame) == [
+        ("id", "1-1"),
+        ("event", "payment"),
+        ("data", "a"),
+        ("data", "b"),
+        ("data", "c"),
+        ("data", "d"),
+    ]
+    assert frame.count(b"\n\n") == 1
+
+
+def test_frame_id_and_event_fields_lose_cr_lf_and_nul():
+    frame = encode_frame("1-1\n\nid: 9", "x\r\nevent: logout\x00", "{}")
+    assert parse_frame(frame) == [("id", "1-1id: 9"), ("event", "xevent: logout"), ("data", "{}")]
+
+
+def test_event_body_escapes_injection_so_the_frame_stays_one_event():
+    event = Event(2, "payment", "u1", {"note": "\n\nid: 999\nevent: logout\ndata: x\n\n\r\x00"})
+    event.assign_id("5-1")
+    assert event.frame.count(b"\n\n") == 1
+    assert event.frame.startswith(b"id: 5-1\nevent: payment\ndata: {")
+
+
+def test_json_object_and_array_decode_to_routed_events():
+    [one] = decode_json(b'{"type": 2, "user": "u42", "data": {"amount": 3}}')
+    assert (one.type, one.name, one.user, one.data) == (2, "payment", "u42", {"amount": 3})
+    assert one.route == Route(users=("u42",), topics=("payments",))
+    batch = decode_json(b'[{"type": "login", "user": "a"}, {"type": 5}]')
+    assert [e.name for e in batch] == ["login", "broadcast"]
+    assert batch[1].route == Route(everyone=True)
+
+
+def test_logout_route_ends_the_named_session_or_all():
+    [named] = decode_json(b'{"type": 3, "user": "u", "data": {"session": "s1"}}')
+    [every] = decode_json(b'{"type": "logout", "user": "u"}')
+    assert named.route is not None and named.route.ends == ("u", "s1")
+    assert every.route is not None and every.route.ends == ("u", None)
+
+
+def test_malformed_json_names_the_byte_offset():
+    with pytest.raises(ParseError) as err:
+        decode_json(b'{"type": 2, "user": }')
+    assert err.value.offset == 20
+
+
+def test_ndjson_error_offset_counts_from_the_start_of_the_body():
+    body = b'{"type": 5}\n{"type": 5,}\n'
+    with pytest.raises(ParseError) as err:
+        decode_ndjson(body)
+    assert err.value.index == 1
+    assert body[err.value.offset - 1 : err.value.offset + 1] == b",}"
+
+
+def test_nan_is_not_json():
+    with pytest.raises(ParseError, match="NaN"):
+        decode_json(b'{"type": 5, "data": NaN}')
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"type": 9}', "unknown event type 9"),
+        (b'{"type": "refund"}', "unknown event type 'refund'"),
+        (b'{"type": true}', "unknown event type True"),
+        (b'{"type": 2, "data": {}}', "payment events need a user"),
+        (b'{"type": 5, "usr": "x"}', "unknown field(s) usr"),
+        (b'{"user": "x"}', "missing field type"),
+        (b'{"type": 5, "ts": -1}', "ts must be"),
+        (b'{"type": 1, "user": ""}', "user must be"),
+        (b"[]", "empty batch"),
+        (b"[1]", "must be a JSON object"),
+    ],
+)
+def test_unacceptable_events_are_rejected_with_a_reason(body: bytes, message: str):
+    with pytest.raises(Rejected) as err:
+        decode_json(body)
+    assert message in err.value.message
+
+
+def test_a_bad_event_in_a_batch_names_its_index():
+    with pytest.raises(Rejected) as err:
+        decode_json(b'[{"type": 5}, {"type": 5}, {"type": 2}]')
+    assert err.value.index == 2
+
+
+def frame(type_: int, ts: int, payload: bytes) -> bytes:
+    return struct.pack(">IQI", type_, ts, len(payload)) + payload
+
+
+def test_binary_frames_decode_in_order_and_zero_ts_is_stamped():
+    body = (
+        frame(2, 1234, b'{"user": "u1", "data": 7}')
+        + frame(5, 0, b"")
+        + frame(1, 0, b'{"user":"x"}')
+    )
+    events = decode_frames(body)
+    assert [(e.name, e.user) for e in events] == [
+        ("payment", "u1"),
+        ("broadcast", None),
+        ("login", "x"),
+    ]
+    assert events[0].ts == 1234 and events[0].data == 7
+    assert events[1].ts > 1_600_000_000_000
+
+
+def test_truncated_frame_reports_where_it_starts():
+    good = frame(5, 0, b"{}")
+    with pytest.raises(ParseError) as err:
+        decode_frames(good + frame(2, 0, b'{"user": "u"}')[:-3])
+    assert err.value.offset == len(good)
+    with pytest.raises(ParseError) as err:
+        decode_frames(good + b"\x00\x00\x00")
+    assert err.value.offset == len(good) and "header" in err.value.message
+
+
+def test_frame_payload_may_not_carry_its_own_type():
+    with pytest.raises(Rejected, match="unknown field"):
+        decode_frames(frame(5, 0, b'{"type": 2}'))
+
+
+def test_known_types_lists_the_whole_table():
+    assert [t["type"] for t in known_types()] == sorted(TABLE)
