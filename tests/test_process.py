@@ -1,0 +1,173 @@
+"""The `hub` command as a user runs it: a real process, real flags and variables."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import jwt
+import pytest
+
+SECRET = "process-tests-secret-0123456789-abcdefghij"
+HUB = [sys.executable, "-m", "handlers.app"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(cond, timeout: float = 10.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.02)  # polling interval inside a deadline, not a synchronisation
+    raise AssertionError(f"{what} not met within {timeout}s")
+
+
+def get(url: str, **headers: str) -> tuple[int, dict]:
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def post(url: str, body: bytes, **headers: str) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def healthy(port: int) -> bool:
+    try:
+        return get(f"http://127.0.0.1:{port}/healthz")[0] == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def start_hub() -> Iterator:
+    procs: list[subprocess.Popen] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
+        full_env.update({"HUB_JWT_SECRET": SECRET} if env is None else env)
+        proc = subprocess.Popen(
+            [*HUB, *args],
+            env=full_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+        if proc.stdout:
+            proc.stdout.close()
+
+
+def test_without_a_key_the_hub_refuses_to_start_and_says_how_to_fix_it(start_hub):
+    proc = start_hub("--port", str(free_port()), env={})
+    out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 2
+    assert "HUB_JWT_SECRET" in out and "--demo" in out
+
+
+def test_a_short_secret_is_refused(start_hub):
+    proc = start_hub("--port", str(free_port()), env={"HUB_JWT_SECRET": "too-short"})
+    out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 2 and "at least 32 bytes" in out
+
+
+def open_stream(port: int, token: str) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.sendall(
+        f"GET /events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+    )
+    return sock
+
+
+def read_until(sock: socket.socket, marker: bytes, timeout: float = 5.0) -> bytes:
+    data = b""
+    deadline = time.monotonic() + timeout
+    while marker not in data:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_sigterm_ends_open_streams_and_the_process_exits(start_hub):
+    port = free_port()
+    proc = start_hub("--port", str(port))
+    wait_until(lambda: healthy(port), what="hub healthy")
+    token = jwt.encode({"sub": "u1", "exp": int(time.time()) + 60}, SECRET, algorithm="HS256")
+    streams = [open_stream(port, token) for _ in range(5)]
+    for s in streams:
+        assert b"retry:" in read_until(s, b"\n\n", timeout=5)
+    assert wait_until(lambda: get(f"http://127.0.0.1:{port}/healthz")[1]["streams"] == 5)
+    proc.send_signal(signal.SIGTERM)
+    for s in streams:
+        rest = read_until(s, b"never-sent", timeout=5)  # returns when the hub closes it
+        assert b"never-sent" not in rest
+        s.close()
+    assert proc.wait(timeout=10) == 0
+
+
+def test_internal_listener_takes_publishes_without_token_and_the_public_port_has_none(start_hub):
+    port, internal = free_port(), free_port()
+    start_hub("--port", str(port), "--internal-port", str(internal))
+    wait_until(lambda: healthy(port), what="hub healthy")
+    token = jwt.encode({"sub": "u1", "exp": int(time.time()) + 60}, SECRET, algorithm="HS256")
+    stream = open_stream(port, token)
+    read_until(stream, b"\n\n")
+    body = json.dumps({"type": 2, "user": "u1", "data": {"amount": 5}}).encode()
+    status, answer = post(
+        f"http://127.0.0.1:{internal}/publish", body, **{"Content-Type": "application/json"}
+    )
+    assert status == 202 and len(answer["ids"]) == 1
+    got = read_until(stream, b"\n\n", timeout=5)
+    assert f"id: {answer['ids'][0]}".encode() in got and b'"amount":5' in got
+    publisher = jwt.encode(
+        {"sub": "svc", "exp": int(time.time()) + 60, "publish": True}, SECRET, algorithm="HS256"
+    )
+    status, answer = post(
+        f"http://127.0.0.1:{port}/publish",
+        body,
+        **{"Content-Type": "application/json", "Authorization": f"Bearer {publisher}"},
+    )
+    assert status == 404 and "no such endpoint" in answer["error"]
+    stream.close()
+
+
+def test_every_flag_has_an_environment_variable(start_hub):
+    port = free_port()
+    start_hub(env={"HUB_JWT_SECRET": SECRET, "HUB_PORT": str(port), "HUB_DEMO": "1"})
+    wait_until(lambda: healthy(port), what="hub healthy on HUB_PORT")
+    status, token = get(f"http://127.0.0.1:{port}/demo/token?user=alice")
+    assert status == 200 and token["user"] == "alice"
+    claims = jwt.decode(token["token"], SECRET, algorithms=["HS256"])
+    assert claims["sub"] == "alice" and claims["topics"] == ["*"]
