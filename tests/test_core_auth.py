@@ -108,3 +108,16 @@ def test_flags_win_over_environment_variables():
     assert (config.port, config.heartbeat, config.demo) == (9001, 2.5, True)
     with pytest.raises(ConfigError, match="HUB_HISTORY"):
         parse_config([], {"HUB_HISTORY": "lots"})
+
+
+def test_a_verified_token_is_refused_once_it_expires_even_when_remembered():
+    verifier = Verifier("HS256", SECRET, None)
+    exp = int(time.time()) + 1
+    token = jwt.encode({"sub": "u1", "exp": exp}, SECRET, algorithm="HS256")
+    assert verifier.verify(token).user == "u1"
+    assert verifier.verify(token).user == "u1"  # remembered
+    deadline = time.monotonic() + 5
+    while time.time() <= exp + 0.01 and time.monotonic() < deadline:
+        time.sleep(0.02)  # the clock itself is what this test waits for
+    with pytest.raises(AuthError, match="token expired"):
+        verifier.verify(token)
