@@ -51,11 +51,11 @@ class MemoryBroker:
         deliver = self._deliver
         if deliver is None:
             raise RuntimeError("broker not started")
-        prefix = f"{self.boot}-"
+        boot = self.boot
         ids = []
         for event in events:
             self.seq += 1
-            event.assign_id(prefix + str(self.seq))
+            event.assign_id(boot, self.seq)
             ids.append(event.id)
             deliver(event)
         return ids

@@ -13,6 +13,7 @@ __all__ = ["MAX_USER_LENGTH", "build_event", "decode_frames", "decode_json", "de
 
 MAX_USER_LENGTH = 256
 _FIELDS = frozenset(("type", "user", "data", "ts"))
+_PAYLOAD_FIELDS = frozenset(("user", "data"))  # a binary frame's header has type and ts
 
 
 def build_event(
@@ -22,15 +23,15 @@ def build_event(
     header_type: int | None = None,
     header_ts: int | None = None,
 ) -> Event:
-    """Validate one event object and route it. `offset` is where it starts in the body."""
-    if not isinstance(obj, dict):
+    """Validate one event object and route it. `offset` is where it starts in the body.
+    (On the publish hot path: exact type checks, no intermediate sets.)"""
+    if type(obj) is not dict:
         raise Rejected("an event must be a JSON object", index)
-    fields = _FIELDS if header_type is None else _FIELDS - {"type", "ts"}
-    unknown = obj.keys() - fields
-    if unknown:
+    fields = _FIELDS if header_type is None else _PAYLOAD_FIELDS
+    if not fields.issuperset(obj):
+        unknown = sorted(str(k) for k in obj if k not in fields)
         raise Rejected(
-            f"unknown field(s) {', '.join(sorted(map(str, unknown)))}; "
-            f"an event has {', '.join(sorted(fields))}",
+            f"unknown field(s) {', '.join(unknown)}; an event has {', '.join(sorted(fields))}",
             index,
         )
     try:
@@ -39,15 +40,13 @@ def build_event(
                 raise Rejected("missing field type")
             kind = lookup(obj["type"])
             ts = obj.get("ts")
-            if ts is not None and (not isinstance(ts, int) or isinstance(ts, bool) or ts < 0):
+            if ts is not None and (type(ts) is not int or ts < 0):
                 raise Rejected("ts must be a non-negative integer (ms since the epoch)")
         else:
             kind = lookup(header_type)
             ts = header_ts
         user = obj.get("user")
-        if user is not None and (
-            not isinstance(user, str) or not user or len(user) > MAX_USER_LENGTH
-        ):
+        if user is not None and (type(user) is not str or not 0 < len(user) <= MAX_USER_LENGTH):
             raise Rejected(f"user must be a non-empty string of at most {MAX_USER_LENGTH} chars")
         try:
             event = Event(kind.number, kind.name, user, obj.get("data"), ts)

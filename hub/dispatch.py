@@ -78,7 +78,9 @@ TABLE: dict[int, Kind] = {
     )
 }
 
-_BY_NAME = {kind.name: kind for kind in TABLE.values()}
+_BY_KEY: dict[object, Kind] = {}
+for _kind in TABLE.values():
+    _BY_KEY[_kind.number] = _BY_KEY[_kind.name] = _kind
 
 LOGOUT = 0x03
 LOG = 0x04
@@ -86,11 +88,7 @@ LOG = 0x04
 
 def lookup(type_: object) -> Kind:
     """The table entry for a type given as number or name; Rejected if there is none."""
-    kind = None
-    if isinstance(type_, int) and not isinstance(type_, bool):
-        kind = TABLE.get(type_)
-    elif isinstance(type_, str):
-        kind = _BY_NAME.get(type_)
+    kind = _BY_KEY.get(type_) if type(type_) is int or type(type_) is str else None
     if kind is None:
         raise Rejected(f"unknown event type {type_!r}")
     return kind

@@ -38,11 +38,8 @@ class History:
         self.size = 0
 
     def append(self, event: Event) -> None:
-        key = parse_id(event.id)
-        if key is None:
-            raise ValueError(f"event id {event.id!r} is not <ms>-<seq>")
         self.events.append(event)
-        self.keys.append(key)
+        self.keys.append(event.key)
         self.size += len(event.frame)
         while self.events and (len(self.events) > self.limit or self.size > self.limit_bytes):
             old = self.events.popleft()

@@ -108,7 +108,7 @@ class Event:
     """One published event. `body` is the JSON a stream's `data:` line carries; `frame` is
     the whole SSE frame, set once the broker has given the event its id."""
 
-    __slots__ = ("body", "data", "frame", "id", "name", "route", "ts", "type", "user")
+    __slots__ = ("body", "data", "frame", "id", "key", "name", "route", "ts", "type", "user")
 
     def __init__(
         self,
@@ -130,12 +130,17 @@ class Event:
             allow_nan=False,
         )
         self.id = ""
+        self.key = (0, 0)  # the id as (ms, seq), for ordering in the history
         self.frame = b""
         self.route: Route | None = None
 
-    def assign_id(self, event_id: str) -> None:
-        self.id = event_id
-        self.frame = encode_frame(event_id, self.name, self.body)
+    def assign_id(self, ms: int, seq: int) -> None:
+        """Set the id `<ms>-<seq>` and encode the frame. Neither the id (digits) nor the name
+        (from the dispatch table) can hold a line break, and the body is ujson output, which
+        escapes every control character: the frame is safe without encode_frame's checks."""
+        self.id = event_id = f"{ms}-{seq}"
+        self.key = (ms, seq)
+        self.frame = f"id: {event_id}\nevent: {self.name}\ndata: {self.body}\n\n".encode()
 
     def __repr__(self) -> str:
         return f"Event(id={self.id!r}, name={self.name!r}, user={self.user!r})"

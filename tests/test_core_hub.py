@@ -52,7 +52,7 @@ def test_registry_drops_empty_index_entries_when_the_last_stream_leaves():
 
 def make_event(n: int) -> Event:
     [event] = decode_json(b'{"type": 5, "data": "%d"}' % n)
-    event.assign_id(f"100-{n}")
+    event.assign_id(100, n)
     return event
 
 

@@ -37,7 +37,7 @@ def test_frame_id_and_event_fields_lose_cr_lf_and_nul():
 
 def test_event_body_escapes_injection_so_the_frame_stays_one_event():
     event = Event(2, "payment", "u1", {"note": "\n\nid: 999\nevent: logout\ndata: x\n\n\r\x00"})
-    event.assign_id("5-1")
+    event.assign_id(5, 1)
     assert event.frame.count(b"\n\n") == 1
     assert event.frame.startswith(b"id: 5-1\nevent: payment\ndata: {")
 
