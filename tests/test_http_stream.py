@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 
 import pytest
 from sse import StreamEnded, wait_for
@@ -152,6 +153,45 @@ async def test_wildcard_topics_claim_allows_any_topic_and_the_stream_gets_its_ev
 
     event = await client.next_event()
     assert (event.id, event.event) == (event_id, "log")
+
+
+# -- token expiry -------------------------------------------------------------------------
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_stream_ends_once_its_token_expires(hub_server):
+    server = await hub_server(heartbeat=0.2)
+    claims = server.claims("u1", sid="s1", exp_in=2)
+    client = await server.stream("u1", token=server.sign(claims))
+    keeper = await server.stream("u2")
+    assert client.status == 200
+
+    assert await client.wait_closed(10), "the stream outlived its token"
+    assert time.time() >= claims["exp"] - 1  # it ended because of exp, not before
+    assert not keeper.closed
+    assert await wait_for(lambda: set(server.hub.registry.by_user) == {"u2"}, 5)
+
+
+@pytest.mark.gen_test(timeout=15)
+async def test_token_accepted_before_it_expires_is_refused_after_for_streams_and_publish(
+    hub_server,
+):
+    server = await hub_server()
+    exp = int(time.time() + 2)
+    publisher = server.sign({"sub": "svc", "exp": exp, "publish": True})
+    subscriber = server.sign({"sub": "u1", "exp": exp})
+    assert (await server.publish({"type": 5}, token=publisher)).code == 202
+    first = await server.stream("u1", token=subscriber)
+    assert first.status == 200
+
+    assert await wait_for(lambda: time.time() > exp + 1, 10)  # the clock passes exp
+
+    response = await server.publish({"type": 5}, token=publisher)
+    assert response.code == 401, response.body
+    error_body(response)
+    again = await server.stream("u1", token=subscriber)
+    assert again.status == 401, again.raw_body
+    error_body(again)
 
 
 # -- heartbeat ----------------------------------------------------------------------------
