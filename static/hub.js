@@ -31,6 +31,7 @@ const RECENT_IDS = 2048; // ids that do not sort (not "<ms>-<seq>") are deduplic
  *                   is asked again when the hub answers 401 or the token's exp has passed
  * options.params    extra query parameters, e.g. {level: "warning"}
  * options.events    extra event names to listen for (the hub's names are always included)
+ * options.lastEventId  resume after this id (say, one kept in sessionStorage across reloads)
  * options.onReset   called with the reset event when the hub's history no longer reaches back
  *                   to the last id: the page should refetch its state
  * options.share     false: this tab holds its own connection (default true: one per origin)
@@ -94,8 +95,8 @@ class HubConnection {
     this._closed = false;
     this._everOpen = false;
 
-    this._lastId = null; // the newest id delivered by this tab
-    this._lastKey = null; // parseId(this._lastId)
+    this._lastId = options.lastEventId || null; // the newest id delivered by this tab
+    this._lastKey = this._lastId ? parseId(this._lastId) : null;
     this._recent = new Set();
 
     this._es = null;

@@ -90,6 +90,9 @@ def test_two_tabs_share_one_stream_and_hand_over_without_loss_or_duplicates(cont
         wait_for_tags(page, before)
         assert_each_once(page, before)
     assert hub.streams() == 1
+    follower = next(p for p in pages if p.locator("#role").get_attribute("data-role") != "leader")
+    expect(follower.locator("#role")).to_have_text("Shared from another tab")
+    screenshot(follower, "demo-follower-tab.png")
 
     leader = next(p for p in pages if p.locator("#role").get_attribute("data-role") == "leader")
     survivor = second if leader is first else first
@@ -160,7 +163,37 @@ def test_burst_screenshot(context, hub):
     expect(result).to_contain_text("all on screen")
     expect(page.locator("#count-2")).to_have_text("1,001")
     expect(page.locator("#events tr")).to_have_count(250)
+    screenshot(page, "demo-after-burst.png")
+
+
+def test_logs_panel_shows_the_hubs_own_records_filtered_by_level(context, hub):
+    page = open_demo(context, hub.url)
+    levels = ["debug", "info", "warning", "error"]
+    hub.publish(
+        [
+            {"type": "log", "data": {"level": lv, "service": "svc", "message": f"lv-{lv}"}}
+            for lv in levels
+        ]
+    )
+    logs = page.locator("#logs")
+    # The hub's own record of that request, published by the demo log producer.
+    expect(logs).to_contain_text("POST /publish")
+    expect(logs).to_contain_text("lv-info")
+    expect(logs).not_to_contain_text("lv-debug")  # the default minimum level is info
+
+    page.locator('#levels button[data-level="warning"]').click()
+    expect(logs.locator("li", has_text="lv-")).to_have_count(2)
+    expect(logs).to_contain_text("lv-warning")
+    expect(logs).to_contain_text("lv-error")
+    expect(logs).not_to_contain_text("POST /publish")  # an info record
+
+    page.locator('#levels button[data-level="debug"]').click()
+    expect(logs.locator("li", has_text="lv-")).to_have_count(4)
+
+
+def screenshot(page: Any, name: str) -> None:
+    """For a person to look at: artifacts/ (gitignored)."""
     ARTIFACTS.mkdir(exist_ok=True)
-    path = ARTIFACTS / "demo-after-burst.png"
+    path = ARTIFACTS / name
     page.screenshot(path=str(path), full_page=True)
     assert path.stat().st_size > 10_000
