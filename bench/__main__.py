@@ -92,6 +92,8 @@ def run_one(
         else:
             server = servers.NchanServer(tmp, SERVER_CORE)
         pub = sc.publisher(kind)
+        if pub is not None and args.publisher:
+            pub.update(json.loads(args.publisher))
         spec: dict[str, Any] = {
             "kind": kind,
             "host": "127.0.0.1",
@@ -107,6 +109,7 @@ def run_one(
             "tokens_file": str(tmp / "tokens.json") if kind == "hub" else None,
             "core": None,  # taskset pins it
             "loadgen_loop": "uvloop",
+            "rcvlowat": args.rcvlowat,
         }
         connect_budget = sc.streams / args.connect_rate + 35
         timeout = connect_budget + args.duration + 60
@@ -139,8 +142,10 @@ COLS = [
     ("maxms", 7, ">"),
     ("lost", 7, ">"),
     ("srvCPU%", 7, ">"),
+    ("core0%", 6, ">"),
     ("KB/strm", 7, ">"),
     ("lgCPU%", 6, ">"),
+    ("core1%", 6, ">"),
     ("notes", 0, "<"),
 ]
 
@@ -207,7 +212,9 @@ def format_row(r: dict[str, Any]) -> list[str]:
         r["scenario"],
         r["server"],
         _num(r.get("streams")),
-        _num(r.get("offered")) if r.get("offered") is not None else "closed",
+        _num(r.get("offered"))
+        if r.get("offered") is not None
+        else ("closed" if r.get("acked_requests") is not None else "-"),
         _num(r.get("published_rate")),
         _num(r.get("delivery_rate")),
         _ms(r.get("p50_ms")),
@@ -216,8 +223,10 @@ def format_row(r: dict[str, Any]) -> list[str]:
         _ms(r.get("max_ms")),
         _num(r.get("lost")),
         _num(r.get("srv_cpu_pct")),
+        _num((r.get("cores_busy_pct") or {}).get(f"cpu{SERVER_CORE}")),
         _num(kb, "{:.1f}") if kb is not None else "-",
         _num(r.get("lg_cpu_pct")),
+        _num((r.get("cores_busy_pct") or {}).get(f"cpu{LOADGEN_CORE}")),
         notes(r),
     ]
 
@@ -368,6 +377,20 @@ def machine() -> str:
     )
 
 
+def machine_load(seconds: float = 1.0) -> float:
+    """Percent of all cores busy (user+system+irq+softirq+steal) over a short sample."""
+
+    def busy() -> tuple[float, float]:
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:9]]
+        return sum(vals) - vals[3] - vals[4], sum(vals)
+
+    b0, t0 = busy()
+    time.sleep(seconds)
+    b1, t1 = busy()
+    return 100.0 * (b1 - b0) / max(1, t1 - t0)
+
+
 def git_head() -> str:
     try:
         r = subprocess.run(
@@ -396,6 +419,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--hub-arg", action="append", help="extra argument for the hub (repeatable)")
     ap.add_argument("--connect-rate", type=float, default=5000.0, help="new streams per second")
     ap.add_argument("--probes", type=int, default=200, help="max latency probe streams")
+    ap.add_argument(
+        "--rcvlowat",
+        type=int,
+        default=0,
+        help="SO_RCVLOWAT bytes on counting (non-probe) streams, fewer reads for the loadgen; "
+        "default 0: read every byte as it arrives, like a browser",
+    )
+    ap.add_argument("--publisher", help="JSON merged into the publisher settings (experiments)")
     ap.add_argument("--max-time", type=float, default=1200.0, help="stop starting scenarios after")
     ap.add_argument("--out", type=Path, help="also write the table to this file")
     ap.add_argument("--json", type=Path, help="write the raw results (JSON) to this file")
@@ -414,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)  # also when started with SIGINT ignored (`cmd &`)
     hub_help = ""
     if "hub" in kinds:
         hub_help = servers.hub_help()
@@ -428,6 +460,9 @@ def main(argv: list[str] | None = None) -> int:
     if not kinds:
         return 1
 
+    load = machine_load()
+    if load > 5:
+        print(f"bench: warning: the machine is {load:.0f}% busy before the start", file=sys.stderr)
     started = time.monotonic()
     rows: list[dict[str, Any]] = []
     header = [
@@ -436,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
         f"# {machine()}",
         f"# server pinned to core {SERVER_CORE}, load generator (uvloop) pinned to core "
         f"{LOADGEN_CORE}; {args.duration:g} s per scenario; hub loop: {args.loop or 'default'}",
+        f"# machine busy before the start: {load:.0f}% of all cores; core0%/core1%: each core's "
+        "busy time (incl. softirq) during the publish window",
     ]
     interrupted = False
     with tempfile.TemporaryDirectory(prefix="hub-bench-") as tmpname:
