@@ -164,19 +164,40 @@ class HubConnection {
   }
 
   close() {
+    this._shutdown(null);
+    this._letGo();
+  }
+
+  /** End this handle. A leader that ends normally tells the others to take over at once. */
+  _shutdown(error) {
     if (this._closed) return;
+    if (this._role === "leader" && this._channel) {
+      if (error === null) this._post({ t: "resign" });
+      if (this._leaseTimer) writeLease(this._leaseKey(), null);
+    }
     this._closed = true;
     this._stopStream();
     if (this._leaseTimer) clearInterval(this._leaseTimer);
     if (this._onPageHide) removeEventListener("pagehide", this._onPageHide);
-    if (this._role === "leader" && this._channel) {
-      this._post({ t: "resign" });
-      if (this._leaseTimer) writeLease(this._leaseKey(), null);
-    }
-    if (this._releaseLock) this._releaseLock();
     if (this._lockAbort) this._lockAbort.abort();
+    if (this._role !== "leader" || error === null) this._letGo();
+    this._setStatus("closed", error, false);
+  }
+
+  /** Release the lock and the channel. */
+  _letGo() {
+    if (this._releaseLock) this._releaseLock();
+    this._releaseLock = null;
     if (this._channel) this._channel.close();
-    this._setStatus("closed", null, false);
+    this._channel = null;
+  }
+
+  /** The hub will not take this stream back (logout, refused token or topic): every tab that
+   * shares it closes with the reason. This tab keeps the lock until a new connect() (in any
+   * tab) says hello, so that no follower takes over and signs in again meanwhile. */
+  _fail(error) {
+    this._post({ t: "status", status: "closed", error, final: true });
+    this._shutdown(error);
   }
 
   // ---- election -------------------------------------------------------------------------
@@ -338,8 +359,7 @@ class HubConnection {
     if (status === 401 && typeof this._tokenSource === "function") {
       this._retryLater(true);
     } else if (status === 401 || status === 403 || status === 400 || status === 404) {
-      // Asking again will not help: report it and stay closed.
-      this._setStatus("closed", detail || `HTTP ${status}`);
+      this._fail(detail || `HTTP ${status}`); // asking again will not help
     } else {
       this._retryLater(false);
     }
@@ -374,8 +394,7 @@ class HubConnection {
     this._deliver(msg);
     if (name === "logout" && this._closeOnLogout && this._isOwnLogout(msg.data)) {
       // The hub ends the stream after a logout; reconnecting would only sign in again.
-      this._stopStream();
-      this._setStatus("closed", "logged out");
+      this._fail("logged out");
     }
   }
 
@@ -399,13 +418,20 @@ class HubConnection {
   }
 
   _onChannel(m) {
-    if (this._closed || !m || typeof m !== "object") return;
+    if (!m || typeof m !== "object") return;
+    if (this._closed) {
+      if (m.t === "hello") this._letGo(); // a failed leader makes way for a new connect()
+      return;
+    }
     if (m.t === "event") {
       if (this._accept(m)) this._deliver(m);
     } else if (m.t === "status") {
       if (this._role === "follower") {
-        if (m.status === "open") this._everOpen = true;
-        this._setStatus(m.status, m.error || null, false);
+        if (m.final) this._shutdown(m.error || "closed");
+        else {
+          if (m.status === "open") this._everOpen = true;
+          this._setStatus(m.status, m.error || null, false);
+        }
       }
     } else if (m.t === "hello") {
       if (this._role === "leader") {

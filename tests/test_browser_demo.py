@@ -197,3 +197,20 @@ def screenshot(page: Any, name: str) -> None:
     path = ARTIFACTS / name
     page.screenshot(path=str(path), full_page=True)
     assert path.stat().st_size > 10_000
+
+
+def test_a_logout_signs_every_tab_out_until_one_signs_in_again(context, hub):
+    pages = [open_demo(context, hub.url) for _ in "ab"]
+    hub.wait_streams(1)
+    hub.publish({"type": "logout", "user": "alice", "data": {}})
+    for page in pages:
+        expect(page.locator("#conn")).to_have_attribute("data-status", "closed")
+        expect(page.locator("#notice")).to_contain_text("alice was logged out")
+    hub.wait_streams(0)
+
+    follower = next(p for p in pages if p.locator("#role").get_attribute("data-role") != "leader")
+    follower.get_by_role("button", name="Sign in again").click()
+    expect(follower.locator("#conn")).to_have_attribute("data-status", "open")
+    expect(follower.locator("#role")).to_have_attribute("data-role", "leader")
+    expect(follower.locator("#notice")).to_be_hidden()
+    hub.wait_streams(1)
