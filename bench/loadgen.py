@@ -83,6 +83,21 @@ def cores_busy_s() -> dict[str, float]:
     return out
 
 
+def others_cpu_s(exclude: set[int]) -> dict[int, float]:
+    """CPU seconds of every other process (to see whether anything else ran meanwhile)."""
+    out = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in exclude:
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            out[int(name)] = proc_cpu_s(int(name))
+    return out
+
+
+def others_pct(before: dict[int, float], after: dict[int, float], wall: float) -> float:
+    return 100 * sum(v - before.get(k, v) for k, v in after.items()) / wall
+
+
 def self_cpu_s() -> float:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime + ru.ru_stime
@@ -647,11 +662,13 @@ async def run(g: Gen, spec: dict[str, Any]) -> dict[str, Any]:
     pub_spec = spec.get("publish")
     if not pub_spec:
         # idle: hold the streams, measure the server's idle CPU (heartbeats)
-        b0 = cores_busy_s()
+        mine = {pid, os.getpid()}
+        o0, b0 = others_cpu_s(mine), cores_busy_s()
         c0, s0, t0 = proc_cpu_s(pid), self_cpu_s(), time.monotonic()
         await asyncio.sleep(spec.get("idle_hold", 2.0))
         wall = time.monotonic() - t0
-        b1 = cores_busy_s()
+        b1, o1 = cores_busy_s(), others_cpu_s(mine)
+        res["others_cpu_pct"] = others_pct(o0, o1, wall)
         res["cores_busy_pct"] = {k: 100 * (b1[k] - b0[k]) / wall for k in b1}
         res["srv_cpu_pct"] = 100 * (proc_cpu_s(pid) - c0) / wall
         res["lg_cpu_pct"] = 100 * (self_cpu_s() - s0) / wall
@@ -663,11 +680,12 @@ async def run(g: Gen, spec: dict[str, Any]) -> dict[str, Any]:
     await pub.connect()
     duration = spec["duration"]
     recv0 = g.received()
-    b0 = cores_busy_s()
+    mine = {pid, os.getpid()}
+    o0, b0 = others_cpu_s(mine), cores_busy_s()
     c0, s0, w0 = proc_cpu_s(pid), self_cpu_s(), time.monotonic()
     await pub.run(duration)
     c1, s1, w1 = proc_cpu_s(pid), self_cpu_s(), time.monotonic()
-    b1 = cores_busy_s()
+    b1, o1 = cores_busy_s(), others_cpu_s(mine)
     recv1 = g.received()
     if g.rcvlowat > 1:
         # from here on every byte counts at once (the drain)
@@ -678,6 +696,7 @@ async def run(g: Gen, spec: dict[str, Any]) -> dict[str, Any]:
     res["srv_cpu_pct"] = 100 * (c1 - c0) / wall
     res["lg_cpu_pct"] = 100 * (s1 - s0) / wall
     res["cores_busy_pct"] = {k: 100 * (b1[k] - b0[k]) / wall for k in b1}
+    res["others_cpu_pct"] = others_pct(o0, o1, wall)
     res["delivery_rate"] = (recv1 - recv0) / wall
     res["rss_end_kb"] = proc_rss_kb(pid)
     # drain: wait for the answers still in flight and until every stream has what was
