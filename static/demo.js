@@ -80,6 +80,7 @@ function renderStatus(status, { role, error }) {
   const roleEl = $("role");
   roleEl.dataset.role = role || "";
   roleEl.textContent =
+    status === "closed" ? "" :
     role === "leader" ? "This tab holds the connection" :
     role === "follower" ? "Shared from another tab" : "";
   if (status === "closed" && error === "logged out") {

@@ -38,6 +38,7 @@ const RECENT_IDS = 2048; // ids that do not sort (not "<ms>-<seq>") are deduplic
  * options.key       tabs with the same key share one connection; default url + topics +
  *                   params. Tabs that may see different events (other users) need other keys.
  * options.backoff   {base: 500, max: 30000} ms, for the retries EventSource does not do itself
+ * options.withCredentials  send cookies to a hub on another origin (EventSource's option)
  * options.closeOnLogout  default true: a logout event for this token's user (and session, if
  *                   the logout names one) closes the stream instead of reconnecting
  */
@@ -84,6 +85,7 @@ class HubConnection {
     this._tokenSource = options.token ?? null;
     this._onReset = options.onReset || null;
     this._closeOnLogout = options.closeOnLogout !== false;
+    this._withCredentials = !!options.withCredentials;
     this._backoff = { base: 500, max: 30000, ...(options.backoff || {}) };
     this._names = [...new Set([...EVENT_NAMES, RESET, "message", ...(options.events || [])])];
 
@@ -280,7 +282,7 @@ class HubConnection {
 
   // ---- the leader's stream ------------------------------------------------------------------
 
-  async _token_(fresh) {
+  async _getToken(fresh) {
     const src = this._tokenSource;
     if (src == null) return null;
     if (typeof src !== "function") return src;
@@ -309,7 +311,7 @@ class HubConnection {
     this._setStatus(this._everOpen ? "reconnecting" : "connecting");
     let token;
     try {
-      token = await this._token_(freshToken);
+      token = await this._getToken(freshToken);
     } catch (e) {
       report(e);
       this._retryLater();
@@ -317,7 +319,7 @@ class HubConnection {
     }
     if (this._closed || this._role !== "leader") return;
     const url = this._streamUrl(token);
-    const es = new EventSource(url);
+    const es = new EventSource(url, { withCredentials: this._withCredentials });
     this._es = es;
     es.onopen = () => {
       if (es !== this._es) return;
