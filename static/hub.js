@@ -285,7 +285,7 @@ class HubConnection {
   async _getToken(fresh) {
     const src = this._tokenSource;
     if (src == null) return null;
-    if (typeof src !== "function") return src;
+    if (typeof src !== "function") return (this._token = src);
     if (fresh || this._token == null || this._tokenExpired()) this._token = await src();
     return this._token;
   }
