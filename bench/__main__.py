@@ -469,7 +469,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=2,
         help="run a scenario again (up to N times) when other work ran on the cores meanwhile",
     )
-    ap.add_argument("--max-time", type=float, default=1200.0, help="stop starting scenarios after")
+    ap.add_argument(
+        "--max-time", type=float, default=900.0, help="stop starting scenarios after S seconds"
+    )
     ap.add_argument("--out", type=Path, help="also write the table to this file")
     ap.add_argument("--json", type=Path, help="write the raw results (JSON) to this file")
     return ap.parse_args(argv)
