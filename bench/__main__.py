@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import secrets
+import shlex
 import signal
 import subprocess
 import sys
@@ -88,7 +89,13 @@ def run_one(
     try:
         if kind == "hub":
             server = servers.HubServer(
-                tmp, secret, SERVER_CORE, args.loop, list(args.hub_arg or []), hub_help
+                tmp,
+                secret,
+                SERVER_CORE,
+                args.loop,
+                list(args.hub_arg or []),
+                hub_help,
+                shlex.split(args.hub_cmd) if args.hub_cmd else None,
             )
         else:
             server = servers.NchanServer(tmp, SERVER_CORE)
@@ -193,6 +200,9 @@ def notes(r: dict[str, Any]) -> str:
         out.append(f"connect all {r['connect_s']:.2f}s")
     elif r.get("streams") and r.get("connect_s") is None:
         out.append(f"only {r.get('connected', 0)}/{r['streams']} connected")
+    ov = (r.get("tcp_ext") or {}).get("ListenOverflows")
+    if ov:
+        out.append(f"{ov} listen-queue overflows")
     s = sustained(r)
     if s is True:
         out.append("sustained")
@@ -447,6 +457,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-hub", action="store_true", help="skip the hub (with --nchan: nchan only)")
     ap.add_argument("--loop", choices=["uvloop", "asyncio"], help="the hub's event loop")
     ap.add_argument("--hub-arg", action="append", help="extra argument for the hub (repeatable)")
+    ap.add_argument("--hub-cmd", help="command that starts the hub instead of .venv/bin/hub")
     ap.add_argument("--connect-rate", type=float, default=5000.0, help="new streams per second")
     ap.add_argument("--probes", type=int, default=200, help="max latency probe streams")
     ap.add_argument(

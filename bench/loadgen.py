@@ -98,6 +98,19 @@ def others_pct(before: dict[int, float], after: dict[int, float], wall: float) -
     return 100 * sum(v - before.get(k, v) for k, v in after.items()) / wall
 
 
+def tcp_ext(names: tuple[str, ...] = ("ListenOverflows", "SyncookiesSent")) -> dict[str, int]:
+    """System-wide TcpExt counters (/proc/net/netstat): listen-queue overflows during the ramp
+    mean the server's accept backlog was too short (the client then waits for a SYN
+    retransmit, >= 1 s)."""
+    try:
+        with open("/proc/net/netstat") as f:
+            lines = [line.split() for line in f if line.startswith("TcpExt:")]
+        d = dict(zip(lines[0][1:], lines[1][1:], strict=False))
+        return {k: int(d.get(k, 0)) for k in names}
+    except (OSError, IndexError, ValueError):
+        return {}
+
+
 def self_cpu_s() -> float:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime + ru.ru_stime
@@ -623,6 +636,7 @@ async def run(g: Gen, spec: dict[str, Any]) -> dict[str, Any]:
                 g.connect_errors += 1
                 g.connect_error_sample = str(e)
 
+        ext0 = tcp_ext()
         t_start = time.monotonic()
         started = 0
         while started < n:
@@ -641,6 +655,8 @@ async def run(g: Gen, spec: dict[str, Any]) -> dict[str, Any]:
         except TimeoutError:
             res["connect_s"] = None
         res["connected"] = g.headers_ok
+        ext1 = tcp_ext()
+        res["tcp_ext"] = {k: ext1[k] - ext0.get(k, 0) for k in ext1}
         res["connect_errors"] = g.connect_errors + len(g.head_errors)
         if g.connect_error_sample or g.head_errors:
             res["connect_error_sample"] = [g.connect_error_sample, *g.head_errors[:5]]

@@ -158,12 +158,13 @@ class HubServer(Server):
         loop: str | None,
         extra: list[str],
         help_text: str,
+        cmd: list[str] | None = None,
     ) -> None:
         self.port = free_port()
         self.log = tmp / f"hub-{self.port}.log"
         env = dict(os.environ)
         env["HUB_JWT_SECRET"] = secret
-        argv = ["taskset", "-c", str(core), str(REPO / ".venv" / "bin" / "hub")]
+        argv = ["taskset", "-c", str(core), *(cmd or [str(REPO / ".venv" / "bin" / "hub")])]
         argv += ["--host", "127.0.0.1", "--port", str(self.port)]
         if loop:
             env["HUB_LOOP"] = loop
