@@ -34,7 +34,10 @@ class DemoTokenHandler(HubHandler):
         if secret is None:
             self.fail(501, "demo tokens need an HMAC secret (HUB_JWT_SECRET)")
             return
-        now = int(time.time())
+        # iat to the millisecond (NumericDate may be fractional): a sign-in right after a
+        # logout must not be mistaken for a token issued before it.
+        issued = round(time.time(), 3)
+        now = int(issued)
         role = self.get_query_argument("role", "subscriber")
         claims: dict[str, Any]
         if role == "publisher":
@@ -50,7 +53,7 @@ class DemoTokenHandler(HubHandler):
             topics = [t.strip() for t in raw_topics.split(",") if t.strip()] or ["*"]
             claims = {
                 "sub": user,
-                "iat": now,
+                "iat": issued,
                 "exp": now + TOKEN_LIFETIME,
                 "topics": topics,
                 "sid": secrets.token_hex(8),

@@ -294,3 +294,15 @@ def test_delivered_counter_counts_one_per_stream_per_event(n: int):
             c.shutdown()
 
     run(scenario)
+
+
+def test_reset_on_an_empty_history_still_carries_an_id_to_resume_from():
+    async def scenario() -> None:
+        hub = Hub(config())
+        conn = SocketConnection()
+        hub.subscribe(conn, "u1", last_event_id="12-3")
+        await until(lambda: conn.writes > 0)
+        assert conn.events() == [(f"{hub.broker.floor[0]}-0", "reset")]
+        conn.shutdown()
+
+    run(scenario)
