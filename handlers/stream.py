@@ -133,6 +133,9 @@ class EventsHandler(HubHandler):
             "200 GET %s (%s) stream open", redact(self.request.uri or ""), self.request.remote_ip
         )
         stream = self.detach()
+        # Each write is already a whole pass's worth of frames, coalesced in the flusher;
+        # Nagle would only hold it back waiting for the client's (possibly delayed) ACK.
+        stream.set_nodelay(True)
         conn = SSEConnection(stream)
         retry_ms = int(self.hub.config.retry * 1000)
         conn.write(
