@@ -16,7 +16,7 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 from tornado.web import Application
 
-from handlers.base import log_request
+from handlers.base import access_logger
 from handlers.demo import DemoTokenHandler, start_demo
 from handlers.ops import (
     HealthHandler,
@@ -67,10 +67,12 @@ def build_app(config: Config, hub: Hub | None = None) -> Application:
         routes.append((r"/publish", PublishHandler, {**deps, "authenticated": True}))
     if config.demo:
         routes.append((r"/demo/token", DemoTokenHandler, deps))
+    success_level = logging.INFO if config.demo else logging.DEBUG
     return Application(
         routes,
         hub=hub,
-        log_function=log_request,
+        log_function=access_logger(success_level),
+        access_success_level=success_level,
         compress_response=False,  # gzip would hold SSE frames back (text/event-stream is text/*)
         default_handler_class=NotFoundHandler,
         default_handler_args=deps,
@@ -87,7 +89,7 @@ def build_internal_app(hub: Hub) -> Application:
             (r"/healthz", HealthHandler, deps),
         ],
         hub=hub,
-        log_function=log_request,
+        log_function=access_logger(logging.DEBUG),
         default_handler_class=NotFoundHandler,
         default_handler_args=deps,
     )

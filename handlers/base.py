@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from http.client import responses
 from typing import Any
 
@@ -13,7 +14,7 @@ from tornado.web import HTTPError, RequestHandler
 from hub.auth import AuthError, Claims, Verifier
 from hub.core import Hub
 
-__all__ = ["HubHandler", "log_request", "redact"]
+__all__ = ["HubHandler", "access_logger", "redact"]
 
 access_log = logging.getLogger("tornado.access")
 _TOKEN_PARAM = re.compile(r"(?i)([?&](?:token|access_token)=)[^&#]*")
@@ -24,25 +25,32 @@ def redact(uri: str) -> str:
     return _TOKEN_PARAM.sub(r"\1***", uri)
 
 
-def log_request(handler: RequestHandler) -> None:
-    """Tornado's access log line, with the URI redacted."""
-    status = handler.get_status()
-    if status < 400:
-        level = logging.INFO
-    elif status < 500:
-        level = logging.WARNING
-    else:
-        level = logging.ERROR
-    request = handler.request
-    access_log.log(
-        level,
-        "%d %s %s (%s) %.2fms",
-        status,
-        request.method,
-        redact(request.uri or ""),
-        request.remote_ip,
-        1000.0 * request.request_time(),
-    )
+def access_logger(success_level: int) -> Callable[[RequestHandler], None]:
+    """Tornado's access log line, with the URI redacted. Successful requests log at
+    `success_level`: DEBUG normally (at thousands of publishes and connects a second, an INFO
+    line each would cost more than the work), INFO in demo mode, whose page shows them.
+    Refusals and errors always log."""
+
+    def log_request(handler: RequestHandler) -> None:
+        status = handler.get_status()
+        if status < 400:
+            level = success_level
+        elif status < 500:
+            level = logging.WARNING
+        else:
+            level = logging.ERROR
+        request = handler.request
+        access_log.log(
+            level,
+            "%d %s %s (%s) %.2fms",
+            status,
+            request.method,
+            redact(request.uri or ""),
+            request.remote_ip,
+            1000.0 * request.request_time(),
+        )
+
+    return log_request
 
 
 class HubHandler(RequestHandler):

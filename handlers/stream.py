@@ -129,8 +129,11 @@ class EventsHandler(HubHandler):
             "lastEventId", None
         )
 
-        access_log.info(
-            "200 GET %s (%s) stream open", redact(self.request.uri or ""), self.request.remote_ip
+        access_log.log(
+            self.settings["access_success_level"],
+            "200 GET %s (%s) stream open",
+            redact(self.request.uri or ""),
+            self.request.remote_ip,
         )
         stream = self.detach()
         # Each write is already a whole pass's worth of frames, coalesced in the flusher;
