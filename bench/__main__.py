@@ -150,6 +150,7 @@ COLS = [
     ("maxms", 7, ">"),
     ("lost", 7, ">"),
     ("srvCPU%", 7, ">"),
+    ("sys%", 4, ">"),
     ("core0%", 6, ">"),
     ("KB/strm", 7, ">"),
     ("lgCPU%", 6, ">"),
@@ -249,6 +250,7 @@ def format_row(r: dict[str, Any]) -> list[str]:
         _ms(r.get("max_ms")),
         _num(r.get("lost")),
         _num(r.get("srv_cpu_pct")),
+        _num(r.get("srv_sys_pct")),
         _num((r.get("cores_busy_pct") or {}).get(f"cpu{SERVER_CORE}")),
         _num(kb, "{:.1f}") if kb is not None else "-",
         _num(r.get("lg_cpu_pct")),
@@ -527,7 +529,8 @@ def main(argv: list[str] | None = None) -> int:
         f"# server pinned to core {SERVER_CORE}, load generator (uvloop) pinned to core "
         f"{LOADGEN_CORE}; {args.duration:g} s per scenario; hub loop: {args.loop or 'default'}",
         f"# machine busy before the start: {load:.0f}% of all cores; core0%/core1%: each core's "
-        "busy time (incl. softirq) during the publish window; unacc%: core time charged to neither",
+        "busy time (incl. softirq) during the publish window;\n"
+        "# unacc%: core time charged to neither; sys%: the server's kernel time (in srvCPU%)",
     ]
     interrupted = False
     with tempfile.TemporaryDirectory(prefix="hub-bench-") as tmpname:

@@ -56,10 +56,16 @@ def raise_nofile() -> None:
 
 def proc_cpu_s(pid: int) -> float:
     """utime + stime of a process, in seconds."""
+    user, system = proc_times(pid)
+    return user + system
+
+
+def proc_times(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a process, in seconds."""
     with open(f"/proc/{pid}/stat", "rb") as f:
         data = f.read()
     fields = data[data.rindex(b")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 def proc_rss_kb(pid: int) -> int:
@@ -698,9 +704,11 @@ async def run(g: Gen, spec: dict[str, Any]) -> dict[str, Any]:
     recv0 = g.received()
     mine = {pid, os.getpid()}
     o0, b0 = others_cpu_s(mine), cores_busy_s()
+    k0 = proc_times(pid)[1]
     c0, s0, w0 = proc_cpu_s(pid), self_cpu_s(), time.monotonic()
     await pub.run(duration)
     c1, s1, w1 = proc_cpu_s(pid), self_cpu_s(), time.monotonic()
+    k1 = proc_times(pid)[1]
     b1, o1 = cores_busy_s(), others_cpu_s(mine)
     recv1 = g.received()
     if g.rcvlowat > 1:
@@ -710,6 +718,7 @@ async def run(g: Gen, spec: dict[str, Any]) -> dict[str, Any]:
     wall = w1 - w0
     res["duration_s"] = wall
     res["srv_cpu_pct"] = 100 * (c1 - c0) / wall
+    res["srv_sys_pct"] = 100 * (k1 - k0) / wall  # the kernel's share (send(), recv(), epoll)
     res["lg_cpu_pct"] = 100 * (s1 - s0) / wall
     res["cores_busy_pct"] = {k: 100 * (b1[k] - b0[k]) / wall for k in b1}
     res["others_cpu_pct"] = others_pct(o0, o1, wall)
