@@ -42,7 +42,7 @@ class Config:
     internal_host: str = "127.0.0.1"
     revoke_ttl: float = 3600.0  # seconds a logout keeps refusing the tokens issued before it
     static_dir: str | None = None
-    loop: str = "asyncio"  # or uvloop
+    loop: str = "uvloop"  # measured faster in every scenario of the benchmark; or asyncio
     log_level: str = "info"
 
     def __post_init__(self) -> None:

@@ -36,12 +36,18 @@ def _user(event: Event) -> str:
     return event.user
 
 
+_PRESENCE = ("presence",)
+_PAYMENTS = ("payments",)
+_LOGS = ("logs",)
+_EVERYONE = Route(everyone=True)
+
+
 def route_login(event: Event) -> Route:
-    return Route(users=(_user(event),), topics=("presence",))
+    return Route((_user(event),), _PRESENCE)
 
 
 def route_payment(event: Event) -> Route:
-    return Route(users=(_user(event),), topics=("payments",))
+    return Route((_user(event),), _PAYMENTS)
 
 
 def route_logout(event: Event) -> Route:
@@ -49,15 +55,15 @@ def route_logout(event: Event) -> Route:
     session = event.data.get("session") if isinstance(event.data, dict) else None
     if session is not None and not isinstance(session, str):
         raise Rejected("logout data.session must be a string")
-    return Route(users=(user,), topics=("presence",), ends=(user, session))
+    return Route((user,), _PRESENCE, False, (user, session))
 
 
 def route_log(event: Event) -> Route:
-    return Route(topics=("logs",))
+    return Route((), _LOGS)
 
 
 def route_broadcast(event: Event) -> Route:
-    return Route(everyone=True)
+    return _EVERYONE
 
 
 @dataclass(frozen=True, slots=True)

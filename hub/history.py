@@ -11,12 +11,14 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections import deque
 from itertools import islice
+from operator import attrgetter
 
 from hub.message import Event
 
 __all__ = ["History", "parse_id"]
 
 EventKey = tuple[int, int]
+_key = attrgetter("key")
 
 
 def parse_id(event_id: str) -> EventKey | None:
@@ -34,34 +36,34 @@ class History:
         self.limit_bytes = limit_bytes
         self.floor = floor
         self.events: deque[Event] = deque()
-        self.keys: deque[EventKey] = deque()
         self.size = 0
 
     def append(self, event: Event) -> None:
-        self.events.append(event)
-        self.keys.append(event.key)
+        events = self.events
+        events.append(event)
         self.size += len(event.frame)
-        while self.events and (len(self.events) > self.limit or self.size > self.limit_bytes):
-            old = self.events.popleft()
-            self.floor = self.keys.popleft()
+        while len(events) > self.limit or self.size > self.limit_bytes:
+            old = events.popleft()
+            self.floor = old.key
             self.size -= len(old.frame)
 
     def since(self, last_id: str) -> list[Event] | None:
         """The events after `last_id`, oldest first; None if the history cannot say."""
         key = parse_id(last_id)
+        events = self.events
         if key is None or key < self.floor:
             return None
-        if self.keys and key > self.keys[-1]:
+        if events and key > events[-1].key:
             return None  # from the future: another hub's, or another run's
-        if not self.keys and key != self.floor:
+        if not events and key != self.floor:
             return None
-        start = bisect_right(self.keys, key)
-        return list(islice(self.events, start, None))
+        start = bisect_right(events, key, key=_key)
+        return list(islice(events, start, None))
 
     @property
     def last_id(self) -> str:
         """The newest id held (or the floor): where a client told to reset resumes from."""
-        ms, seq = self.keys[-1] if self.keys else self.floor
+        ms, seq = self.events[-1].key if self.events else self.floor
         return f"{ms}-{seq}"
 
     def __len__(self) -> int:
