@@ -24,6 +24,10 @@ __all__ = ["EventsHandler", "SSEConnection"]
 MAX_TOPICS = 64
 MAX_TOPIC_LENGTH = 128
 CLOSE_GRACE = 5.0  # seconds a closing stream has to take what it is still owed
+# The kernel's send buffer per stream. Left to autotuning, a client that stops reading can
+# make the kernel hold up to tcp_wmem's maximum (4 MiB here) for it before the hub sees any
+# backpressure: with thousands of streams that is memory --max-pending does not bound.
+SEND_BUFFER = 128 * 1024
 
 log = logging.getLogger("hub")
 
@@ -44,6 +48,7 @@ class SSEConnection:
     def __init__(self, stream: IOStream) -> None:
         sock = stream.socket
         stream.io_loop.remove_handler(sock.fileno())
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         self.socket: socket.socket | None = sock
         self.fd = sock.fileno()
         self.loop = asyncio.get_running_loop()

@@ -67,7 +67,7 @@ class Flusher:
             sub.queued += len(tail)
         sub.outbox.append(frame)
         sub.queued += len(frame)
-        if sub.queued + sub.backlog > self.max_pending:
+        if sub.queued + sub.backlog > self.max_pending + sub.allowance:
             # Bounded memory: the frames are dropped here and the stream is cut as slow at
             # its next write; the client resumes from history with Last-Event-ID.
             sub.outbox.clear()
@@ -115,7 +115,12 @@ class Flusher:
         self.bytes_written += len(data)
         sub.backlog = backlog = sub.conn.write(data)
         if backlog > self.max_pending:
-            self.on_slow(sub)
+            if backlog > self.max_pending + sub.allowance:
+                self.on_slow(sub)
+            else:
+                sub.allowance = backlog - self.max_pending
+        elif sub.allowance:
+            sub.allowance = 0
 
     def _tail_from(self, pos: int) -> bytes:
         """The log from `pos` to its end as one bytes object; most streams ask for the same

@@ -40,6 +40,7 @@ class Subscriber:
 
     __slots__ = (
         "active",
+        "allowance",
         "backlog",
         "bcast_pos",
         "closed",
@@ -75,6 +76,9 @@ class Subscriber:
         self.outbox: list[bytes] = []  # frames not yet written, shared bytes objects
         self.queued = 0  # bytes in outbox
         self.backlog = 0  # bytes the connection still held after the last write
+        # Extra room over max_pending for a resume's replay: the replayed frames are the
+        # history's own bytes objects, held by reference. It shrinks as the client drains.
+        self.allowance = 0
         self.bcast_pos = 0  # index into the flusher's broadcast log: what it has taken
         self.dirty = False  # in the flusher's list of streams to write
         self.active = False  # written to since the last heartbeat tick
