@@ -4,6 +4,7 @@ rejects the batch, so nothing partial is ever delivered."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from hub.dispatch import lookup
@@ -22,6 +23,7 @@ def build_event(
     offset: int,
     header_type: int | None = None,
     header_ts: int | None = None,
+    now: int | None = None,
 ) -> Event:
     """Validate one event object and route it. `offset` is where it starts in the body.
     (On the publish hot path: exact type checks, no intermediate sets.)"""
@@ -49,7 +51,7 @@ def build_event(
         if user is not None and (type(user) is not str or not 0 < len(user) <= MAX_USER_LENGTH):
             raise Rejected(f"user must be a non-empty string of at most {MAX_USER_LENGTH} chars")
         try:
-            event = Event(kind.number, kind.name, user, obj.get("data"), ts)
+            event = Event(kind.number, kind.name, user, obj.get("data"), ts or now)
         except OverflowError:
             raise ParseError(
                 f"invalid JSON in event at byte {offset}: NaN and Infinity are not JSON",
@@ -63,6 +65,10 @@ def build_event(
     return event
 
 
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
 def decode_json(body: bytes) -> list[Event]:
     """One event object, or an array of them."""
     if not body.strip():
@@ -71,7 +77,8 @@ def decode_json(body: bytes) -> list[Event]:
     if isinstance(value, list):
         if not value:
             raise Rejected("empty batch")
-        return [build_event(obj, i, 0) for i, obj in enumerate(value)]
+        now = _now_ms()  # one stamp for the batch: its events are published together
+        return [build_event(obj, i, 0, now=now) for i, obj in enumerate(value)]
     return [build_event(value, 0, 0)]
 
 
@@ -79,10 +86,11 @@ def decode_ndjson(body: bytes) -> list[Event]:
     """One event object per line; blank lines are skipped."""
     events: list[Event] = []
     offset = 0
+    now = _now_ms()
     for line in body.split(b"\n"):
         if line.strip():
             obj = loads(line, base_offset=offset, index=len(events))
-            events.append(build_event(obj, len(events), offset))
+            events.append(build_event(obj, len(events), offset, now=now))
         offset += len(line) + 1
     if not events:
         raise ParseError("empty body", offset=0)
@@ -95,6 +103,7 @@ def decode_frames(body: bytes) -> list[Event]:
     events: list[Event] = []
     offset = 0
     size = len(body)
+    now = _now_ms()
     if not size:
         raise ParseError("empty body", offset=0)
     while offset < size:
@@ -117,6 +126,6 @@ def decode_frames(body: bytes) -> list[Event]:
             )
         # An empty payload is an event without user or data (a bare broadcast, say).
         obj = loads(body[start : start + length], base_offset=start, index=index) if length else {}
-        events.append(build_event(obj, index, offset, header_type=type_, header_ts=ts or None))
+        events.append(build_event(obj, index, offset, header_type=type_, header_ts=ts or now))
         offset = start + length
     return events
