@@ -74,17 +74,10 @@ class SSEConnection:
             pending.append(data)
             self.pending_size += len(data)
             return self.pending_size
-        try:
-            sent = sock.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self._shut()
+        sent = self._send(sock, data)
+        if sent < 0 or sent == len(data):
             return 0
-        if sent == len(data):
-            return 0
-        self.pending = [memoryview(data)[sent:]]
-        self.pending_size = len(data) - sent
+        self._keep(data, sent)
         self.loop.add_writer(self.fd, self._on_writable)
         return self.pending_size
 
@@ -104,22 +97,32 @@ class SSEConnection:
         if pending is None or sock is None:
             return
         data = pending[0] if len(pending) == 1 else b"".join(pending)
-        try:
-            sent = sock.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self._shut()
+        sent = self._send(sock, data)
+        if sent < 0:
             return
         if sent < len(data):
-            self.pending = [memoryview(data)[sent:]]
-            self.pending_size = len(data) - sent
+            self._keep(data, sent)
             return
         self.pending = None
         self.pending_size = 0
         self.loop.remove_writer(self.fd)
         if self.closing:
             self._shut()
+
+    def _send(self, sock: socket.socket, data: bytes | memoryview) -> int:
+        """What the kernel took of `data`; -1 when the connection is gone (it is shut)."""
+        try:
+            return sock.send(data)
+        except BlockingIOError:
+            return 0
+        except OSError:
+            self._shut()
+            return -1
+
+    def _keep(self, data: bytes | memoryview, sent: int) -> None:
+        """Hold the unsent rest, by reference, to go out when the socket is writable."""
+        self.pending = [memoryview(data)[sent:]]
+        self.pending_size = len(data) - sent
 
     def _on_readable(self) -> None:
         sock = self.socket

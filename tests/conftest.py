@@ -256,3 +256,12 @@ def app():
     from hub.config import Config
 
     return build_app(Config(jwt_secret=SECRET))
+
+
+@pytest.fixture(scope="module")
+def browser() -> Any:
+    """A headless system Chromium shared by a browser test module's tests."""
+    from browser_support import chromium
+
+    with chromium() as b:
+        yield b

@@ -11,7 +11,7 @@ from typing import Any
 
 import jwt
 import pytest
-from browser_support import SECRET, HubProcess, broadcasts, chromium, wait_until
+from browser_support import SECRET, HubProcess, broadcasts, wait_until
 
 pytestmark = pytest.mark.browser
 
@@ -33,12 +33,6 @@ window.start = async (options) => {
 };
 """
 BLANK = f"<!doctype html><title>hub.js</title><script>{HARNESS}</script>"
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with chromium() as b:
-        yield b
 
 
 @pytest.fixture

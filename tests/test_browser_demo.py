@@ -14,7 +14,6 @@ from browser_support import (
     HubProcess,
     TcpProxy,
     broadcasts,
-    chromium,
     tags_on,
     wait_for_tags,
     wait_until,
@@ -24,12 +23,6 @@ from playwright.sync_api import expect
 pytestmark = pytest.mark.browser
 
 TIMEOUT_MS = 15_000
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    with chromium() as b:
-        yield b
 
 
 @pytest.fixture
