@@ -58,12 +58,31 @@ class HubHandler(RequestHandler):
         self.hub = hub
         self.verifier = verifier
 
+    def cors_headers(self) -> list[tuple[str, str]]:
+        """CORS for a cross-origin page (EventSource, and hub.js asking why a stream was
+        refused). A listed origin may send its cookie; "*" allows any origin without one."""
+        origin = self.request.headers.get("Origin")
+        allowed = self.hub.config.allowed_origins()
+        if not origin or not allowed:
+            return []
+        if origin in allowed:
+            return [
+                ("Access-Control-Allow-Origin", origin),
+                ("Access-Control-Allow-Credentials", "true"),
+                ("Vary", "Origin"),
+            ]
+        if "*" in allowed:
+            return [("Access-Control-Allow-Origin", "*")]
+        return []
+
     def fail(self, status: int, error: str, **extra: Any) -> None:
         """Answer with a JSON error body and stop."""
         self.clear()
         self.set_status(status)
         self.set_header("Content-Type", "application/json")
         self.set_header("Cache-Control", "no-store")
+        for name, value in self.cors_headers():
+            self.set_header(name, value)
         self.finish(ujson.dumps({"error": error, **extra}, escape_forward_slashes=False))
 
     def answer(self, status: int, body: Any) -> None:

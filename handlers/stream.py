@@ -203,14 +203,17 @@ class EventsHandler(HubHandler):
         stream.set_nodelay(True)
         conn = SSEConnection(stream)
         retry_ms = int(self.hub.config.retry * 1000)
+        # The origin is one the operator listed (or the request's own, echoed only when it
+        # is listed): no CR/LF can reach the head.
+        cors = "".join(f"{name}: {value}\r\n" for name, value in self.cors_headers())
         conn.write(
             b"HTTP/1.1 200 OK\r\n"
             b"Content-Type: text/event-stream; charset=utf-8\r\n"
             b"Cache-Control: no-cache\r\n"
             b"X-Accel-Buffering: no\r\n"
             b"Connection: close\r\n"
-            b"\r\n"
-            b"retry: %d\n: hub stream open\n\n" % retry_ms
+            + cors.encode("latin-1")
+            + b"\r\nretry: %d\n: hub stream open\n\n" % retry_ms
         )
         sub = self.hub.subscribe(
             conn,

@@ -41,6 +41,9 @@ class Config:
     internal_port: int | None = None  # serve POST /publish here, unauthenticated, and only here
     internal_host: str = "127.0.0.1"
     revoke_ttl: float = 3600.0  # seconds a logout keeps refusing the tokens issued before it
+    # Origins whose pages may open streams cross-origin (comma-separated), or "*" for any
+    # (then without credentials: no cookie auth across origins).
+    cors_origins: str | None = None
     static_dir: str | None = None
     loop: str = "uvloop"  # measured faster in every scenario of the benchmark; or asyncio
     log_level: str = "info"
@@ -65,6 +68,9 @@ class Config:
         for name in ("heartbeat", "retry", "flush_interval"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+
+    def allowed_origins(self) -> frozenset[str]:
+        return frozenset(o.strip() for o in (self.cors_origins or "").split(",") if o.strip())
 
     def require_key(self) -> None:
         """Outside demo mode the hub does not start without a key to verify tokens with;
