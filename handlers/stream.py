@@ -198,6 +198,8 @@ class EventsHandler(HubHandler):
             self.request.remote_ip,
         )
         stream = self.detach()
+        if stream.closed():  # the client left while its request was being checked
+            return
         # Each write is already a whole pass's worth of frames, coalesced in the flusher;
         # Nagle would only hold it back waiting for the client's (possibly delayed) ACK.
         stream.set_nodelay(True)
