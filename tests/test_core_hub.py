@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import ujson
 from core_support import SocketConnection, config
+from sse import wait_for
 
 from hub.core import Hub
 from hub.decode import decode_json
@@ -23,12 +24,9 @@ def run(fn: Callable[[], Awaitable[Any]]) -> Any:
     return asyncio.run(fn())  # type: ignore[arg-type]
 
 
-async def until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        await asyncio.sleep(0.005)
+async def until(cond: Callable[[], object], timeout: float = 5.0) -> None:
+    """sse.wait_for, failing the test at the deadline."""
+    assert await wait_for(cond, timeout), "condition not met before the deadline"
 
 
 async def publish(hub: Hub, body: object) -> list[str]:

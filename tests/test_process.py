@@ -15,25 +15,10 @@ from collections.abc import Iterator
 
 import jwt
 import pytest
+from browser_support import free_port, wait_until
 
 SECRET = "process-tests-secret-0123456789-abcdefghij"
 HUB = [sys.executable, "-m", "handlers.app"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_until(cond, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.02)  # polling interval inside a deadline, not a synchronisation
-    raise AssertionError(f"{what} not met within {timeout}s")
 
 
 def get(url: str, **headers: str) -> tuple[int, dict]:
