@@ -156,3 +156,23 @@ def test_every_flag_has_an_environment_variable(start_hub):
     assert status == 200 and token["user"] == "alice"
     claims = jwt.decode(token["token"], SECRET, algorithms=["HS256"])
     assert claims["sub"] == "alice" and claims["topics"] == ["*"]
+
+
+def test_event_ids_stay_unique_and_increasing_across_a_restart(start_hub):
+    port = free_port()
+    publisher = jwt.encode(
+        {"sub": "svc", "exp": int(time.time()) + 60, "publish": True}, SECRET, algorithm="HS256"
+    )
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {publisher}"}
+    body = json.dumps([{"type": 5}, {"type": 5}]).encode()
+    ids = []
+    for _ in range(2):
+        proc = start_hub("--port", str(port))
+        wait_until(lambda: healthy(port), what="hub healthy")
+        status, answer = post(f"http://127.0.0.1:{port}/publish", body, **headers)
+        assert status == 202
+        ids += answer["ids"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    keys = [tuple(int(part) for part in i.split("-")) for i in ids]
+    assert len(set(ids)) == 4 and keys == sorted(keys)
