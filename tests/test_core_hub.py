@@ -24,6 +24,11 @@ def run(fn: Callable[[], Awaitable[Any]]) -> Any:
     return asyncio.run(fn())  # type: ignore[arg-type]
 
 
+def flushed(hub: Hub) -> bool:
+    """No flush pass running or scheduled: every stream has been written what it owes."""
+    return hub.flusher._pass is None and hub.flusher._handle is None
+
+
 async def until(cond: Callable[[], object], timeout: float = 5.0) -> None:
     """sse.wait_for, failing the test at the deadline."""
     assert await wait_for(cond, timeout), "condition not met before the deadline"
@@ -92,7 +97,6 @@ def test_private_and_broadcast_events_reach_a_stream_in_id_order_in_one_write():
             body.append({"type": 5, "data": n} if n % 3 else {"type": 2, "user": "u1", "data": n})
         ids = await publish(hub, body)
         await until(lambda: conn.writes > 0)
-        await asyncio.sleep(0)
         got = conn.events()
         assert [i for i, _ in got] == ids
         assert conn.writes == 1  # coalesced: one send for 30 events
@@ -155,7 +159,7 @@ def test_a_stream_that_stops_reading_is_cut_and_the_others_get_everything():
         while total < 400:
             await publish(hub, [{"type": 5, "data": payload}] * 10)
             total += 10
-            await asyncio.sleep(0)
+            await until(lambda: flushed(hub))  # the pass carrying this batch is done
             for i, r in enumerate(readers):
                 received[i] += r.read()
             if stuck.closed:
@@ -272,7 +276,7 @@ def test_nothing_of_a_stream_remains_after_it_leaves():
         assert (hub.registry.all, hub.registry.by_user, hub.registry.by_topic) == (set(), {}, {})
         await until(lambda: not hub.flusher.dirty and hub.flusher._pass is None)
         await publish(hub, [{"type": 5}])
-        await until(lambda: hub.flusher._pass is None and hub.flusher._handle is None)
+        await until(lambda: flushed(hub))
         assert hub.flusher.log == []
         for c in conns:
             c.shutdown()
