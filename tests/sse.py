@@ -1,9 +1,13 @@
-"""A small Server-Sent Events client for the tests: raw HTTP/1.1 over a loopback socket.
+"""A small Server-Sent Events client for the tests that need the bytes: raw HTTP/1.1 over a
+loopback socket (the response head as sent, comments, `retry:`, line endings, injection).
+Tests that only care which events arrive use a maintained client instead (sse_httpx).
 
 It sends one GET, reads the status line and headers, then parses the body as an event stream
 by the WHATWG rules (lines end in CRLF, CR or LF; `field: value` with one leading space
 stripped; `:` starts a comment; data lines joined by LF; an event is dispatched on a blank
-line; `retry` takes digits only). A `Transfer-Encoding: chunked` body is de-chunked first.
+line; `retry` takes digits only). It reads only what the hub sends: a stream body delimited by
+the close, other answers by Content-Length or the close. A `Transfer-Encoding` is refused
+loudly rather than decoded, so a hub that starts chunking its answers fails the tests.
 
 Every await has a deadline: nothing here can hang a test.
 """
@@ -38,59 +42,6 @@ class SSEEvent:
         return json.loads(self.data)
 
 
-class _ChunkedDecoder:
-    """Incremental `Transfer-Encoding: chunked` decoder."""
-
-    def __init__(self) -> None:
-        self._buf = b""
-        self._left = 0  # payload bytes left in the current chunk
-        self._state = "size"  # size | data | crlf | trailer | done
-
-    def feed(self, data: bytes) -> bytes:
-        self._buf += data
-        out = []
-        while True:
-            if self._state == "size":
-                end = self._buf.find(b"\r\n")
-                if end < 0:
-                    break
-                size_line = self._buf[:end].split(b";", 1)[0].strip()
-                self._buf = self._buf[end + 2 :]
-                self._left = int(size_line, 16)
-                self._state = "data" if self._left else "trailer"
-            elif self._state == "data":
-                if not self._buf:
-                    break
-                piece = self._buf[: self._left]
-                self._buf = self._buf[len(piece) :]
-                self._left -= len(piece)
-                out.append(piece)
-                if not self._left:
-                    self._state = "crlf"
-            elif self._state == "crlf":
-                if len(self._buf) < 2:
-                    break
-                if self._buf[:2] != b"\r\n":
-                    raise ValueError(f"bad chunk terminator {self._buf[:2]!r}")
-                self._buf = self._buf[2:]
-                self._state = "size"
-            elif self._state == "trailer":
-                end = self._buf.find(b"\r\n")
-                if end < 0:
-                    break
-                line = self._buf[:end]
-                self._buf = self._buf[end + 2 :]
-                if not line:
-                    self._state = "done"
-            else:
-                break
-        return b"".join(out)
-
-    @property
-    def done(self) -> bool:
-        return self._state == "done"
-
-
 class _EventParser:
     """The WHATWG event-stream interpretation, fed text as it arrives."""
 
@@ -100,19 +51,13 @@ class _EventParser:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._buf = ""
         self._skip_lf = False  # the last line ended in CR: a LF right after it is part of it
-        self._first = True
         self._data: list[str] = []
         self._event = ""
         self.last_event_id = ""
         self.retry: int | None = None
 
     def feed(self, raw: bytes) -> None:
-        text = self._decoder.decode(raw)
-        if self._first and text:
-            self._first = False
-            if text.startswith("\ufeff"):
-                text = text[1:]
-        self._buf += text
+        self._buf += self._decoder.decode(raw)
         buf = self._buf
         pos = 0
         while True:
@@ -176,6 +121,11 @@ def _parse_head(head: bytes) -> tuple[int, str, dict[str, str], list[tuple[str, 
     headers: dict[str, str] = {}
     for name, value in header_list:
         headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    if "transfer-encoding" in headers:
+        raise ValueError(
+            f"Transfer-Encoding: {headers['transfer-encoding']}: the hub's answers carry"
+            " Content-Length or end at the close, and this client decodes nothing else"
+        )
     return int(code), version, headers, header_list
 
 
@@ -189,31 +139,23 @@ def _request_bytes(method: str, port: int, path: str, headers: Mapping[str, str]
 
 
 async def _read_body(
-    reader: asyncio.StreamReader, headers: dict[str, str], first: bytes, deadline: float
+    reader: asyncio.StreamReader, headers: dict[str, str], deadline: float
 ) -> bytes:
-    """The rest of a response body: by Content-Length, chunked, or to the close."""
+    """The whole body of a response that is not a stream: to Content-Length, or to the close."""
     loop = asyncio.get_running_loop()
-    chunked = "chunked" in headers.get("transfer-encoding", "").lower()
-    length = None if chunked else headers.get("content-length")
-    decoder = _ChunkedDecoder() if chunked else None
-    raw = first
-    body = decoder.feed(first) if decoder else first
-    while True:
-        if decoder is not None and decoder.done:
-            return body
-        if length is not None and len(raw) >= int(length):
-            return raw[: int(length)]
-        left = deadline - loop.time()
-        if left <= 0:
-            raise TimeoutError(f"response body not complete in time; have {raw[:300]!r}")
-        piece = await asyncio.wait_for(reader.read(65536), left)
+    length = int(headers["content-length"]) if "content-length" in headers else None
+    body = b""
+    while length is None or len(body) < length:
+        try:
+            piece = await asyncio.wait_for(reader.read(65536), max(0.0, deadline - loop.time()))
+        except TimeoutError:
+            raise TimeoutError(f"response body not complete in time; have {body[:300]!r}") from None
         if not piece:
-            return body if decoder is not None else raw
-        raw += piece
-        if decoder is not None:
-            body += decoder.feed(piece)
-        else:
-            body = raw
+            if length is not None:
+                raise ValueError(f"closed after {len(body)} of {length} body bytes: {body!r}")
+            break
+        body += piece
+    return body if length is None else body[:length]
 
 
 async def _open(port: int, data: bytes, timeout: float):
@@ -258,7 +200,7 @@ async def http_request(
     )
     try:
         status, _version, resp_headers, _list = _parse_head(head[:-4])
-        data = await _read_body(reader, resp_headers, b"", deadline)
+        data = await _read_body(reader, resp_headers, deadline)
     finally:
         writer.close()
         await _wait_closed(writer)
@@ -282,7 +224,7 @@ class SSEClient:
         self.raw_body = b""  # the undecoded body of a non-200 answer
         self.comments: list[str] = []
         self.received: list[SSEEvent] = []  # every event, in arrival order
-        self.raw = bytearray()  # every body byte after de-chunking, for failure messages
+        self.raw = bytearray()  # every body byte as received
         self._queue: asyncio.Queue[SSEEvent] = asyncio.Queue()
         self._progress = asyncio.Event()
         self._closed = asyncio.Event()
@@ -301,7 +243,7 @@ class SSEClient:
         timeout: float = 5.0,
     ) -> SSEClient:
         """Send the GET and read the head. A 200 starts reading the stream in the background;
-        anything else reads the whole body (to Content-Length, end of chunks, or close)."""
+        anything else reads the whole body (to Content-Length or the close)."""
         self = cls()
         hdrs = {"Accept": "text/event-stream", **(headers or {})}
         reader, writer, deadline, head = await _open(
@@ -311,7 +253,7 @@ class SSEClient:
         try:
             self.status, self.version, self.headers, self.header_list = _parse_head(head[:-4])
             if self.status != 200:
-                self.raw_body = await _read_body(reader, self.headers, b"", deadline)
+                self.raw_body = await _read_body(reader, self.headers, deadline)
                 try:
                     self.body = json.loads(self.raw_body)
                 except ValueError:
@@ -337,21 +279,15 @@ class SSEClient:
 
     async def _read_loop(self) -> None:
         assert self._reader is not None
-        chunked = "chunked" in self.headers.get("transfer-encoding", "").lower()
-        decoder = _ChunkedDecoder() if chunked else None
         try:
             while True:
                 piece = await self._reader.read(65536)
                 if not piece:
                     break
-                if decoder is not None:
-                    piece = decoder.feed(piece)
                 self.raw += piece
                 self._parser.feed(piece)
                 self._signal()
-                if decoder is not None and decoder.done:
-                    break
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
             self.error = exc
         finally:
             self._closed.set()
