@@ -11,13 +11,20 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@
 
+# TypeScript, for the type check of the browser code (static/), exactly as package-lock.json
+# pins it; reinstalled when the lockfile changes, like the venv.
+node_modules/.installed: package.json package-lock.json
+	npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	touch $@
+
 run: $(BIN)/.installed
 	$(BIN)/hub --host 127.0.0.1 --port 8080 --demo
 
-lint: $(BIN)/.installed
+lint: $(BIN)/.installed node_modules/.installed
 	$(BIN)/ruff check hub handlers tests bench
 	$(BIN)/ruff format --check hub handlers tests bench
 	$(BIN)/mypy
+	node_modules/.bin/tsc -p tsconfig.json
 
 test: lint
 	$(BIN)/pytest -q

@@ -1,9 +1,13 @@
 // The demo page: signs in as a demo user, opens one stream through hub.js (shared by every tab
-// of this origin), shows what arrives, and publishes through POST /publish.
-import { connect } from "/static/hub.js";
+// of this origin), shows what arrives, and publishes through POST /publish. Its counters and
+// publish buttons are built from the hub's type table (GET /types), so a type added to the hub
+// shows up here with no change to this file.
+import { FALLBACK_TYPES, connect, fetchTypes } from "./hub.js";
 
-const TYPE_NAMES = { 1: "login", 2: "payment", 3: "logout", 4: "log", 5: "broadcast" };
-const TYPE_NUMBERS = Object.fromEntries(Object.entries(TYPE_NAMES).map(([n, k]) => [k, +n]));
+/** @typedef {import("./hub.js").HubEvent} HubEvent */
+/** @typedef {import("./hub.js").EventType} EventType */
+/** @typedef {import("./hub/relay.js").Status} Status */
+
 const LEVELS = ["debug", "info", "warning", "error", "critical"];
 const USERS = ["alice", "bob", "carol", "dave"];
 const TOPICS = ["presence", "payments", "logs"];
@@ -12,19 +16,52 @@ const MAX_LOGS = 300;
 const LATENCY_SAMPLES = 1000;
 const BURST_SIZE = 1000;
 
-const $ = (id) => document.getElementById(id);
+/**
+ * The page's element with this id (the page's markup has every one this file asks for).
+ * @param {string} id
+ */
+function $(id) {
+  const node = document.getElementById(id);
+  if (!node) throw new Error(`#${id} is missing from the page`);
+  return node;
+}
+
+/**
+ * @template {HTMLElement} T
+ * @param {string} id
+ * @param {new () => T} kind
+ * @returns {T}
+ */
+function $as(id, kind) {
+  const node = $(id);
+  if (!(node instanceof kind)) throw new Error(`#${id} is not a ${kind.name}`);
+  return node;
+}
+
+/** @typedef {{tag: string, seen: number, t0: number, accepted: number | null, done: number | null}} Burst */
 
 const state = {
+  /** @type {string | null} */
   user: null,
+  /** @type {ReturnType<typeof connect> | null} */
   hub: null,
-  counts: { total: 0, 1: 0, 2: 0, 3: 0, 4: 0, 5: 0 },
+  /** @type {readonly EventType[]} the hub's types, in its order */
+  types: FALLBACK_TYPES,
+  total: 0,
+  /** @type {Map<number, number>} events received, by type number */
+  counts: new Map(),
+  /** @type {number[]} */
   latencies: [],
+  /** @type {HubEvent[]} */
   pending: [],
   scheduled: false,
+  /** @type {HubEvent[]} */
   logs: [],
   logLevel: localStorage.getItem("hub-demo-level") || "info",
   showLogs: false,
+  /** @type {string | null} */
   publisherToken: null,
+  /** @type {Burst | null} */
   burst: null,
 };
 
@@ -32,6 +69,10 @@ class DemoOff extends Error {}
 
 // ---- tokens -------------------------------------------------------------------------------
 
+/**
+ * @param {Record<string, string>} params
+ * @returns {Promise<string>}
+ */
 async function demoToken(params) {
   const response = await fetch("/demo/token?" + new URLSearchParams(params), { cache: "no-store" });
   if (response.status === 404) throw new DemoOff("demo mode is off");
@@ -39,17 +80,19 @@ async function demoToken(params) {
   return (await response.json()).token;
 }
 
+/** @param {string} user */
 function subscriberToken(user) {
   return () => demoToken({ user, topics: TOPICS.join(",") });
 }
 
 // ---- the stream ---------------------------------------------------------------------------
 
+/** @param {string} user */
 function signIn(user) {
   if (state.hub) state.hub.close();
   state.user = user;
   localStorage.setItem("hub-demo-user", user);
-  $("user").value = user;
+  $as("user", HTMLSelectElement).value = user;
   const hub = connect({
     url: "/events",
     topics: TOPICS,
@@ -57,7 +100,7 @@ function signIn(user) {
     key: "demo:" + user, // tabs signed in as the same user share one connection
     onReset: (event) => showNotice(
       "The hub's history no longer reaches back to this page's last event " +
-        `(${event.data && event.data.last_event_id}). A real app refetches its state here.`,
+        `(${field(event.data, "last_event_id")}). A real app refetches its state here.`,
     ),
   });
   hub.onStatus(renderStatus);
@@ -65,6 +108,7 @@ function signIn(user) {
   state.hub = hub;
 }
 
+/** @type {Record<Status, string>} */
 const STATUS_TEXT = {
   connecting: "Connecting…",
   open: "Live",
@@ -72,6 +116,7 @@ const STATUS_TEXT = {
   closed: "Disconnected",
 };
 
+/** @type {import("./hub.js").StatusListener} */
 function renderStatus(status, { role, error }) {
   const pill = $("conn");
   pill.dataset.status = status;
@@ -84,16 +129,19 @@ function renderStatus(status, { role, error }) {
     role === "leader" ? "This tab holds the connection" :
     role === "follower" ? "Shared from another tab" : "";
   if (status === "closed" && error === "logged out") {
-    showNotice(`${state.user} was logged out: the hub ended the stream.`, "Sign in again", () =>
-      signIn(state.user),
+    const user = state.user ?? "";
+    showNotice(`${user} was logged out: the hub ended the stream.`, "Sign in again", () =>
+      signIn(user),
     );
   } else if (status === "closed" && error) {
-    showNotice(`The hub refused the stream: ${error}`, "Retry", () => signIn(state.user), true);
+    const user = state.user ?? "";
+    showNotice(`The hub refused the stream: ${error}`, "Retry", () => signIn(user), true);
   } else if (status === "open") {
     hideNotice();
   }
 }
 
+/** @param {HubEvent} event */
 function receive(event) {
   if (event.name === "reset") return; // handled by onReset
   state.pending.push(event);
@@ -113,11 +161,15 @@ function flush() {
   const batch = state.pending;
   state.pending = [];
   const now = Date.now();
+  /** @type {[HubEvent, number | null][]} */
   const newRows = [];
   let newLogs = 0;
   for (const event of batch) {
-    state.counts.total += 1;
-    if (event.type in state.counts) state.counts[event.type] += 1;
+    state.total += 1;
+    if (event.type !== null) {
+      if (!state.counts.has(event.type)) addCounter({ type: event.type, name: event.name });
+      state.counts.set(event.type, (state.counts.get(event.type) ?? 0) + 1);
+    }
     const latency = typeof event.ts === "number" ? Math.max(0, now - event.ts) : null;
     if (latency !== null) state.latencies.push(latency);
     if (event.name === "log") {
@@ -139,12 +191,20 @@ function flush() {
   renderLatency(batch.length ? batch[batch.length - 1] : null, now);
 }
 
+/** @param {number} ms */
 function timeOf(ms) {
   const d = new Date(ms);
-  const pad = (n, w = 2) => String(n).padStart(w, "0");
+  const pad = (/** @type {number} */ n, w = 2) => String(n).padStart(w, "0");
   return `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}.${pad(d.getMilliseconds(), 3)}`;
 }
 
+/**
+ * @template {keyof HTMLElementTagNameMap} K
+ * @param {K} tag
+ * @param {string} [className]
+ * @param {string} [text]
+ * @returns {HTMLElementTagNameMap[K]}
+ */
 function el(tag, className, text) {
   const node = document.createElement(tag);
   if (className) node.className = className;
@@ -152,13 +212,57 @@ function el(tag, className, text) {
   return node;
 }
 
+// The first five types have their colours in demo.css; any other gets one by its number.
+const CSS_COLOURS = 5;
+
+/** @param {number | null} type */
+function swatch(type) {
+  const node = el("span", "swatch t" + type);
+  if (type !== null && (type < 1 || type > CSS_COLOURS)) {
+    node.style.background = `hsl(${(type * 137.5) % 360} 65% 45%)`;
+  }
+  return node;
+}
+
+/** @param {HubEvent} event */
 function typeBadge(event) {
   const badge = el("span", "type");
-  badge.append(el("span", "swatch t" + event.type), el("span", "num", String(event.type)));
+  badge.append(swatch(event.type), el("span", "num", String(event.type)));
   badge.append(document.createTextNode(event.name));
   return badge;
 }
 
+/**
+ * A counter card for one type, before the latency card.
+ * @param {{type: number, name: string}} type
+ */
+function addCounter({ type, name }) {
+  state.counts.set(type, 0);
+  const card = el("div", "stat");
+  card.dataset.type = String(type);
+  const label = el("div", "label");
+  label.append(swatch(type), document.createTextNode(`${type} · ${name}`));
+  const value = el("div", "value", "0");
+  value.id = "count-" + type;
+  card.append(label, value);
+  $("stats").insertBefore(card, $("stat-latency"));
+}
+
+/** One publish button per type the hub lists. */
+function addPublishButtons() {
+  const buttons = $("publish-buttons");
+  for (const kind of state.types) {
+    const { type, name } = kind;
+    const button = el("button");
+    button.type = "button";
+    button.dataset.publish = name;
+    button.append(swatch(type), document.createTextNode(name[0].toUpperCase() + name.slice(1)));
+    button.addEventListener("click", () => publishOne(kind));
+    buttons.append(button);
+  }
+}
+
+/** @param {[HubEvent, number | null][]} rows */
 function renderRows(rows) {
   if (!rows.length) return;
   const body = $("events");
@@ -183,17 +287,20 @@ function renderRows(rows) {
     fragment.append(tr);
   }
   body.prepend(fragment);
-  while (body.childElementCount > MAX_ROWS) body.lastElementChild.remove();
+  while (body.childElementCount > MAX_ROWS) body.lastElementChild?.remove();
   $("events-empty").hidden = body.childElementCount > 0;
 }
 
+/** @param {boolean} changed */
 function renderCounters(changed) {
-  for (const key of Object.keys(state.counts)) {
+  const counts = [["total", state.total], ...state.counts];
+  for (const [key, count] of counts) {
     const node = $("count-" + key);
-    const text = state.counts[key].toLocaleString("en-US");
+    const text = count.toLocaleString("en-US");
     if (node.textContent !== text) {
       node.textContent = text;
       const card = node.closest(".stat");
+      if (!(card instanceof HTMLElement)) continue;
       card.classList.remove("bump");
       if (changed) {
         void card.offsetWidth; // restart the animation
@@ -203,39 +310,73 @@ function renderCounters(changed) {
   }
 }
 
+/**
+ * @param {number[]} sorted
+ * @param {number} p
+ */
 function percentile(sorted, p) {
   if (!sorted.length) return null;
   return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
 }
 
+/**
+ * @param {HubEvent | null} last
+ * @param {number} now
+ */
 function renderLatency(last, now) {
   if (!state.latencies.length) return;
   const sorted = [...state.latencies].sort((a, b) => a - b);
-  $("lat-p50").textContent = percentile(sorted, 50);
-  $("lat-p95").textContent = percentile(sorted, 95);
-  if (last && typeof last.ts === "number") $("lat-last").textContent = Math.max(0, now - last.ts);
+  $("lat-p50").textContent = String(percentile(sorted, 50));
+  $("lat-p95").textContent = String(percentile(sorted, 95));
+  if (last && typeof last.ts === "number") {
+    $("lat-last").textContent = String(Math.max(0, now - last.ts));
+  }
 }
 
+/**
+ * One field of an event's data, if the data is an object that has it.
+ * @param {unknown} data
+ * @param {string} name
+ * @returns {unknown}
+ */
+function field(data, name) {
+  return data && typeof data === "object" && name in data
+    ? /** @type {Record<string, unknown>} */ (data)[name]
+    : undefined;
+}
+
+/** @param {HubEvent} event */
+function logLevel(event) {
+  const level = field(event.data, "level");
+  return typeof level === "string" && LEVELS.includes(level) ? level : "info";
+}
+
+/** @param {HubEvent} event */
 function logVisible(event) {
-  const level = (event.data && event.data.level) || "info";
-  return LEVELS.indexOf(level) >= LEVELS.indexOf(state.logLevel);
+  return LEVELS.indexOf(logLevel(event)) >= LEVELS.indexOf(state.logLevel);
 }
 
+/** @param {HubEvent} event */
 function logRow(event) {
-  const data = event.data || {};
   const li = el("li");
-  const level = LEVELS.includes(data.level) ? data.level : "info";
+  const level = logLevel(event);
   li.dataset.level = level;
   li.append(el("span", "time", timeOf(event.ts || Date.now()).slice(0, 8)));
   li.append(el("span", "lvl lvl-" + level, level));
   const msg = el("span", "msg");
-  if (data.service) msg.append(el("span", "svc", data.service + " "));
-  msg.append(document.createTextNode(data.message ?? JSON.stringify(data)));
-  msg.title = data.message ?? "";
+  const service = field(event.data, "service");
+  if (service) msg.append(el("span", "svc", service + " "));
+  const message = field(event.data, "message");
+  msg.append(document.createTextNode(message != null ? String(message) : JSON.stringify(event.data ?? {})));
+  msg.title = message != null ? String(message) : "";
   li.append(msg);
   return li;
 }
 
+/**
+ * @param {HubEvent[]} events
+ * @param {boolean} [replace]
+ */
 function renderLogs(events, replace = false) {
   const list = $("logs");
   if (replace) list.replaceChildren();
@@ -244,10 +385,16 @@ function renderLogs(events, replace = false) {
     fragment.append(logRow(event));
   }
   list.prepend(fragment);
-  while (list.childElementCount > MAX_LOGS) list.lastElementChild.remove();
+  while (list.childElementCount > MAX_LOGS) list.lastElementChild?.remove();
   $("logs-empty").hidden = list.childElementCount > 0;
 }
 
+/**
+ * @param {string} text
+ * @param {string | null} [actionLabel]
+ * @param {(() => void) | null} [action]
+ * @param {boolean} [bad]
+ */
 function showNotice(text, actionLabel, action, bad = false) {
   const box = $("notice");
   box.replaceChildren(el("span", "", text));
@@ -257,7 +404,7 @@ function showNotice(text, actionLabel, action, bad = false) {
     button.type = "button";
     button.addEventListener("click", () => {
       hideNotice();
-      action();
+      if (action) action();
     });
     box.append(button);
   }
@@ -270,6 +417,10 @@ function hideNotice() {
 
 // ---- publishing ---------------------------------------------------------------------------
 
+/**
+ * @param {unknown} body
+ * @returns {Promise<{ids?: string[]}>}
+ */
 async function publish(body) {
   for (let attempt = 0; attempt < 2; attempt += 1) {
     if (!state.publisherToken || attempt > 0) {
@@ -291,31 +442,43 @@ async function publish(body) {
   throw new Error("publisher token refused");
 }
 
+/**
+ * The event a publish button sends: a fitting payload for the types this page knows, the
+ * form's user and message for any other.
+ * @param {EventType} kind
+ */
 function eventFor(kind) {
-  const user = $("pub-user").value;
-  const message = $("pub-message").value;
-  switch (kind) {
+  const user = $as("pub-user", HTMLSelectElement).value;
+  const message = $as("pub-message", HTMLInputElement).value;
+  const type = kind.type;
+  switch (kind.name) {
     case "login":
-      return { type: 1, user, data: { ip: "203.0.113.7", agent: "demo page" } };
-    case "payment":
-      return {
-        type: 2,
-        user,
-        data: { amount: Number($("pub-amount").value || 0), currency: "EUR", ref: randomRef() },
-      };
+      return { type, user, data: { ip: "203.0.113.7", agent: "demo page" } };
+    case "payment": {
+      const amount = Number($as("pub-amount", HTMLInputElement).value || 0);
+      return { type, user, data: { amount, currency: "EUR", ref: randomRef() } };
+    }
     case "logout":
-      return { type: 3, user, data: {} };
-    case "log":
-      return { type: 4, data: { level: $("pub-level").value, service: "demo-page", message } };
+      return { type, user, data: {} };
+    case "log": {
+      const level = $as("pub-level", HTMLSelectElement).value;
+      return { type, data: { level, service: "demo-page", message } };
+    }
     default:
-      return { type: 5, user, data: { message } };
+      return { type, user, data: { message } };
   }
+}
+
+/** @param {unknown} e */
+function messageOf(e) {
+  return e instanceof Error ? e.message : String(e);
 }
 
 function randomRef() {
   return "pay_" + Math.random().toString(36).slice(2, 10);
 }
 
+/** @param {EventType} kind */
 async function publishOne(kind) {
   const result = $("pub-result");
   try {
@@ -323,43 +486,46 @@ async function publishOne(kind) {
     const answer = await publish(eventFor(kind));
     const ms = (performance.now() - t0).toFixed(1);
     result.classList.remove("bad");
-    result.textContent = `202 ${kind} → id ${answer.ids && answer.ids[0]} (${ms} ms)`;
+    result.textContent = `202 ${kind.name} → id ${answer.ids && answer.ids[0]} (${ms} ms)`;
   } catch (e) {
     result.classList.add("bad");
-    result.textContent = `${kind} failed: ${e.message}`;
+    result.textContent = `${kind.name} failed: ${messageOf(e)}`;
   }
 }
 
 async function burst() {
-  const button = $("burst");
+  const button = $as("burst", HTMLButtonElement);
   const out = $("burst-result");
   button.disabled = true;
   const tag = "b" + Date.now().toString(36);
   const events = [];
   for (let i = 0; i < BURST_SIZE; i += 1) {
     events.push({
-      type: 2,
+      type: "payment",
       user: USERS[i % USERS.length],
       data: { amount: Math.round(Math.random() * 50000) / 100, currency: "EUR", burst: tag, seq: i + 1 },
     });
   }
-  state.burst = { tag, seen: 0, t0: performance.now(), accepted: null, done: null };
+  /** @type {Burst} */
+  const run = { tag, seen: 0, t0: performance.now(), accepted: null, done: null };
+  state.burst = run;
   out.textContent = `Sending ${BURST_SIZE.toLocaleString("en-US")} events…`;
   try {
     await publish(events);
-    state.burst.accepted = performance.now() - state.burst.t0;
+    run.accepted = performance.now() - run.t0;
     renderBurst();
   } catch (e) {
-    out.textContent = `Burst failed: ${e.message}`;
+    out.textContent = `Burst failed: ${messageOf(e)}`;
     state.burst = null;
   } finally {
     button.disabled = false;
   }
 }
 
+/** @param {HubEvent} event */
 function trackBurst(event) {
   const b = state.burst;
-  if (!b || !event.data || event.data.burst !== b.tag) return;
+  if (!b || field(event.data, "burst") !== b.tag) return;
   b.seen += 1;
   if (b.seen === BURST_SIZE) b.done = performance.now() - b.t0;
   renderBurst();
@@ -380,8 +546,13 @@ function renderBurst() {
 
 // ---- wiring -------------------------------------------------------------------------------
 
-function fillSelect(select, values, selected) {
-  select.replaceChildren(...values.map((v) => {
+/**
+ * @param {string} id
+ * @param {string[]} values
+ * @param {string} selected
+ */
+function fillSelect(id, values, selected) {
+  $as(id, HTMLSelectElement).replaceChildren(...values.map((v) => {
     const option = el("option", "", v);
     option.value = v;
     option.selected = v === selected;
@@ -410,27 +581,31 @@ function setupLevels() {
 async function main() {
   const initial = new URLSearchParams(location.search).get("user") ||
     localStorage.getItem("hub-demo-user") || "alice";
-  fillSelect($("user"), USERS.includes(initial) ? USERS : [...USERS, initial], initial);
-  fillSelect($("pub-user"), USERS, initial);
-  fillSelect($("pub-level"), LEVELS, "info");
+  fillSelect("user", USERS.includes(initial) ? USERS : [...USERS, initial], initial);
+  fillSelect("pub-user", USERS, initial);
+  fillSelect("pub-level", LEVELS, "info");
   setupLevels();
-  $("user").addEventListener("change", (e) => signIn(e.target.value));
-  $("show-logs").addEventListener("change", (e) => (state.showLogs = e.target.checked));
+  const userSelect = $as("user", HTMLSelectElement);
+  userSelect.addEventListener("change", () => signIn(userSelect.value));
+  const showLogs = $as("show-logs", HTMLInputElement);
+  showLogs.addEventListener("change", () => (state.showLogs = showLogs.checked));
   $("clear").addEventListener("click", () => {
     $("events").replaceChildren();
     $("events-empty").hidden = false;
   });
-  for (const button of document.querySelectorAll("[data-publish]")) {
-    button.addEventListener("click", () => publishOne(button.dataset.publish));
-  }
   $("burst").addEventListener("click", burst);
+
+  // The same table hub.js listens by; an older hub without GET /types gets the built-in one.
+  state.types = await fetchTypes("/events").catch(() => FALLBACK_TYPES);
+  for (const type of state.types) addCounter(type);
+  addPublishButtons();
 
   try {
     await demoToken({ user: initial, topics: TOPICS.join(",") });
   } catch (e) {
     const text = e instanceof DemoOff
       ? "Demo mode is off: start the hub with --demo to sign in as a demo user."
-      : `Could not get a demo token: ${e.message}`;
+      : `Could not get a demo token: ${messageOf(e)}`;
     showNotice(text, null, null, true);
     $("conn").dataset.status = "closed";
     $("status").textContent = STATUS_TEXT.closed;
@@ -440,5 +615,5 @@ async function main() {
   signIn(initial);
 }
 
-window.hubDemo = { state, TYPE_NUMBERS };
+/** @type {any} */ (window).hubDemo = { state };
 main();

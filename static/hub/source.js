@@ -1,0 +1,225 @@
+// The leader's EventSource: its token, the event names it listens for, and what happens when
+// it fails (EventSource retries network errors itself; on a refusal, ask the hub why).
+
+import { FALLBACK_TYPES, fetchTypes } from "./types.js";
+import { report, tokenClaims } from "./util.js";
+
+const PROBE_TIMEOUT_MS = 5000;
+
+/** @typedef {string | null | undefined | (() => string | null | undefined | Promise<string | null | undefined>)} TokenSource */
+
+/**
+ * What the stream tells the connection.
+ * @typedef {object} SourceHooks
+ * @property {() => string | null} lastId  the id to resume after
+ * @property {(status: "trying" | "reconnecting" | "open") => void} status
+ *   "trying": not open, an attempt is on its way (connecting, or reconnecting once it was open)
+ * @property {(name: string, id: string | null, data: string) => void} event
+ * @property {(error: string) => void} fail  the hub will not take this stream back
+ */
+
+/**
+ * @typedef {object} SourceOptions
+ * @property {URL} url
+ * @property {string[]} topics
+ * @property {Record<string, unknown>} params
+ * @property {TokenSource} token
+ * @property {string[]} events  names to listen for besides the hub's types
+ * @property {{base: number, max: number}} backoff
+ * @property {boolean} withCredentials
+ */
+
+export class Source {
+  /**
+   * @param {SourceOptions} options
+   * @param {SourceHooks} hooks
+   */
+  constructor(options, hooks) {
+    this._options = options;
+    this._hooks = hooks;
+    this._running = false;
+    /** @type {EventSource | null} */
+    this._es = null;
+    /** @type {string | null} */
+    this._token = null;
+    this._attempt = 0;
+    /** @type {ReturnType<typeof setTimeout> | undefined} */
+    this._retryTimer = undefined;
+    /** the names of the last good GET /types; the fallback until there is one */
+    this._typeNames = FALLBACK_TYPES.map((t) => t.name);
+  }
+
+  /** The token the stream was last opened with (its claims name the user and session). */
+  get token() {
+    return this._token;
+  }
+
+  start() {
+    this._running = true;
+    this._attempt = 0;
+    this._open();
+  }
+
+  stop() {
+    this._running = false;
+    this._close();
+  }
+
+  /** @param {boolean} fresh */
+  async _getToken(fresh) {
+    const src = this._options.token;
+    if (src == null) return null;
+    if (typeof src !== "function") return (this._token = src);
+    if (fresh || this._token == null || this._tokenExpired()) this._token = (await src()) ?? null;
+    return this._token;
+  }
+
+  _tokenExpired() {
+    const exp = tokenClaims(this._token)?.exp;
+    return typeof exp === "number" && exp * 1000 <= Date.now() + 1000;
+  }
+
+  _renewable() {
+    return typeof this._options.token === "function";
+  }
+
+  /**
+   * The event names to listen for: the hub's types as GET /types lists them now (so that a type
+   * added to the hub arrives with no change to this file), "reset", "message" (events without
+   * a name) and the caller's extra names. Asked before every new EventSource, since the hub may
+   * have been redeployed meanwhile; if it cannot be had, the last list that could.
+   */
+  async _names() {
+    try {
+      this._typeNames = (await fetchTypes(this._options.url)).map((t) => t.name);
+    } catch {
+      // an older hub, or none reachable (then the stream fails too, and the retry asks again)
+    }
+    return new Set([...this._typeNames, "reset", "message", ...this._options.events]);
+  }
+
+  /** @param {string | null} token */
+  _streamUrl(token) {
+    const u = new URL(this._options.url);
+    for (const t of this._options.topics) u.searchParams.append("topic", t);
+    for (const [k, v] of Object.entries(this._options.params)) {
+      for (const one of Array.isArray(v) ? v : [v]) u.searchParams.append(k, String(one));
+    }
+    if (token) u.searchParams.set("token", token);
+    const lastId = this._hooks.lastId();
+    if (lastId) u.searchParams.set("lastEventId", lastId);
+    return u;
+  }
+
+  async _open(freshToken = false) {
+    if (!this._running) return;
+    this._hooks.status("trying");
+    let token;
+    let names;
+    try {
+      [token, names] = await Promise.all([this._getToken(freshToken), this._names()]);
+    } catch (e) {
+      report(e);
+      this._retryLater();
+      return;
+    }
+    if (!this._running) return;
+    const url = this._streamUrl(token);
+    const es = new EventSource(url, { withCredentials: this._options.withCredentials });
+    this._es = es;
+    es.onopen = () => {
+      if (es !== this._es) return;
+      this._attempt = 0;
+      this._hooks.status("open");
+    };
+    for (const name of names) {
+      es.addEventListener(name, (ev) => {
+        if (es === this._es) this._hooks.event(name, ev.lastEventId || null, ev.data);
+      });
+    }
+    es.onerror = () => {
+      if (es !== this._es) return;
+      if (es.readyState === EventSource.CONNECTING) {
+        // A network error: EventSource reconnects by itself, sending Last-Event-ID. Unless the
+        // token has expired, in which case that attempt is bound to fail: start over instead.
+        if (this._renewable() && this._tokenExpired()) {
+          this._close();
+          this._open(true);
+        } else {
+          this._hooks.status("reconnecting");
+        }
+        return;
+      }
+      // CLOSED: the hub answered with an error status and EventSource gave up. Find out why.
+      this._close();
+      this._recover(url);
+    };
+  }
+
+  /** @param {URL} url */
+  async _recover(url) {
+    if (this._renewable() && this._tokenExpired()) {
+      this._retryLater(true);
+      return;
+    }
+    const { status, detail } = await probe(url);
+    if (!this._running) return;
+    if (status === 401 && this._renewable()) {
+      this._retryLater(true);
+    } else if (status === 401 || status === 403 || status === 400 || status === 404) {
+      this._hooks.fail(detail || `HTTP ${status}`); // asking again will not help
+    } else {
+      this._retryLater(false);
+    }
+  }
+
+  /** Capped, jittered exponential backoff: base * 2^attempt, at most max, times 0.5-1. */
+  _retryLater(freshToken = false) {
+    if (!this._running) return;
+    const { base, max } = this._options.backoff;
+    const cap = Math.min(max, base * 2 ** Math.min(this._attempt, 30));
+    const delay = this._attempt === 0 && freshToken ? 0 : cap / 2 + (Math.random() * cap) / 2;
+    this._attempt += 1;
+    this._hooks.status("trying");
+    clearTimeout(this._retryTimer);
+    this._retryTimer = setTimeout(() => this._open(freshToken), delay);
+  }
+
+  _close() {
+    clearTimeout(this._retryTimer);
+    this._retryTimer = undefined;
+    if (this._es) {
+      this._es.close();
+      this._es = null;
+    }
+  }
+}
+
+/**
+ * One request to the stream URL to learn why EventSource gave up: the status and the body.
+ * @param {URL} url
+ * @returns {Promise<{status: number, detail: string | null}>}
+ */
+async function probe(url) {
+  const abort = new AbortController();
+  const timer = setTimeout(() => abort.abort(), PROBE_TIMEOUT_MS);
+  try {
+    const response = await fetch(url, { signal: abort.signal, cache: "no-store" });
+    let detail = null;
+    if (!response.ok) {
+      const text = await response.text();
+      try {
+        const body = JSON.parse(text);
+        detail = String(body.error || body.message || text);
+      } catch {
+        detail = text;
+      }
+    }
+    return { status: response.status, detail };
+  } catch {
+    return { status: 0, detail: null };
+  } finally {
+    clearTimeout(timer);
+    abort.abort(); // a 200 would be a live stream: end it at once
+  }
+}
