@@ -129,7 +129,9 @@ def _parse_head(head: bytes) -> tuple[int, str, dict[str, str], list[tuple[str, 
     return int(code), version, headers, header_list
 
 
-def _request_bytes(method: str, port: int, path: str, headers: Mapping[str, str], body: bytes):
+def _request_bytes(
+    method: str, port: int, path: str, headers: Mapping[str, str], body: bytes
+) -> bytes:
     lines = [f"{method} {path} HTTP/1.1", f"Host: 127.0.0.1:{port}"]
     names = {name.lower() for name in headers}
     lines.extend(f"{name}: {value}" for name, value in headers.items())
@@ -158,7 +160,9 @@ async def _read_body(
     return body if length is None else body[:length]
 
 
-async def _open(port: int, data: bytes, timeout: float):
+async def _open(
+    port: int, data: bytes, timeout: float
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, float, bytes]:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     reader, writer = await asyncio.wait_for(

@@ -84,6 +84,7 @@ class HttpxStream:
         if item is _END:
             self._queue.put_nowait(_END)  # every later call sees the end too
             raise StreamEnded(f"stream ended with no further event ({self._describe()})")
+        assert isinstance(item, ServerSentEvent)
         return item
 
     async def events_until(

@@ -1,4 +1,8 @@
-"""Routing and ordering over real sockets: who gets which event, once, in order."""
+"""Routing and ordering over real sockets: who gets which event, once, in order.
+
+Streams are read with httpx-sse (sse_httpx): these tests check events, not bytes. The one
+test of the frame's bytes reads them with the raw client (sse.SSEClient).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import itertools
 import re
 
 import pytest
+from sse_httpx import open_stream
 
 ID = re.compile(r"^\d+-\d+$")
 
@@ -27,9 +32,9 @@ async def test_thousand_payments_reach_each_session_once_in_order_and_only_payme
     hub_server,
 ):
     server = await hub_server()
-    sessions = [await server.stream("u1", sid=f"s{i}") for i in range(3)]
-    topic = await server.stream("u2", ["payments"], claim_topics=["payments", "presence"])
-    bystander = await server.stream("u3", sid="s1")
+    sessions = [await open_stream(server, "u1", sid=f"s{i}") for i in range(3)]
+    topic = await open_stream(server, "u2", ["payments"], claim_topics=["payments", "presence"])
+    bystander = await open_stream(server, "u3", sid="s1")
 
     payment_ids: list[str] = []
     for start in range(0, 1000, 100):
@@ -73,11 +78,11 @@ async def test_thousand_payments_reach_each_session_once_in_order_and_only_payme
 async def test_each_event_type_reaches_exactly_the_streams_its_route_names(hub_server):
     server = await hub_server()
     streams = {
-        "u1": await server.stream("u1", sid="s1"),
-        "presence": await server.stream("w1", ["presence"]),
-        "payments": await server.stream("w2", ["payments"]),
-        "logs": await server.stream("w3", ["logs"]),
-        "nobody": await server.stream("w4"),
+        "u1": await open_stream(server, "u1", sid="s1"),
+        "presence": await open_stream(server, "w1", ["presence"]),
+        "payments": await open_stream(server, "w2", ["payments"]),
+        "logs": await open_stream(server, "w3", ["logs"]),
+        "nobody": await open_stream(server, "w4"),
     }
     published = [
         {"type": "login", "user": "u1", "data": {"n": 0}},
@@ -110,7 +115,7 @@ async def test_each_event_type_reaches_exactly_the_streams_its_route_names(hub_s
 @pytest.mark.gen_test(timeout=10)
 async def test_event_for_the_streams_own_user_and_subscribed_topic_arrives_once(hub_server):
     server = await hub_server()
-    client = await server.stream("u1", ["payments", "presence"], sid="s1")
+    client = await open_stream(server, "u1", ["payments", "presence"], sid="s1")
 
     ids = await server.publish_ok(
         [
@@ -145,7 +150,8 @@ async def test_event_json_carries_type_name_user_ts_and_data_and_the_frame_names
         "ts": 1234,
         "data": {"nested": {"list": [1, "two", None]}},
     }
-    frame = bytes(client.raw)[bytes(client.raw).index(b"id: ") :]
+    raw = bytes(client.raw)
+    frame = raw[raw.index(f"id: {event_id}\n".encode()) :]
     assert frame.startswith(f"id: {event_id}\nevent: login\ndata: ".encode()), frame
     assert frame.endswith(b"\n\n"), frame
 
@@ -163,7 +169,7 @@ async def test_ids_increase_across_separate_publish_requests(hub_server):
 @pytest.mark.gen_test(timeout=20)
 async def test_concurrent_publishers_events_arrive_in_id_order_on_every_stream(hub_server):
     server = await hub_server()
-    clients = [await server.stream(f"u{i}", ["payments"]) for i in range(3)]
+    clients = [await open_stream(server, f"u{i}", ["payments"]) for i in range(3)]
 
     async def publisher(p: int) -> list[str]:
         ids = []
