@@ -25,12 +25,14 @@ from handlers.ops import (
     NotFoundHandler,
     ReadyHandler,
     StaticHandler,
+    TypesHandler,
 )
 from handlers.publish import PublishHandler
 from handlers.stream import EventsHandler
 from hub.auth import Verifier
 from hub.config import Config, ConfigError, parse_config
 from hub.core import Hub
+from hub.dispatch import DEFAULT_TYPES, TypeTable
 
 __all__ = ["build_app", "build_internal_app", "main", "static_dir"]
 
@@ -50,12 +52,15 @@ def static_dir(config: Config) -> Path:
     return Path(sys.prefix) / "share" / "hub" / "static"
 
 
-def build_app(config: Config, hub: Hub | None = None) -> Application:
+def build_app(
+    config: Config, hub: Hub | None = None, types: TypeTable = DEFAULT_TYPES
+) -> Application:
     """The public application: streams, publishing (unless an internal listener takes it),
-    operations, the demo page. `app.settings["hub"]` is the core."""
+    operations, the demo page. `app.settings["hub"]` is the core; `types` its dispatch table
+    (when the hub is built here)."""
     config.require_key()
     if hub is None:
-        hub = Hub(config)
+        hub = Hub(config, types=types)
     verifier = Verifier(config.jwt_algorithm, config.jwt_secret, config.jwt_public_key)
     deps: dict[str, Any] = {"hub": hub, "verifier": verifier}
     static = str(static_dir(config))
@@ -64,6 +69,7 @@ def build_app(config: Config, hub: Hub | None = None) -> Application:
         (r"/healthz", HealthHandler, deps),
         (r"/readyz", ReadyHandler, deps),
         (r"/metrics", MetricsHandler, deps),
+        (r"/types", TypesHandler, deps),
         (r"/()", StaticHandler, {"path": static, "default_filename": "index.html"}),
         (r"/static/(.*)", StaticHandler, {"path": static}),
     ]

@@ -19,7 +19,6 @@ import jwt
 from handlers.base import HubHandler
 from hub.core import Hub
 from hub.decode import build_event
-from hub.dispatch import LOG
 from hub.message import Event
 
 __all__ = ["DemoTokenHandler", "LogPublisher", "start_demo"]
@@ -158,7 +157,7 @@ class LogPublisher(logging.Handler):
             "service": record.name,
             "message": message[:2000],
         }
-        return build_event({"type": LOG, "ts": int(record.created * 1000), "data": data}, 0, 0)
+        return build_event({"type": "log", "ts": int(record.created * 1000), "data": data}, 0, 0)
 
     def _schedule(self, events: list[Event]) -> None:
         token = _publishing.set(True)

@@ -9,7 +9,14 @@ from tornado.web import StaticFileHandler
 
 from handlers.base import HubHandler
 
-__all__ = ["HealthHandler", "MetricsHandler", "NotFoundHandler", "ReadyHandler", "StaticHandler"]
+__all__ = [
+    "HealthHandler",
+    "MetricsHandler",
+    "NotFoundHandler",
+    "ReadyHandler",
+    "StaticHandler",
+    "TypesHandler",
+]
 
 STARTED = time.time()
 
@@ -41,6 +48,17 @@ class MetricsHandler(HubHandler):
     def get(self) -> None:
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
         self.finish(self.hub.metrics.exposition())
+
+
+class TypesHandler(HubHandler):
+    """The dispatch table, for clients that learn the event names from the hub (hub.js, the
+    demo page). Public: a type's number and name are no secret, and a page needs them before
+    it has a token."""
+
+    def get(self) -> None:
+        for name, value in self.cors_headers():
+            self.set_header(name, value)
+        self.answer(200, {"types": self.hub.types.describe()})
 
 
 class NotFoundHandler(HubHandler):

@@ -10,12 +10,12 @@ from handlers.base import HubHandler
 from hub.auth import Verifier
 from hub.core import Hub
 from hub.decode import decode_frames, decode_json, decode_ndjson
-from hub.dispatch import known_types
+from hub.dispatch import TypeTable
 from hub.message import Event, ParseError, Rejected
 
 __all__ = ["DECODERS", "PublishHandler"]
 
-DECODERS: dict[str, Callable[[bytes], list[Event]]] = {
+DECODERS: dict[str, Callable[[bytes, TypeTable], list[Event]]] = {
     "application/json": decode_json,
     "application/x-ndjson": decode_ndjson,
     "application/jsonl": decode_ndjson,
@@ -33,7 +33,7 @@ class PublishHandler(HubHandler):
         self.authenticated = authenticated
         self.chunks: list[bytes] = []
         self.size = 0
-        self.decoder: Callable[[bytes], list[Event]] = decode_json
+        self.decoder: Callable[[bytes, TypeTable], list[Event]] = decode_json
 
     def refuse(self, status: int, error: str, **extra: object) -> None:
         self.hub.metrics.rejected.labels(str(status)).inc()
@@ -75,7 +75,7 @@ class PublishHandler(HubHandler):
         body = b"".join(self.chunks)
         self.chunks = []
         try:
-            events = self.decoder(body)
+            events = self.decoder(body, self.hub.types)
         except ParseError as exc:
             extra: dict[str, object] = {"offset": exc.offset}
             if exc.index is not None:
@@ -83,7 +83,7 @@ class PublishHandler(HubHandler):
             self.refuse(400, exc.message, **extra)
             return
         except Rejected as exc:
-            extra = {"known_types": known_types()}
+            extra = {"known_types": self.hub.types.describe()}
             if exc.index is not None:
                 extra["index"] = exc.index
             self.refuse(422, exc.message, **extra)

@@ -36,7 +36,10 @@ class Config:
     heartbeat: float = 15.0  # seconds between heartbeat comments on a quiet stream
     retry: float = 3.0  # seconds, sent as the stream's `retry:` field
     max_body: int = 1024 * 1024  # publish body limit, bytes
-    max_pending: int = 1024 * 1024  # unsent bytes per stream before it is cut as slow
+    # How far (bytes of frames) a stream may fall behind the events queued for it before it is
+    # cut as slow. What it owes is shared (one copy per audience, not per stream).
+    max_pending: int = 16 * 1024 * 1024
+    slow_after: float = 30.0  # seconds a stream's socket may take nothing before it is cut
     flush_interval: float = 0.005  # seconds a pass waits for more events to coalesce
     internal_port: int | None = None  # serve POST /publish here, unauthenticated, and only here
     internal_host: str = "127.0.0.1"
@@ -65,7 +68,7 @@ class Config:
         for name in ("history", "history_bytes", "max_body", "max_pending"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
-        for name in ("heartbeat", "retry", "flush_interval"):
+        for name in ("heartbeat", "retry", "flush_interval", "slow_after"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
 

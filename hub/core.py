@@ -1,9 +1,10 @@
 """The hub: publish, deliver, subscribe, unsubscribe. The HTTP layer calls these and
 nothing below them.
 
-Life of an event: a handler decodes and routes it (hub.decode), `publish` hands it to the
-broker, which gives it its id and feeds it to `deliver` on every node; `deliver` keeps it in
-the history and queues its frame for each recipient stream; the flusher writes.
+Life of an event: a handler decodes and routes it (hub.decode, with the hub's type table),
+`publish` hands it to the broker, which gives it its id and feeds it to `deliver` on every
+node; `deliver` keeps it in the history and queues it once per audience (hub.flusher); the
+flusher writes.
 """
 
 from __future__ import annotations
@@ -12,17 +13,19 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from functools import partial
 
 import ujson
 
 from hub.broker import Broker, MemoryBroker
 from hub.config import Config
-from hub.dispatch import LOG
-from hub.flusher import PING, Flusher
-from hub.history import History
+from hub.dispatch import DEFAULT_TYPES, EventFilter, TypeTable
+from hub.flusher import Flusher
+from hub.history import History, parse_id
 from hub.message import Event, encode_frame
 from hub.metrics import Metrics
-from hub.registry import Connection, Reason, Registry, Subscriber
+from hub.registry import Reason, Registry, Subscriber
+from hub.transport import SocketTransport
 
 __all__ = ["Hub"]
 
@@ -30,23 +33,30 @@ log = logging.getLogger("hub")
 
 
 class Hub:
-    def __init__(self, config: Config, broker: Broker | None = None) -> None:
+    def __init__(
+        self, config: Config, broker: Broker | None = None, types: TypeTable = DEFAULT_TYPES
+    ) -> None:
         self.config = config
+        self.types = types
         self.registry = Registry()
         self.broker: Broker = broker if broker is not None else MemoryBroker()
         self.history = History(config.history, config.history_bytes, self.broker.floor)
         self.flusher = Flusher(
             self.registry,
+            self.history,
             interval=config.flush_interval,
-            max_pending=config.max_pending,
+            max_lag=config.max_pending,
+            slow_after=config.slow_after,
+            heartbeat=config.heartbeat,
             on_slow=self._cut_slow,
         )
         self.metrics = Metrics(self)
-        self.delivered = 0
         # (user, sid) -> ms of the logout; sid None = every session of the user.
         self.revoked: dict[tuple[str, str | None], float] = {}
         self.stopping = False
-        self._heartbeat: asyncio.TimerHandle | None = None
+        # One tick for the whole process: expiry, heartbeats, stalled sockets.
+        self.tick_interval = min(1.0, config.heartbeat)
+        self._tick_handle: asyncio.TimerHandle | None = None
         self.broker.start(self.deliver)
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -54,9 +64,9 @@ class Hub:
     async def stop(self) -> None:
         """End every stream after writing what it is owed; refuse new ones."""
         self.stopping = True
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            self._heartbeat = None
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+            self._tick_handle = None
         self.flusher.flush_all()
         self.flusher.cancel()
         for sub in list(self.registry.all):
@@ -72,34 +82,12 @@ class Hub:
         return ids
 
     def deliver(self, event: Event) -> None:
-        """Queue one event (with its id) for every local stream its route reaches."""
+        """Keep one event (with its id) in the history and queue it for the local streams
+        its route reaches."""
         self.history.append(event)
+        self.flusher.deliver(event)
         route = event.route
-        if route is None:
-            return
-        frame = event.frame
-        if route.everyone:
-            self.flusher.broadcast(frame)
-            self.delivered += len(self.registry.all)
-        else:
-            by_user = self.registry.by_user
-            by_topic = self.registry.by_topic
-            targets: set[Subscriber] | None = None
-            for user in route.users:
-                subs = by_user.get(user)
-                if subs:
-                    targets = subs if targets is None else targets | subs
-            for topic in route.topics:
-                subs = by_topic.get(topic)
-                if subs:
-                    targets = subs if targets is None else targets | subs
-            if targets:
-                chosen = [s for s in targets if s.accepts(event)] if event.type == LOG else targets
-                push = self.flusher.push
-                for sub in chosen:
-                    push(sub, frame)
-                self.delivered += len(chosen)
-        if route.ends is not None:
+        if route is not None and route.ends is not None:
             self._end_sessions(*route.ends)
 
     def _end_sessions(self, user: str, sid: str | None) -> None:
@@ -107,8 +95,7 @@ class Hub:
         then end; tokens issued before now stop working for `revoke_ttl` seconds."""
         self.revoked[(user, sid)] = time.time() * 1000
         for sub in self.registry.sessions(user, sid):
-            self.flusher.write(sub)
-            self.disconnect(sub, Reason.LOGOUT, flush=True)
+            self.end(sub, Reason.LOGOUT)
 
     # -- streams --------------------------------------------------------------------------
 
@@ -123,38 +110,41 @@ class Hub:
 
     def subscribe(
         self,
-        conn: Connection,
+        transport: SocketTransport,
         user: str,
         *,
         sid: str | None = None,
         topics: tuple[str, ...] = (),
         exp: float = float("inf"),
         last_event_id: str | None = None,
-        min_level: int = 0,
-        services: frozenset[str] | None = None,
+        filters: dict[int, EventFilter] | None = None,
     ) -> Subscriber:
-        """Register a stream; with `last_event_id`, first queue what it missed (or a reset
-        event when the history cannot say). No await between the replay and registering, so
-        nothing falls between replayed and live events."""
-        sub = Subscriber(conn, user, sid, topics, exp, min_level, services)
-        sub.bcast_pos = self.flusher.log_end
-        self.registry.add(sub)
-        if self._heartbeat is None and not self.stopping:
-            self._schedule_heartbeat()  # the tick runs while the loop does; no start() call
+        """Register a stream and write its opening. The opening carries the id the stream
+        starts after, so a client cut before its first event still resumes exactly. With
+        `last_event_id`, what it missed is replayed first (or a reset event comes, when the
+        history cannot say). No await between the replay's end and the live channels' start,
+        so nothing falls between them."""
+        sub = Subscriber(user, sid, topics, exp, filters)
+        history = self.history
+        replay_from = None
+        reset = b""
+        start_id = history.last_id
         if last_event_id:
-            # The replay is written at once, frame by frame, ahead of anything live: the
-            # connection keeps what the socket does not take as references to the history's
-            # frames, not as a copy, so a thousand clients resuming at once cost no more.
-            missed = self.history.since(last_event_id)
-            if missed is None:
-                frames = [self._reset_frame(last_event_id)]
+            replay_from = history.resume_seq(last_event_id)
+            key = parse_id(last_event_id)
+            if replay_from is None or key is None:
+                reset = self._reset_frame(last_event_id)
             else:
-                frames = [e.frame for e in missed if sub.entitled(e)]
-            for frame in frames:
-                sub.backlog = conn.write(frame)
-            if frames:
-                sub.active = True
-                sub.allowance = sub.backlog
+                start_id = f"{key[0]}-{key[1]}"
+        opening = b"retry: %d\nid: %s\n: hub stream open\n\n" % (
+            int(self.config.retry * 1000),
+            start_id.encode(),
+        )
+        self.registry.add(sub)
+        out = self.flusher.open(sub, transport, opening + reset, replay_from)
+        transport.watch(partial(self.disconnect, sub), partial(self.flusher.mark, out))
+        if self._tick_handle is None and not self.stopping:
+            self._schedule_tick()  # the tick runs while the loop does; no start() call
         return sub
 
     def _reset_frame(self, last_event_id: str) -> bytes:
@@ -164,11 +154,17 @@ class Hub:
         body = ujson.dumps(
             {
                 "reason": "history does not reach back to the last event id; refetch state",
-                "last_event_id": last_event_id,
+                "last_event_id": last_event_id[:64],
                 "resume_from": resume,
             }
         )
         return encode_frame(resume, "reset", body)
+
+    def end(self, sub: Subscriber, reason: Reason) -> None:
+        """End a stream after it has been written everything it is owed."""
+        if sub.outbox is not None:
+            self.flusher.finish(sub.outbox)
+        self.disconnect(sub, reason, flush=True)
 
     def disconnect(self, sub: Subscriber, reason: Reason, flush: bool = False) -> None:
         """Remove a stream from every index and close it. Idempotent: the first reason wins."""
@@ -176,37 +172,31 @@ class Hub:
             return
         sub.closed = True
         self.registry.remove(sub)
-        sub.outbox.clear()
         self.metrics.disconnects.labels(reason.value).inc()
-        log.debug("stream of %s ended: %s", sub.user, reason.value)
-        sub.conn.close(flush)
+        log.debug("stream of %r ended: %s", sub.user, reason.value)
+        out = sub.outbox
+        if out is not None:
+            self.flusher.close(out)
+            out.transport.close(reason, flush)
 
-    def _cut_slow(self, sub: Subscriber) -> None:
-        log.info(
-            "stream of %s cut: not draining (over %d bytes pending)",
-            sub.user,
-            self.config.max_pending,
-        )
+    def _cut_slow(self, sub: Subscriber, why: str) -> None:
+        log.info("stream of %r cut as slow: %s", sub.user, why)
         self.disconnect(sub, Reason.SLOW)
 
-    # -- the heartbeat tick ---------------------------------------------------------------
+    # -- the tick -------------------------------------------------------------------------
 
-    def _schedule_heartbeat(self) -> None:
-        self._heartbeat = asyncio.get_running_loop().call_later(self.config.heartbeat, self._tick)
+    def _schedule_tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tick_handle = loop.call_later(self.tick_interval, self._tick)
 
     def _tick(self) -> None:
-        """One tick for the whole process: ping quiet streams, end expired ones, forget old
+        """End streams whose token expired, ping quiet ones, cut stalled ones, forget old
         logouts."""
         now = time.time()
-        push = self.flusher.push
-        for sub in list(self.registry.all):
-            if sub.exp <= now:
-                self.flusher.write(sub)
-                self.disconnect(sub, Reason.EXPIRED, flush=True)
-            elif not sub.active:
-                push(sub, PING)
-            sub.active = False
+        for sub in [s for s in self.registry.all if s.exp <= now]:
+            self.end(sub, Reason.EXPIRED)
+        self.flusher.tick()
         horizon = (now - self.config.revoke_ttl) * 1000
         for key in [k for k, at in self.revoked.items() if at < horizon]:
             del self.revoked[key]
-        self._schedule_heartbeat()
+        self._schedule_tick()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from hub.dispatch import lookup
+from hub.dispatch import DEFAULT_TYPES, TypeTable
 from hub.message import FRAME_HEADER, Event, ParseError, Rejected, loads
 
 __all__ = ["MAX_USER_LENGTH", "build_event", "decode_frames", "decode_json", "decode_ndjson"]
@@ -24,6 +24,7 @@ def build_event(
     header_type: int | None = None,
     header_ts: int | None = None,
     now: int | None = None,
+    types: TypeTable = DEFAULT_TYPES,
 ) -> Event:
     """Validate one event object and route it. `offset` is where it starts in the body.
     (On the publish hot path: exact type checks, no intermediate sets.)"""
@@ -40,12 +41,12 @@ def build_event(
         if header_type is None:
             if "type" not in obj:
                 raise Rejected("missing field type")
-            kind = lookup(obj["type"])
+            kind = types.lookup(obj["type"])
             ts = obj.get("ts")
             if ts is not None and (type(ts) is not int or ts < 0):
                 raise Rejected("ts must be a non-negative integer (ms since the epoch)")
         else:
-            kind = lookup(header_type)
+            kind = types.lookup(header_type)
             ts = header_ts
         user = obj.get("user")
         if user is not None and (type(user) is not str or not 0 < len(user) <= MAX_USER_LENGTH):
@@ -69,7 +70,7 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def decode_json(body: bytes) -> list[Event]:
+def decode_json(body: bytes, types: TypeTable = DEFAULT_TYPES) -> list[Event]:
     """One event object, or an array of them."""
     if not body.strip():
         raise ParseError("empty body", offset=0)
@@ -78,11 +79,11 @@ def decode_json(body: bytes) -> list[Event]:
         if not value:
             raise Rejected("empty batch")
         now = _now_ms()  # one stamp for the batch: its events are published together
-        return [build_event(obj, i, 0, now=now) for i, obj in enumerate(value)]
-    return [build_event(value, 0, 0)]
+        return [build_event(obj, i, 0, now=now, types=types) for i, obj in enumerate(value)]
+    return [build_event(value, 0, 0, types=types)]
 
 
-def decode_ndjson(body: bytes) -> list[Event]:
+def decode_ndjson(body: bytes, types: TypeTable = DEFAULT_TYPES) -> list[Event]:
     """One event object per line; blank lines are skipped."""
     events: list[Event] = []
     offset = 0
@@ -90,14 +91,14 @@ def decode_ndjson(body: bytes) -> list[Event]:
     for line in body.split(b"\n"):
         if line.strip():
             obj = loads(line, base_offset=offset, index=len(events))
-            events.append(build_event(obj, len(events), offset, now=now))
+            events.append(build_event(obj, len(events), offset, now=now, types=types))
         offset += len(line) + 1
     if not events:
         raise ParseError("empty body", offset=0)
     return events
 
 
-def decode_frames(body: bytes) -> list[Event]:
+def decode_frames(body: bytes, types: TypeTable = DEFAULT_TYPES) -> list[Event]:
     """Concatenated binary frames: uint32 type | uint64 ts ms (0 = stamp it) | uint32 length |
     payload (UTF-8 JSON object with user and data)."""
     events: list[Event] = []
@@ -126,6 +127,8 @@ def decode_frames(body: bytes) -> list[Event]:
             )
         # An empty payload is an event without user or data (a bare broadcast, say).
         obj = loads(body[start : start + length], base_offset=start, index=index) if length else {}
-        events.append(build_event(obj, index, offset, header_type=type_, header_ts=ts or now))
+        events.append(
+            build_event(obj, index, offset, header_type=type_, header_ts=ts or now, types=types)
+        )
         offset = start + length
     return events

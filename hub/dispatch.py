@@ -1,19 +1,34 @@
-"""The dispatch table: event type number -> name and route function.
+"""The dispatch table: everything the hub knows about an event type, in one entry.
 
-A route function looks at one event and says who receives it. It runs once, at publish time,
-on the node that took the publish; the route then travels with the event. Adding a type is
-one route function and one entry in TABLE.
+An entry (`Kind`) has the type's number, its name, its route function and, optionally, a
+per-stream filter built from the stream's query (the `log` type's `level` and `service`). A
+route function looks at one event and says who receives it; it runs once, at publish time, on
+the node that took the publish, and the route then travels with the event.
+
+Adding a type is one route function and one entry in DEFAULT_TYPES. Nothing else in the hub,
+in hub.js or in the demo page names a type: they learn the table from `GET /types`.
+(The numbers stay plain ints rather than an IntEnum: an enum would be a second place to edit
+for every new type, and a hub built with an extra type in a test could not extend it.)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from hub.message import Event, Rejected
 
-__all__ = ["LOG", "LOGOUT", "TABLE", "Kind", "Route", "known_types", "lookup"]
+__all__ = [
+    "DEFAULT_TYPES",
+    "LOG_LEVELS",
+    "EventFilter",
+    "FilterError",
+    "Kind",
+    "Route",
+    "TypeTable",
+    "filter_log",
+]
 
 
 class Route(NamedTuple):
@@ -28,6 +43,28 @@ class Route(NamedTuple):
 
 
 RouteFunction = Callable[[Event], Route]
+EventFilter = Callable[[Event], bool]
+# Builds a stream's filter for one type from the stream's query (name -> values), or None
+# when the query asks for no filtering; raises FilterError for a bad value.
+FilterFactory = Callable[[Mapping[str, Sequence[str]]], EventFilter | None]
+
+
+class FilterError(Exception):
+    """A stream's query asks for a filter value that does not exist (400)."""
+
+    def __init__(self, message: str, **extra: object) -> None:
+        super().__init__(message)
+        self.message = message
+        self.extra = extra
+
+
+@dataclass(frozen=True, slots=True)
+class Kind:
+    number: int
+    name: str
+    route: RouteFunction
+    filter: FilterFactory | None = None
+    filter_params: tuple[str, ...] = ()  # the query parameters `filter` reads, for /types
 
 
 def _user(event: Event) -> str:
@@ -52,7 +89,11 @@ def route_payment(event: Event) -> Route:
 
 def route_logout(event: Event) -> Route:
     user = _user(event)
-    session = event.data.get("session") if isinstance(event.data, dict) else None
+    data = event.data
+    if data is not None and not isinstance(data, dict):
+        # Anything else would end every session of the user by accident.
+        raise Rejected("logout data must be an object (or absent)")
+    session = data.get("session") if data is not None else None
     if session is not None and not isinstance(session, str):
         raise Rejected("logout data.session must be a string")
     return Route((user,), _PRESENCE, False, (user, session))
@@ -66,39 +107,88 @@ def route_broadcast(event: Event) -> Route:
     return _EVERYONE
 
 
-@dataclass(frozen=True, slots=True)
-class Kind:
-    number: int
-    name: str
-    route: RouteFunction
+LOG_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 
 
-TABLE: dict[int, Kind] = {
-    kind.number: kind
-    for kind in (
+def filter_log(query: Mapping[str, Sequence[str]]) -> EventFilter | None:
+    """`?level=warning` (minimum level) and `?service=api` (repeatable) for `log` events."""
+    levels = query.get("level") or ()
+    services = frozenset(query.get("service") or ()) or None
+    min_level = 0
+    if levels:
+        name = levels[-1].lower()
+        if name not in LOG_LEVELS:
+            raise FilterError(f"unknown level {levels[-1][:32]!r}", levels=list(LOG_LEVELS))
+        min_level = LOG_LEVELS[name]
+    if min_level == 0 and services is None:
+        return None
+
+    def accepts(event: Event) -> bool:
+        data = event.data if isinstance(event.data, dict) else {}
+        level = LOG_LEVELS.get(str(data.get("level", "info")).lower(), 0)
+        if level < min_level:
+            return False
+        return services is None or data.get("service") in services
+
+    return accepts
+
+
+class TypeTable:
+    """The types a hub knows, by number and by name."""
+
+    def __init__(self, kinds: Iterable[Kind]) -> None:
+        self.kinds: dict[int, Kind] = {}
+        self._by_key: dict[object, Kind] = {}
+        for kind in kinds:
+            if kind.number in self.kinds or kind.name in self._by_key:
+                raise ValueError(f"type {kind.number} / {kind.name!r} is in the table twice")
+            self.kinds[kind.number] = kind
+            self._by_key[kind.number] = self._by_key[kind.name] = kind
+        self.filtered = tuple(k for k in self.kinds.values() if k.filter is not None)
+        self.filter_params = tuple(dict.fromkeys(p for k in self.filtered for p in k.filter_params))
+
+    def with_kind(self, kind: Kind) -> TypeTable:
+        """A copy of the table with one more type."""
+        return TypeTable([*self.kinds.values(), kind])
+
+    def lookup(self, type_: object) -> Kind:
+        """The entry for a type given as number or name; Rejected if there is none."""
+        kind = self._by_key.get(type_) if type(type_) is int or type(type_) is str else None
+        if kind is None:
+            shown = repr(type_) if type(type_) in (int, str, bool, float) else type(type_).__name__
+            raise Rejected(f"unknown event type {shown[:64]}")
+        return kind
+
+    def describe(self) -> list[dict[str, object]]:
+        """The table as `GET /types` and the 422 answers list it."""
+        return [
+            {"type": k.number, "name": k.name, "filters": list(k.filter_params)}
+            for k in self.kinds.values()
+        ]
+
+    def stream_filters(self, query: Mapping[str, Sequence[str]]) -> dict[int, EventFilter]:
+        """The filters a stream's query asks for, by type number (FilterError if bad)."""
+        filters = {}
+        for kind in self.filtered:
+            assert kind.filter is not None
+            accepts = kind.filter(query)
+            if accepts is not None:
+                filters[kind.number] = accepts
+        return filters
+
+    def __iter__(self) -> Iterator[Kind]:
+        return iter(self.kinds.values())
+
+    def __len__(self) -> int:
+        return len(self.kinds)
+
+
+DEFAULT_TYPES = TypeTable(
+    [
         Kind(0x01, "login", route_login),
         Kind(0x02, "payment", route_payment),
         Kind(0x03, "logout", route_logout),
-        Kind(0x04, "log", route_log),
+        Kind(0x04, "log", route_log, filter_log, ("level", "service")),
         Kind(0x05, "broadcast", route_broadcast),
-    )
-}
-
-_BY_KEY: dict[object, Kind] = {}
-for _kind in TABLE.values():
-    _BY_KEY[_kind.number] = _BY_KEY[_kind.name] = _kind
-
-LOGOUT = 0x03
-LOG = 0x04
-
-
-def lookup(type_: object) -> Kind:
-    """The table entry for a type given as number or name; Rejected if there is none."""
-    kind = _BY_KEY.get(type_) if type(type_) is int or type(type_) is str else None
-    if kind is None:
-        raise Rejected(f"unknown event type {type_!r}")
-    return kind
-
-
-def known_types() -> list[dict[str, object]]:
-    return [{"type": k.number, "name": k.name} for k in TABLE.values()]
+    ]
+)

@@ -108,7 +108,19 @@ class Event:
     """One published event. `body` is the JSON a stream's `data:` line carries; `frame` is
     the whole SSE frame, set once the broker has given the event its id."""
 
-    __slots__ = ("body", "data", "frame", "id", "key", "name", "route", "ts", "type", "user")
+    __slots__ = (
+        "body",
+        "data",
+        "frame",
+        "id",
+        "key",
+        "name",
+        "route",
+        "seq",
+        "ts",
+        "type",
+        "user",
+    )
 
     def __init__(
         self,
@@ -133,6 +145,7 @@ class Event:
         self.key = (0, 0)  # the id as (ms, seq), for ordering in the history
         self.frame = b""
         self.route: Route | None = None
+        self.seq = -1  # order of delivery in this process (set by the history)
 
     def assign_id(self, ms: int, seq: int) -> None:
         """Set the id `<ms>-<seq>` and encode the frame. Neither the id (digits) nor the name

@@ -60,8 +60,8 @@ class _HotPath(Collector):
     def collect(self) -> Iterator[Metric]:
         yield CounterMetricFamily(
             "hub_events_delivered",
-            "Events queued to streams (one per stream per event).",
-            value=self.hub.delivered,
+            "Events written to streams (one per stream per event).",
+            value=self.hub.flusher.delivered,
         )
         yield CounterMetricFamily(
             "hub_stream_writes",

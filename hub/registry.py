@@ -3,96 +3,56 @@
 from __future__ import annotations
 
 import enum
-from typing import Protocol
+from typing import TYPE_CHECKING
 
-from hub.dispatch import LOG
+from hub.dispatch import EventFilter
 from hub.message import Event
 
-__all__ = ["LOG_LEVELS", "Connection", "Reason", "Registry", "Subscriber"]
+if TYPE_CHECKING:
+    from hub.flusher import Outbox
 
-LOG_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+__all__ = ["Reason", "Registry", "Subscriber"]
 
 
 class Reason(enum.Enum):
     """Why a stream ended; feeds logs and the disconnect metric's label."""
 
     GONE = "gone"  # the client closed the connection
-    SLOW = "slow"  # its socket stopped draining and its pending bytes passed the bound
+    SLOW = "slow"  # it stopped draining, or fell further behind than the hub keeps for it
     LOGOUT = "logout"  # a logout event ended its session
     EXPIRED = "expired"  # its token's exp passed
     SHUTDOWN = "shutdown"  # the hub is stopping
 
 
-class Connection(Protocol):
-    """The transport under a stream, as the core needs it."""
-
-    def write(self, data: bytes) -> int:
-        """Send or queue `data`; return how many bytes are still waiting to reach the socket."""
-        ...
-
-    def close(self, flush: bool) -> None:
-        """End the stream; with flush, after what is queued has been sent."""
-        ...
-
-
 class Subscriber:
-    """One open stream. Thousands live at once, so: slots, no per-object task or timer."""
+    """One open stream: who it is and what it may see. Its write state is the flusher's
+    (`outbox`). Thousands live at once, so: slots, no per-object task or timer."""
 
-    __slots__ = (
-        "active",
-        "allowance",
-        "backlog",
-        "bcast_pos",
-        "closed",
-        "conn",
-        "dirty",
-        "exp",
-        "min_level",
-        "outbox",
-        "queued",
-        "services",
-        "sid",
-        "topics",
-        "user",
-    )
+    __slots__ = ("closed", "exp", "filters", "outbox", "sid", "topics", "user")
 
     def __init__(
         self,
-        conn: Connection,
         user: str,
         sid: str | None = None,
         topics: tuple[str, ...] = (),
         exp: float = float("inf"),
-        min_level: int = 0,
-        services: frozenset[str] | None = None,
+        filters: dict[int, EventFilter] | None = None,
     ) -> None:
-        self.conn = conn
         self.user = user
         self.sid = sid
         self.topics = topics
         self.exp = exp
-        self.min_level = min_level
-        self.services = services
-        self.outbox: list[bytes] = []  # frames not yet written, shared bytes objects
-        self.queued = 0  # bytes in outbox
-        self.backlog = 0  # bytes the connection still held after the last write
-        # Extra room over max_pending for a resume's replay: the replayed frames are the
-        # history's own bytes objects, held by reference. It shrinks as the client drains.
-        self.allowance = 0
-        self.bcast_pos = 0  # index into the flusher's broadcast log: what it has taken
-        self.dirty = False  # in the flusher's list of streams to write
-        self.active = False  # written to since the last heartbeat tick
+        self.filters = filters or None  # type number -> predicate, from the stream's query
+        self.outbox: Outbox | None = None
         self.closed = False
 
     def accepts(self, event: Event) -> bool:
-        """Whether this stream's own filters let the event through (log level and service)."""
-        if event.type != LOG or (self.min_level == 0 and self.services is None):
+        """Whether this stream's own filters let the event through."""
+        filters = self.filters
+        if filters is None:
             return True
-        data = event.data if isinstance(event.data, dict) else {}
-        level = LOG_LEVELS.get(str(data.get("level", "info")).lower(), 0)
-        if level < self.min_level:
-            return False
-        return self.services is None or data.get("service") in self.services
+        accepts = filters.get(event.type)
+        return accepts is None or accepts(event)
 
     def entitled(self, event: Event) -> bool:
         """Whether the event's route reaches this stream: used for replay, where no index

@@ -224,9 +224,10 @@ def hub_server(io_loop):
 
     servers: list[HubServer] = []
 
-    async def start(**overrides: Any) -> HubServer:
+    async def start(types: Any = None, **overrides: Any) -> HubServer:
+        """`types`: a hub.dispatch.TypeTable instead of the default table."""
         config = Config(**{"jwt_secret": SECRET, **overrides})
-        app = build_app(config)
+        app = build_app(config) if types is None else build_app(config, types=types)
         sock, port = tornado.testing.bind_unused_port()
         server = tornado.httpserver.HTTPServer(app)
         server.add_sockets([sock])

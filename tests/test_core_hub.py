@@ -10,12 +10,14 @@ from typing import Any
 
 import pytest
 import ujson
-from core_support import SocketConnection, config
+from core_support import Peer, config
 from sse import wait_for
 
 from hub.core import Hub
 from hub.decode import decode_json
-from hub.history import History
+from hub.dispatch import DEFAULT_TYPES, Kind, Route
+from hub.flusher import WINDOW
+from hub.history import History, event_cost, parse_id
 from hub.message import Event
 from hub.registry import Reason, Registry, Subscriber
 
@@ -24,14 +26,17 @@ def run(fn: Callable[[], Awaitable[Any]]) -> Any:
     return asyncio.run(fn())  # type: ignore[arg-type]
 
 
-def flushed(hub: Hub) -> bool:
-    """No flush pass running or scheduled: every stream has been written what it owes."""
-    return hub.flusher._pass is None and hub.flusher._handle is None
-
-
 async def until(cond: Callable[[], object], timeout: float = 5.0) -> None:
     """sse.wait_for, failing the test at the deadline."""
     assert await wait_for(cond, timeout), "condition not met before the deadline"
+
+
+def counts(peers: list[Peer], needle: bytes) -> list[int]:
+    """Read every peer (all of them, each time: a slow one must not starve the rest), then
+    count `needle` in what each has received."""
+    for p in peers:
+        p.read()
+    return [p.received.count(needle) for p in peers]
 
 
 async def publish(hub: Hub, body: object) -> list[str]:
@@ -40,8 +45,7 @@ async def publish(hub: Hub, body: object) -> list[str]:
 
 def test_registry_drops_empty_index_entries_when_the_last_stream_leaves():
     reg = Registry()
-    conns = [SocketConnection() for _ in range(3)]
-    subs = [Subscriber(c, "u1", topics=("a", "b")) for c in conns]
+    subs = [Subscriber("u1", topics=("a", "b")) for _ in range(3)]
     for s in subs:
         reg.add(s)
     assert len(reg.by_user["u1"]) == 3 and len(reg.by_topic["a"]) == 3
@@ -49,8 +53,6 @@ def test_registry_drops_empty_index_entries_when_the_last_stream_leaves():
         assert reg.remove(s)
     assert not reg.remove(subs[0])
     assert (reg.all, reg.by_user, reg.by_topic) == (set(), {}, {})
-    for c in conns:
-        c.shutdown()
 
 
 def make_event(n: int) -> Event:
@@ -80,27 +82,36 @@ def test_history_replays_after_an_id_and_refuses_what_it_no_longer_holds():
 
 
 def test_history_is_bounded_by_bytes_too():
-    history = History(limit=1000, limit_bytes=1000, floor=(100, 0))
+    history = History(limit=1000, limit_bytes=3000, floor=(100, 0))
     for n in range(1, 200):
         history.append(make_event(n))
-    assert history.size <= 1000
-    assert sum(len(e.frame) for e in history.events) == history.size
+    assert history.size <= 3000 and len(history) > 1
+    assert sum(event_cost(history.at(s)) for s in range(history.first_seq, history.end_seq)) == (
+        history.size
+    )
+
+
+def test_ids_from_clients_parse_strictly_or_not_at_all():
+    assert parse_id("12-3") == (12, 3)
+    assert parse_id(" 12-3 ") == (12, 3)
+    for bad in ["²-1", "①-1", "1-²", "١٢-3", "12-", "-3", "12-3-4", "1" * 21 + "-1", "", "a-b"]:
+        assert parse_id(bad) is None, bad
+    assert parse_id("1" * 30 + "-" + "2" * 30) is None  # over the length bound before parsing
 
 
 def test_private_and_broadcast_events_reach_a_stream_in_id_order_in_one_write():
     async def scenario() -> None:
         hub = Hub(config(flush_interval=0.01))
-        conn = SocketConnection()
-        hub.subscribe(conn, "u1", topics=("payments",))
+        peer = Peer()
+        hub.subscribe(peer.transport, "u1", topics=("payments",))
         body = []
         for n in range(30):
             body.append({"type": 5, "data": n} if n % 3 else {"type": 2, "user": "u1", "data": n})
         ids = await publish(hub, body)
-        await until(lambda: conn.writes > 0)
-        got = conn.events()
-        assert [i for i, _ in got] == ids
-        assert conn.writes == 1  # coalesced: one send for 30 events
-        conn.shutdown()
+        await until(lambda: len(peer.events()) == 30)
+        assert [i for i, _ in peer.events()] == ids
+        assert hub.flusher.writes == 1  # coalesced: one send for 30 events
+        peer.shutdown()
 
     run(scenario)
 
@@ -108,14 +119,15 @@ def test_private_and_broadcast_events_reach_a_stream_in_id_order_in_one_write():
 def test_a_stream_gets_an_event_once_even_when_routed_to_it_twice():
     async def scenario() -> None:
         hub = Hub(config())
-        mine, other = SocketConnection(), SocketConnection()
-        hub.subscribe(mine, "u1", topics=("payments",))
-        hub.subscribe(other, "u2")
+        mine, other = Peer(), Peer()
+        hub.subscribe(mine.transport, "u1", topics=("payments",))
+        hub.subscribe(other.transport, "u2")
         ids = await publish(hub, [{"type": 2, "user": "u1"}, {"type": 5}])
-        await until(lambda: mine.writes and other.writes)
+        await until(lambda: len(mine.events()) == 2 and len(other.events()) == 1)
+        await until(lambda: hub.flusher.idle)
         assert [i for i, _ in mine.events()] == ids
         assert [i for i, _ in other.events()] == ids[1:]
-        assert hub.delivered == 3
+        assert hub.flusher.delivered == 3
         mine.shutdown()
         other.shutdown()
 
@@ -125,61 +137,248 @@ def test_a_stream_gets_an_event_once_even_when_routed_to_it_twice():
 def test_log_filters_pick_level_and_service():
     async def scenario() -> None:
         hub = Hub(config())
-        errors, api = SocketConnection(), SocketConnection()
-        hub.subscribe(errors, "ops", topics=("logs",), min_level=40)
-        hub.subscribe(api, "ops", topics=("logs",), services=frozenset({"api"}))
+        errors, api = Peer(), Peer()
+        filters = DEFAULT_TYPES.stream_filters
+        hub.subscribe(
+            errors.transport, "ops", topics=("logs",), filters=filters({"level": ["error"]})
+        )
+        hub.subscribe(api.transport, "ops", topics=("logs",), filters=filters({"service": ["api"]}))
         ids = await publish(
             hub,
             [
                 {"type": 4, "data": {"level": "info", "service": "api"}},
                 {"type": 4, "data": {"level": "error", "service": "db"}},
+                {"type": 5},
                 {"type": 4, "data": {"level": "critical", "service": "api"}},
             ],
         )
-        await until(lambda: errors.writes and api.writes)
+        await until(lambda: len(errors.events()) == 3 and len(api.events()) == 3)
         assert [i for i, _ in errors.events()] == ids[1:]
-        assert [i for i, _ in api.events()] == [ids[0], ids[2]]
+        assert [i for i, _ in api.events()] == [ids[0], ids[2], ids[3]]
         errors.shutdown()
         api.shutdown()
 
     run(scenario)
 
 
-def test_a_stream_that_stops_reading_is_cut_and_the_others_get_everything():
+def route_refund(event: Event) -> Route:
+    return Route(users=(event.user or "",), topics=("refunds",))
+
+
+def refund_filter(query):
+    wanted = query.get("currency")
+    if not wanted:
+        return None
+    return lambda event: isinstance(event.data, dict) and event.data.get("currency") in wanted
+
+
+def test_a_type_added_to_the_table_is_routed_and_filtered_with_no_other_change():
+    async def scenario() -> None:
+        types = DEFAULT_TYPES.with_kind(
+            Kind(0x06, "refund", route_refund, refund_filter, ("currency",))
+        )
+        hub = Hub(config(), types=types)
+        user, eur = Peer(), Peer()
+        hub.subscribe(user.transport, "u1")
+        hub.subscribe(
+            eur.transport,
+            "ops",
+            topics=("refunds",),
+            filters=types.stream_filters({"currency": ["EUR"]}),
+        )
+        ids = await publish_with(
+            hub,
+            types,
+            [
+                {"type": "refund", "user": "u1", "data": {"currency": "USD"}},
+                {"type": 6, "user": "u2", "data": {"currency": "EUR"}},
+            ],
+        )
+        await until(lambda: len(user.events()) == 1 and len(eur.events()) == 1)
+        assert user.events() == [(ids[0], "refund")]
+        assert eur.events() == [(ids[1], "refund")]
+        assert {"type": 6, "name": "refund", "filters": ["currency"]} in types.describe()
+        user.shutdown()
+        eur.shutdown()
+
+    run(scenario)
+
+
+async def publish_with(hub: Hub, types, body: object) -> list[str]:
+    return await hub.publish(decode_json(ujson.dumps(body).encode(), types))
+
+
+def test_a_topic_event_is_queued_once_for_all_its_subscribers():
+    async def scenario() -> None:
+        hub = Hub(config())
+        peers = [Peer() for _ in range(50)]
+        for i, p in enumerate(peers):
+            hub.subscribe(p.transport, f"u{i}", topics=("payments",))
+        channel = hub.flusher.topics["payments"]
+        ids = await publish(hub, [{"type": 2, "user": "u0", "data": 1}])
+        assert len(channel.events) == 1 and len(hub.flusher.users["u0"].events) == 1
+        await until(lambda: all(len(p.events()) == 1 for p in peers))
+        await until(lambda: hub.flusher.idle)
+        assert all(p.events() == [(ids[0], "payment")] for p in peers)
+        assert channel.events == []  # every reader took it: nothing is kept
+        for p in peers:
+            p.shutdown()
+
+    run(scenario)
+
+
+def test_a_burst_larger_than_the_bound_reaches_every_reading_stream_and_cuts_none():
+    """12,000 broadcasts published at once (1.3 MB of frames, more than the kernel takes or a
+    write carries): streams that keep reading get all of it, in order, and nobody is cut."""
+
+    async def scenario() -> None:
+        hub = Hub(config(history=20_000))  # the default bound: 16 MiB behind
+        peers = [Peer() for _ in range(3)]
+        for i, p in enumerate(peers):
+            hub.subscribe(p.transport, f"u{i}")
+        ids = []
+        for _ in range(12):
+            ids += await publish(hub, [{"type": 5, "data": "x" * 40}] * 1000)
+
+        await until(lambda: counts(peers, b"event: broadcast") == [12_000] * 3, timeout=20)
+        for p in peers:
+            assert [i for i, _ in p.events()] == ids
+            assert not p.closed
+        assert hub.metrics.disconnects.labels("slow")._value.get() == 0
+        for p in peers:
+            p.shutdown()
+
+    run(scenario)
+
+
+def test_a_stream_that_stops_reading_holds_one_write_at_most_is_cut_and_delays_no_one():
     async def scenario() -> None:
         hub = Hub(config(max_pending=64 * 1024, flush_interval=0.001))
-        stuck = SocketConnection(sndbuf=4096)
-        readers = [SocketConnection() for _ in range(3)]
-        stuck_sub = hub.subscribe(stuck, "stuck")
+        stuck = Peer(rcvbuf=4096)
+        readers = [Peer() for _ in range(3)]
+        stuck_sub = hub.subscribe(stuck.transport, "stuck")
         for r in readers:
-            hub.subscribe(r, "reader")
-        received = [b""] * 3
+            hub.subscribe(r.transport, "reader")
         payload = "x" * 1000
         total = 0
-        while total < 400:
+        most_held = 0
+        while total < 400 and not stuck.closed:
             await publish(hub, [{"type": 5, "data": payload}] * 10)
             total += 10
-            await until(lambda: flushed(hub))  # the pass carrying this batch is done
-            for i, r in enumerate(readers):
-                received[i] += r.read()
-            if stuck.closed:
-                break
+            await until(lambda: hub.flusher.idle)
+            most_held = max(most_held, stuck.transport.pending_size)
+            for r in readers:
+                r.read()
         await until(lambda: stuck.closed)
         assert stuck_sub not in hub.registry.all
-        assert stuck.flushed_on_close is False
-        # the hub never wrote again to a stream it held more than the bound for
-        assert stuck.most_held_before_a_write <= 64 * 1024
-        assert len(stuck.pending) > 64 * 1024
-
-        def all_read() -> bool:
-            for i, r in enumerate(readers):
-                received[i] += r.read()
-            return all(b.count(b"\nevent: broadcast\n") == total for b in received)
-
-        await until(all_read)
+        assert 0 < most_held <= WINDOW  # it never held more than one write
+        await until(lambda: counts(readers, b"\nevent: broadcast\n") == [total] * 3)
         assert hub.metrics.disconnects.labels("slow")._value.get() == 1
-        for c in [stuck, *readers]:
-            c.shutdown()
+        for p in [stuck, *readers]:
+            p.shutdown()
+
+    run(scenario)
+
+
+def test_a_stream_whose_socket_takes_nothing_is_cut_after_slow_after_even_when_owing_little():
+    async def scenario() -> None:
+        hub = Hub(config(slow_after=0.3, heartbeat=0.05))
+        stuck = Peer(rcvbuf=4096)
+        sub = hub.subscribe(stuck.transport, "stuck")
+        await publish(hub, [{"type": 5, "data": "x" * 2000}] * 40)  # ~90 KB: far under the bound
+        await until(lambda: stuck.transport.pending_size > 0)
+        started = time.monotonic()
+        await until(lambda: stuck.closed, timeout=5)
+        assert time.monotonic() - started >= 0.2
+        assert sub not in hub.registry.all
+        assert hub.metrics.disconnects.labels("slow")._value.get() == 1
+        stuck.shutdown()
+
+    run(scenario)
+
+
+def test_the_transport_sends_partially_keeps_the_rest_in_order_and_reports_draining():
+    async def scenario() -> None:
+        peer = Peer(rcvbuf=4096)
+        drained = []
+        closed = []
+        peer.transport.watch(closed.append, lambda: drained.append(True))
+        data = bytes(range(256)) * 4096  # 1 MiB: far more than the socket takes at once
+        peer.transport.write(data)
+        assert 0 < peer.transport.pending_size < len(data)
+        peer.transport.write(b"tail")
+        await until(lambda: peer.read() is not None and len(peer.received) == len(data) + 4)
+        assert bytes(peer.received) == data + b"tail"
+        await until(lambda: drained)
+        assert peer.transport.pending is None and peer.transport.sent == len(data) + 4
+        assert closed == []
+        peer.shutdown()
+
+    run(scenario)
+
+
+def test_the_transport_reports_a_peer_that_closes_once_and_releases_the_socket():
+    async def scenario() -> None:
+        peer = Peer()
+        closed = []
+        peer.transport.watch(closed.append)
+        peer.client.close()
+        await until(lambda: closed)
+        assert closed == [Reason.GONE] and peer.transport.socket is None
+        assert peer.server.fileno() == -1
+        peer.transport.write(b"after")  # writing to a gone stream is a no-op, never an error
+        assert closed == [Reason.GONE]
+
+    run(scenario)
+
+
+def test_the_transport_closes_after_flushing_what_it_holds():
+    async def scenario() -> None:
+        peer = Peer(rcvbuf=4096)
+        closed = []
+        peer.transport.watch(closed.append)
+        data = b"y" * 200_000
+        peer.transport.write(data)
+        peer.transport.close(Reason.LOGOUT, flush=True)
+        assert closed == []  # still sending what it holds
+        await until(lambda: peer.read() is not None and peer.eof)
+        assert bytes(peer.received) == data
+        assert closed == [Reason.LOGOUT]
+        peer.shutdown()
+
+    run(scenario)
+
+
+def test_a_stream_registered_for_a_client_already_gone_is_removed_at_once():
+    async def scenario() -> None:
+        hub = Hub(config())
+        peer = Peer()
+        peer.client.close()
+        peer.transport.close(Reason.GONE)  # the socket is shut before the hub subscribes it
+        sub = hub.subscribe(peer.transport, "u1")
+        assert sub.closed and len(hub.registry) == 0 and hub.flusher.everyone.readers == {}
+
+    run(scenario)
+
+
+def test_the_opening_carries_the_id_to_resume_from_so_a_cut_before_any_event_loses_nothing():
+    async def scenario() -> None:
+        hub = Hub(config())
+        before = await publish(hub, [{"type": 5}])
+        first = Peer()
+        hub.subscribe(first.transport, "u1")
+        await until(lambda: first.opening_id() is not None)
+        start = first.opening_id()
+        assert start == before[0]
+        first.client.close()  # cut before its first event
+        await until(lambda: first.closed)
+        missed = await publish(hub, [{"type": 5}, {"type": 2, "user": "u1"}])
+        again = Peer()
+        hub.subscribe(again.transport, "u1", last_event_id=start)
+        await until(lambda: len(again.events()) == 2)
+        assert [i for i, _ in again.events()] == missed
+        assert again.opening_id() == start
+        again.shutdown()
 
     run(scenario)
 
@@ -196,13 +395,28 @@ def test_resume_replays_only_what_the_stream_is_entitled_to_then_live_events():
                 {"type": 1, "user": "u1"},
             ],
         )
-        conn = SocketConnection()
-        hub.subscribe(conn, "u1", last_event_id=ids[0])
+        peer = Peer()
+        hub.subscribe(peer.transport, "u1", last_event_id=ids[0])
         live = await publish(hub, [{"type": 2, "user": "u1"}])
-        got: list[tuple[str, str]] = []
-        await until(lambda: got.extend(conn.events()) or len(got) >= 3)
-        assert [i for i, _ in got] == [ids[2], ids[3], live[0]]
-        conn.shutdown()
+        await until(lambda: len(peer.events()) >= 3)
+        assert [i for i, _ in peer.events()] == [ids[2], ids[3], live[0]]
+        peer.shutdown()
+
+    run(scenario)
+
+
+def test_slow_resumers_share_the_historys_bytes_and_hold_one_write_each():
+    async def scenario() -> None:
+        hub = Hub(config(history=5000))
+        ids = await publish(hub, [{"type": 5, "data": "z" * 200}] * 3000)  # ~800 KB of frames
+        peers = [Peer(rcvbuf=4096) for _ in range(20)]
+        for p in peers:
+            hub.subscribe(p.transport, "u1", last_event_id=ids[0])
+        assert all(0 < p.transport.pending_size <= WINDOW for p in peers)
+        await until(lambda: counts(peers, b"\nevent: ") == [2999] * 20, timeout=30)
+        assert all([i for i, _ in p.events()] == ids[1:] for p in peers)
+        for p in peers:
+            p.shutdown()
 
     run(scenario)
 
@@ -211,11 +425,13 @@ def test_resume_from_beyond_the_history_starts_with_a_reset_event():
     async def scenario() -> None:
         hub = Hub(config(history=3))
         ids = await publish(hub, [{"type": 5, "data": n} for n in range(10)])
-        conn = SocketConnection()
-        hub.subscribe(conn, "u1", last_event_id=ids[2])
-        await until(lambda: conn.writes > 0)
-        assert conn.events() == [(ids[-1], "reset")]
-        conn.shutdown()
+        for bad in (ids[2], "²-1", "①-1", "x" * 5000):
+            peer = Peer()
+            hub.subscribe(peer.transport, "u1", last_event_id=bad)
+            await until(lambda: peer.events() != [])  # noqa: B023
+            assert peer.events() == [(ids[-1], "reset")]
+            peer.shutdown()
+        assert len(hub.registry) == 0
 
     run(scenario)
 
@@ -223,12 +439,12 @@ def test_resume_from_beyond_the_history_starts_with_a_reset_event():
 def test_logout_ends_only_the_named_session_after_it_gets_the_event_and_revokes_it():
     async def scenario() -> None:
         hub = Hub(config())
-        s1, s2 = SocketConnection(), SocketConnection()
-        hub.subscribe(s1, "u1", sid="s1")
-        hub.subscribe(s2, "u1", sid="s2")
+        s1, s2 = Peer(), Peer()
+        hub.subscribe(s1.transport, "u1", sid="s1")
+        hub.subscribe(s2.transport, "u1", sid="s2")
         issued = time.time() - 1
         [logout] = await publish(hub, {"type": 3, "user": "u1", "data": {"session": "s1"}})
-        assert s1.closed and s1.flushed_on_close is True
+        await until(lambda: s1.closed)
         assert s1.events() == [(logout, "logout")]
         assert not s2.closed and len(hub.registry) == 1
         assert hub.is_revoked("u1", "s1", issued)
@@ -243,17 +459,10 @@ def test_logout_ends_only_the_named_session_after_it_gets_the_event_and_revokes_
 def test_quiet_streams_get_heartbeats_and_expired_tokens_end_their_streams():
     async def scenario() -> None:
         hub = Hub(config(heartbeat=0.05))
-        quiet, expiring = SocketConnection(), SocketConnection()
-        hub.subscribe(quiet, "u1")
-        sub = hub.subscribe(expiring, "u2", exp=time.time() + 0.1)
-        got = b""
-
-        def pinged_twice() -> bool:
-            nonlocal got
-            got += quiet.read()
-            return got.count(b": ping\n\n") >= 2
-
-        await until(pinged_twice)
+        quiet, expiring = Peer(), Peer()
+        hub.subscribe(quiet.transport, "u1")
+        sub = hub.subscribe(expiring.transport, "u2", exp=time.time() + 0.1)
+        await until(lambda: quiet.read() is not None and quiet.received.count(b": ping\n\n") >= 2)
         await until(lambda: expiring.closed)
         assert sub not in hub.registry.all
         assert hub.metrics.disconnects.labels(Reason.EXPIRED.value)._value.get() == 1
@@ -268,18 +477,21 @@ def test_quiet_streams_get_heartbeats_and_expired_tokens_end_their_streams():
 def test_nothing_of_a_stream_remains_after_it_leaves():
     async def scenario() -> None:
         hub = Hub(config())
-        conns = [SocketConnection() for _ in range(200)]
-        subs = [hub.subscribe(c, f"u{i % 7}", topics=("t",)) for i, c in enumerate(conns)]
+        peers = [Peer() for _ in range(200)]
+        subs = [hub.subscribe(p.transport, f"u{i % 7}", topics=("t",)) for i, p in enumerate(peers)]
         await publish(hub, [{"type": 5}, {"type": 2, "user": "u1"}])
         for s in subs:
             hub.disconnect(s, Reason.GONE)
         assert (hub.registry.all, hub.registry.by_user, hub.registry.by_topic) == (set(), {}, {})
-        await until(lambda: not hub.flusher.dirty and hub.flusher._pass is None)
+        flusher = hub.flusher
+        assert (flusher.users, flusher.topics, flusher.everyone.readers) == ({}, {}, {})
+        await until(lambda: flusher.idle)
         await publish(hub, [{"type": 5}])
-        await until(lambda: flushed(hub))
-        assert hub.flusher.log == []
-        for c in conns:
-            c.shutdown()
+        await until(lambda: flusher.idle)
+        assert flusher.everyone.events == []
+        assert all(p.closed for p in peers)
+        for p in peers:
+            p.shutdown()
 
     run(scenario)
 
@@ -288,13 +500,14 @@ def test_nothing_of_a_stream_remains_after_it_leaves():
 def test_delivered_counter_counts_one_per_stream_per_event(n: int):
     async def scenario() -> None:
         hub = Hub(config())
-        conns = [SocketConnection() for _ in range(n)]
-        for c in conns:
-            hub.subscribe(c, "u")
+        peers = [Peer() for _ in range(n)]
+        for p in peers:
+            hub.subscribe(p.transport, "u")
         await publish(hub, [{"type": 5}] * 4)
-        assert hub.delivered == 4 * n
-        for c in conns:
-            c.shutdown()
+        await until(lambda: hub.flusher.idle)
+        assert hub.flusher.delivered == 4 * n
+        for p in peers:
+            p.shutdown()
 
     run(scenario)
 
@@ -302,10 +515,10 @@ def test_delivered_counter_counts_one_per_stream_per_event(n: int):
 def test_reset_on_an_empty_history_still_carries_an_id_to_resume_from():
     async def scenario() -> None:
         hub = Hub(config())
-        conn = SocketConnection()
-        hub.subscribe(conn, "u1", last_event_id="12-3")
-        await until(lambda: conn.writes > 0)
-        assert conn.events() == [(f"{hub.broker.floor[0]}-0", "reset")]
-        conn.shutdown()
+        peer = Peer()
+        hub.subscribe(peer.transport, "u1", last_event_id="12-3")
+        await until(lambda: peer.events() != [])
+        assert peer.events() == [(f"{hub.broker.floor[0]}-0", "reset")]
+        peer.shutdown()
 
     run(scenario)

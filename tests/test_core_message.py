@@ -7,7 +7,7 @@ import struct
 import pytest
 
 from hub.decode import decode_frames, decode_json, decode_ndjson
-from hub.dispatch import TABLE, Route, known_types
+from hub.dispatch import DEFAULT_TYPES, Route
 from hub.message import Event, ParseError, Rejected, encode_frame
 
 
@@ -139,5 +139,7 @@ def test_frame_payload_may_not_carry_its_own_type():
         decode_frames(frame(5, 0, b'{"type": 2}'))
 
 
-def test_known_types_lists_the_whole_table():
-    assert [t["type"] for t in known_types()] == sorted(TABLE)
+def test_the_type_table_describes_every_type_with_its_filters():
+    described = DEFAULT_TYPES.describe()
+    assert [t["type"] for t in described] == sorted(DEFAULT_TYPES.kinds)
+    assert {t["name"]: t["filters"] for t in described}["log"] == ["level", "service"]

@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 
-from core_support import SocketConnection, config
+from core_support import Peer, config
 from test_core_hub import until
 
 from handlers.demo import LogPublisher
@@ -25,8 +25,8 @@ def log_events(raw: bytes) -> list[dict]:
 def test_records_become_log_events_and_a_flood_is_capped_and_reported():
     async def scenario() -> None:
         hub = Hub(config())
-        conn = SocketConnection()
-        hub.subscribe(conn, "ops", topics=("logs",))
+        conn = Peer()
+        hub.subscribe(conn.transport, "ops", topics=("logs",))
         producer = LogPublisher(hub, asyncio.get_running_loop(), rate=5.0, burst=10)
         logger = logging.getLogger("demo-test")
         logger.addHandler(producer)
