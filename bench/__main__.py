@@ -325,6 +325,23 @@ def check_targets(rows: list[dict[str, Any]]) -> str:
             f"{'sustained' if s else 'not sustained'}, lost {r.get('lost')}, "
             f"p99 {_ms(p99)} ms{lg(r)}",
         )
+    # issue 7: a topic every stream reads costs what a broadcast costs (>= 90% of it, same run)
+    for topic, bcast in (
+        ("topic-2k-200", "bcast-2k-200"),
+        ("topic-2k-500", "bcast-2k-500"),
+        ("topic-2k-1000", "bcast-2k-1000"),
+        ("closed-topic-2k", "closed-2k"),
+    ):
+        t, b = hub.get(topic), hub.get(bcast)
+        if not t or not b:
+            continue
+        ratio = t.get("delivery_rate", 0) / max(1.0, b.get("delivery_rate", 0))
+        line(
+            ratio >= 0.9 and t.get("lost") == 0,
+            f"{topic}: >= 90% of {bcast} deliveries/s, 0 lost",
+            f"{t.get('delivery_rate', 0):,.0f}/s = {ratio:.0%} of "
+            f"{b.get('delivery_rate', 0):,.0f}/s, lost {t.get('lost')}{lg(t)}",
+        )
     r = hub.get("private-10k")
     if r:
         s = sustained(r)

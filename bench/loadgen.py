@@ -16,7 +16,7 @@ JSON result line on stdout (logs go to stderr). It:
 
 Every subscriber is a ``BufferedProtocol`` reading into one process-wide buffer: no per-read
 ``bytes`` object on the counting path, no coroutine per connection. Events are counted with
-``bytearray.count`` of a marker (``\\nid: `` for the hub, ``\\ndata:`` for nchan); a marker split
+``bytearray.count`` of a marker (``\\nevent: `` for the hub, ``\\ndata:`` for nchan); a marker split
 across two reads is caught by checking the seam (last bytes of the previous read + first bytes
 of this one), so nothing is counted twice or missed.
 """
@@ -145,7 +145,9 @@ class Gen:
         self.n: int = spec["streams"]
         self.private: bool = spec["routing"] == "private"
         self.rcvlowat: int = spec.get("rcvlowat", 0)
-        self.marker: bytes = b"\nid: " if self.kind == "hub" else b"\ndata:"
+        # "\nevent: ", not "\nid: ": a hub stream's opening block carries an id too
+        self.marker: bytes = b"\nevent: " if self.kind == "hub" else b"\ndata:"
+        self.topic: bool = spec["routing"] == "topic"
         self.subs: list[Sub] = []
         self.headers_ok = 0
         self.head_errors: list[str] = []
@@ -162,7 +164,13 @@ class Gen:
         self.requests: list[bytes] = []
         for i in range(self.n):
             if self.kind == "hub":
-                path = "/events" if self.private else "/events?topic=payments"
+                path = (
+                    "/events"
+                    if self.private
+                    else "/events?topic=logs"
+                    if self.topic
+                    else "/events?topic=payments"
+                )
                 auth = f"Authorization: Bearer {tokens[i]}\r\n"
             else:
                 chan = f"u{i}" if self.private else "all"
@@ -481,6 +489,8 @@ class Publisher:
                     for k in range(nev)
                 ]
                 self.next_user = (first + nev) % n
+            elif g.topic:
+                evs = [b'{"type":4,"data":{"t":%d}}' % t] * nev
             else:
                 evs = [b'{"type":5,"data":{"t":%d}}' % t] * nev
             body = evs[0] if self.single and nev == 1 else b"[" + b",".join(evs) + b"]"

@@ -56,7 +56,7 @@ class Scenario:
     name: str
     title: str
     streams: int
-    routing: str = "broadcast"  # or "private"
+    routing: str = "broadcast"  # or "private", or "topic" (type 4 to topic `logs`)
     publish: Any = None  # kind -> publisher spec (None: idle / not applicable)
     offered: float | None = None  # offered events/s (None: closed loop / idle)
     probes: int = 100
@@ -82,6 +82,27 @@ def all_scenarios() -> list[Scenario]:
                     offered=r,
                 )
             )
+    # A topic every stream subscribes to costs what a broadcast costs (issue 7): same rates.
+    for r in (200, 500, 1000):
+        s.append(
+            Scenario(
+                f"topic-2k-{r}",
+                f"topic `logs` on 2,000 streams at {r}/s",
+                2_000,
+                routing="topic",
+                publish=lambda kind, r=r: _rate_broadcast(kind, r) if kind == "hub" else None,
+                offered=r,
+            )
+        )
+    s.append(
+        Scenario(
+            "closed-topic-2k",
+            "closed-loop publisher (1 in flight), topic `logs` on 2,000 streams",
+            2_000,
+            routing="topic",
+            publish=lambda kind: _closed_single(kind) if kind == "hub" else None,
+        )
+    )
     s.append(
         Scenario(
             "private-10k",

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_right
+from collections import deque
+from collections.abc import Iterator
+from itertools import islice
 from operator import attrgetter
 
 from hub.message import Event
@@ -55,10 +58,7 @@ class History:
         self.limit = limit
         self.limit_bytes = limit_bytes
         self.floor = floor
-        # events[head:] are held; the slots before head are dropped in bulk (amortized O(1))
-        self.events: list[Event] = []
-        self.head = 0
-        self.first_seq = 0  # seq of events[head]
+        self.events: deque[Event] = deque()
         self.end_seq = 0  # seq of the next event appended
         self.size = 0
 
@@ -67,46 +67,43 @@ class History:
         self.end_seq += 1
         events = self.events
         events.append(event)
-        self.size += event_cost(event)
-        while len(events) - self.head > self.limit or self.size > self.limit_bytes:
-            old = events[self.head]
-            self.head += 1
-            self.first_seq += 1
+        self.size += 3 * len(event.frame) + EVENT_OVERHEAD  # event_cost, inline: a hot path
+        while len(events) > self.limit or self.size > self.limit_bytes:
+            old = events.popleft()
             self.floor = old.key
-            self.size -= event_cost(old)
-        if self.head > 64 and self.head * 4 > len(events):
-            del events[: self.head]
-            self.head = 0
+            self.size -= 3 * len(old.frame) + EVENT_OVERHEAD
 
-    def at(self, seq: int) -> Event:
-        """The held event with this seq (first_seq <= seq < end_seq)."""
-        return self.events[self.head + seq - self.first_seq]
+    @property
+    def first_seq(self) -> int:
+        """The seq of the oldest event held (end_seq when none is)."""
+        return self.end_seq - len(self.events)
+
+    def read(self, seq: int) -> Iterator[Event]:
+        """The held events from seq on, oldest first (first_seq <= seq <= end_seq)."""
+        return islice(self.events, seq - self.first_seq, None)
 
     def resume_seq(self, last_id: str) -> int | None:
         """The seq of the first event after `last_id`; None if the history cannot say."""
         key = parse_id(last_id)
+        events = self.events
         if key is None or key < self.floor:
             return None
-        events, head = self.events, self.head
-        held = len(events) > head
-        if held and key > events[-1].key:
+        if events and key > events[-1].key:
             return None  # from the future: another hub's, or another run's
-        if not held and key != self.floor:
+        if not events and key != self.floor:
             return None
-        return self.first_seq + bisect_right(events, key, lo=head, key=_key) - head
+        return self.first_seq + bisect_right(events, key, key=_key)
 
     def since(self, last_id: str) -> list[Event] | None:
         """The events after `last_id`, oldest first; None if the history cannot say."""
         seq = self.resume_seq(last_id)
-        if seq is None:
-            return None
-        return self.events[self.head + seq - self.first_seq :]
+        return None if seq is None else list(self.read(seq))
 
     @property
     def last_id(self) -> str:
         """The newest id held (or the floor): where a client told to reset resumes from."""
-        ms, seq = self.events[-1].key if len(self.events) > self.head else self.floor
+        ms, seq = self.events[-1].key if self.events else self.floor
         return f"{ms}-{seq}"
 
     def __len__(self) -> int:
-        return len(self.events) - self.head
+        return len(self.events)

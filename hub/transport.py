@@ -89,8 +89,16 @@ class SocketTransport:
             pending.append(data)
             self.pending_size += len(data)
             return
-        sent = self._send(sock, data)
-        if sent < 0 or sent == len(data):
+        try:  # _send, inline: this is every write of every stream
+            sent = sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self.reason = Reason.GONE
+            self._shut()
+            return
+        self.sent += sent
+        if sent == len(data):
             return
         self._keep(data, sent)
         self.loop.add_writer(self.fd, self._on_writable)
