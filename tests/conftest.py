@@ -8,10 +8,11 @@ publish. Everything a test opened is closed at teardown, streams first, then the
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 from urllib.parse import urlencode
 
@@ -214,6 +215,15 @@ class HubServer:
     async def raw(self, method: str, path: str, headers: Mapping[str, str], body: bytes = b""):
         """A request written byte for byte (for what an HTTP client would not send)."""
         return await http_request(self.port, method, path, headers, body)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_implicit_event_loop() -> Iterator[None]:
+    """pytest-tornado's io_loop keeps the thread's current asyncio loop to restore it after the
+    test. In a process where no loop was ever set, asking for it creates one that nobody closes,
+    and a later test fails on its ResourceWarning. With "none" set first, nothing is created."""
+    asyncio.set_event_loop(None)
+    yield
 
 
 @pytest.fixture

@@ -7,8 +7,6 @@ the real headless Chromium, driven with Playwright's async API on the same event
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -30,15 +28,6 @@ def route_refund(event: Event) -> Route:
 
 
 WITH_REFUND = DEFAULT_TYPES.with_kind(Kind(REFUND, "refund", route_refund))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _no_implicit_event_loop() -> Iterator[None]:
-    """pytest-tornado's io_loop keeps the thread's current asyncio loop to restore it after the
-    test. In a process where no loop was ever set, asking for it creates one that nobody closes,
-    and a later test fails on its ResourceWarning. With "none" set first, nothing is created."""
-    asyncio.set_event_loop(None)
-    yield
 
 
 # A blank page on the hub's origin that connects with hub.js and records what it delivers,
