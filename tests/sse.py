@@ -277,6 +277,11 @@ class SSEClient:
         return self._parser.retry
 
     @property
+    def last_event_id(self) -> str:
+        """The stream's last event id as EventSource keeps it (an id-only block sets it too)."""
+        return self._parser.last_event_id
+
+    @property
     def closed(self) -> bool:
         """The server ended the stream (or it failed)."""
         return self._closed.is_set()

@@ -94,3 +94,26 @@ async def test_a_client_that_stops_reading_is_cut_delays_no_one_and_resumes_with
     again = await server.stream("slow", last_event_id=seen[-1])
     rest = await again.events(EVENTS - len(seen), timeout=15)
     assert seen + [e.id for e in rest] == ids
+
+
+@pytest.mark.parametrize(
+    ("body", "count"),
+    [
+        ([{"type": 5}] * 12_000, 12_000),  # 152 KiB of body, ~1.4 MB of frames
+        ([{"type": 2, "user": "r0"}] * 9_000, 9_000),
+    ],
+    ids=["12000-broadcasts", "9000-private"],
+)
+@pytest.mark.gen_test(timeout=60)
+async def test_one_legal_publish_far_over_a_socket_buffer_cuts_no_reader(hub_server, body, count):
+    """One in-limit body used to cut every recipient as slow at once (its frames were copied
+    into every outbox and counted against the bound up front). Readers that read get it all."""
+    server = await hub_server(history=20_000)
+    readers = [await server.stream("r0") for _ in range(3)]
+    ids = await server.publish_ok(body)
+    assert len(ids) == count
+    for reader in readers:
+        got = await reader.events(count, timeout=40)
+        assert [e.id for e in got] == ids
+    assert server.hub.metrics.disconnects.labels("slow")._value.get() == 0
+    assert all(not r.closed for r in readers)

@@ -106,8 +106,18 @@ async def test_resume_from_the_oldest_id_still_reachable_replays_without_reset(h
 
 @pytest.mark.parametrize(
     "last_id",
-    ["garbage", "12-x", "-", "1-2-3", "", "\u00e9-1"],
-    ids=["word", "non-digit-seq", "dash", "three-parts", "empty", "non-ascii"],
+    ["garbage", "12-x", "-", "1-2-3", "", "\u00e9-1", "\u00b2-1", "\u2460-1", "1" * 60 + "-1"],
+    ids=[
+        "word",
+        "non-digit-seq",
+        "dash",
+        "three-parts",
+        "empty",
+        "non-ascii",
+        "superscript-digit",
+        "circled-digit",
+        "too-long",
+    ],
 )
 @pytest.mark.parametrize("how", ["header", "query"])
 @pytest.mark.gen_test(timeout=10)
@@ -177,3 +187,44 @@ async def test_reset_event_carries_an_id_from_which_a_reconnect_resumes_cleanly(
 
     assert reset.id, "the reset event has no id, so the browser would resend the old one"
     assert (event.id, event.event) == (later, "payment")
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_ids_with_unicode_digits_leave_no_stream_behind_when_their_clients_leave(hub_server):
+    """`²-1` passed str.isdigit() and then failed int() after the 200 head: the stream stayed
+    registered after its client left. Every such request gets a reset and leaves nothing."""
+    server = await hub_server()
+    clients = []
+    for n in range(40):
+        bad = ["\u00b2-1", "\u2460-1", "1-\u00b3", "\u0661\u0662-3"][n % 4]
+        if n % 2:
+            client = await server.stream("u1", query={"lastEventId": bad})
+        else:
+            client = await server.stream(
+                "u1", headers={"Last-Event-ID": bad.encode().decode("latin-1")}
+            )
+        assert client.status == 200
+        assert (await client.next_event()).event == "reset"
+        clients.append(client)
+    assert len(server.hub.registry) == 40
+    for client in clients:
+        client.close()
+    assert await wait_for(lambda: len(server.hub.registry) == 0, 5)
+    health = await server.get_json("/healthz")
+    assert health["streams"] == 0
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_a_client_cut_before_its_first_event_resumes_from_the_openings_id(hub_server):
+    """The opening block carries `id:` (no data: no event fires, but EventSource keeps the
+    id), so a client cut before any event still reconnects with a Last-Event-ID."""
+    server = await hub_server()
+    (before,) = await server.publish_ok(payments("u1", [0]))
+    client = await server.stream("u1")
+    assert client.last_event_id == before  # from the opening block alone
+    assert client.pending() == 0  # and no event fired
+    client.close()
+    assert await wait_for(lambda: len(server.hub.registry) == 0, 5)
+    missed = await server.publish_ok(payments("u1", [1, 2]) + [{"type": "broadcast"}])
+    again = await server.stream("u1", last_event_id=client.last_event_id)
+    assert [e.id for e in await again.events(3)] == missed
