@@ -225,6 +225,6 @@ async def test_a_client_cut_before_its_first_event_resumes_from_the_openings_id(
     assert client.pending() == 0  # and no event fired
     client.close()
     assert await wait_for(lambda: len(server.hub.registry) == 0, 5)
-    missed = await server.publish_ok(payments("u1", [1, 2]) + [{"type": "broadcast"}])
+    missed = await server.publish_ok([*payments("u1", [1, 2]), {"type": "broadcast"}])
     again = await server.stream("u1", last_event_id=client.last_event_id)
     assert [e.id for e in await again.events(3)] == missed
