@@ -331,7 +331,7 @@ class Flusher:
         if out.replay is not None:
             return self._take_replay(out, window)
         if not out.plain:
-            return self._take_merged(out, window) if self.owes(out) else None
+            return self._take_sources(out, window)
         everyone = self.everyone
         private = out.private
         if out.pos == everyone.end:
@@ -347,6 +347,41 @@ class Flusher:
             return self._take_merged(out, window)
         data, out.pos, count = everyone.tail(out.pos, window)
         if out.pos != everyone.end:
+            self._cut_short = True
+        self.delivered += count
+        return data
+
+    def _take_sources(self, out: Outbox, window: int) -> bytes | None:
+        """_take for a stream with topics or filters: one channel owing and no filters is a
+        shared tail, as for a plain stream; anything else is merged."""
+        everyone = self.everyone
+        owing = 0
+        channel = everyone
+        index = -1
+        positions = out.topic_pos
+        if out.pos != everyone.end:
+            owing = 1
+        if out.private:
+            owing += 2  # never a single channel
+        if out.topics is not None:
+            assert positions is not None
+            for i, topic in enumerate(out.topics):
+                if topic.end != positions[i]:
+                    owing += 1
+                    channel = topic
+                    index = i
+        if owing == 0:
+            return None
+        if owing > 1 or out.sub.filters is not None:
+            return self._take_merged(out, window)
+        if index < 0:
+            data, out.pos, count = channel.tail(out.pos, window)
+            pos = out.pos
+        else:
+            assert positions is not None
+            data, pos, count = channel.tail(positions[index], window)
+            positions[index] = pos
+        if pos != channel.end:
             self._cut_short = True
         self.delivered += count
         return data
@@ -377,7 +412,7 @@ class Flusher:
                 last = private[stop - 1].seq
                 horizon = last if horizon < 0 else min(horizon, last)
         taken.sort(key=_seq)
-        accepts = out.sub.accepts
+        accepts = out.sub.accepts if out.sub.filters is not None else None
         parts = []
         size = 0
         last_seq = -1
@@ -389,7 +424,7 @@ class Flusher:
                 self._cut_short = True
                 break
             last_seq = seq
-            if accepts(event):
+            if accepts is None or accepts(event):
                 parts.append(event.frame)
                 size += len(event.frame)
         out.pos = _past(self.everyone, out.pos, last_seq)
@@ -475,8 +510,45 @@ class Flusher:
         start = self._pass_pos
         stop = min(start + self.slice_size, len(targets))
         write = self.write
+        # A broadcast pass gives most streams the same tail of the everyone channel: those are
+        # written here without the general path (measured: that path's checks cost a tenth of
+        # the core at 10,000 streams). A stream that owes anything else goes through write().
+        everyone = self.everyone
+        end = everyone.end
+        shared_pos = -1
+        shared: tuple[bytes, int, int] = (b"", 0, 0)
+        now = self._now
+        taken = written = delivered = 0
         for i in range(start, stop):
-            write(targets[i])
+            out = targets[i]
+            pos = out.pos
+            if (
+                pos == end
+                or not out.plain
+                or out.private
+                or out.replay is not None
+                or out.closed
+                or out.transport.pending is not None
+            ):
+                write(out)
+                continue
+            if pos != shared_pos:
+                shared_pos = pos
+                shared = everyone.tail(pos, self.window)
+                if shared[1] != end:  # more than a window behind: the general path
+                    shared_pos = -1
+                    write(out)
+                    continue
+            out.dirty = False
+            out.pos = end
+            out.written_at = now
+            out.transport.write(shared[0])
+            taken += 1
+            written += len(shared[0])
+            delivered += shared[2]
+        self.writes += taken
+        self.bytes_written += written
+        self.delivered += delivered
         if stop < len(targets):
             self._pass_pos = stop
             self._handle = asyncio.get_running_loop().call_soon(self._step)
