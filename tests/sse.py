@@ -21,9 +21,9 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
-__all__ = ["SSEClient", "SSEEvent", "StreamEnded", "http_request", "wait_for"]
+__all__ = ["EventReads", "SSEClient", "SSEEvent", "StreamEnded", "http_request", "wait_for"]
 
 _LINE_END = re.compile(r"[\r\n]")
 
@@ -216,7 +216,49 @@ async def _wait_closed(writer: asyncio.StreamWriter) -> None:
         await asyncio.wait_for(writer.wait_closed(), 2)
 
 
-class SSEClient:
+E = TypeVar("E")
+
+
+class EventReads(Generic[E]):
+    """What every test client reads on top of its own `next_event`: a count of events, or the
+    events before a marker, all within one deadline."""
+
+    async def next_event(self, timeout: float = 5.0) -> E:
+        raise NotImplementedError
+
+    async def events(self, count: int, timeout: float = 10.0) -> list[E]:
+        """The next `count` events, all within one deadline."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        out = []
+        for _ in range(count):
+            try:
+                out.append(await self.next_event(max(0.0, deadline - loop.time())))
+            except (TimeoutError, StreamEnded) as exc:
+                raise type(exc)(f"got {len(out)} of {count} events: {exc}") from None
+        return out
+
+    async def events_until(
+        self, predicate: Callable[[E], bool], timeout: float = 10.0, limit: int = 100_000
+    ) -> list[E]:
+        """The events before the first one that matches `predicate` (which is taken too but
+        not returned), all within one deadline."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        before: list[E] = []
+        for _ in range(limit):
+            try:
+                event = await self.next_event(max(0.0, deadline - loop.time()))
+            except (TimeoutError, StreamEnded) as exc:
+                names = [e.event for e in before[-10:]]
+                raise type(exc)(f"no matching event after {len(before)} ({names}): {exc}") from None
+            if predicate(event):
+                return before
+            before.append(event)
+        raise AssertionError(f"no matching event in {limit} events")
+
+
+class SSEClient(EventReads[SSEEvent]):
     """One open event stream. Use `await SSEClient.connect(...)`, then `next_event`."""
 
     def __init__(self) -> None:
@@ -334,37 +376,6 @@ class SSEClient:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(waiter.wait(), left)
         return self._queue.get_nowait()
-
-    async def events(self, count: int, timeout: float = 10.0) -> list[SSEEvent]:
-        """The next `count` events, all within one deadline."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        out = []
-        for _ in range(count):
-            try:
-                out.append(await self.next_event(max(0.0, deadline - loop.time())))
-            except (TimeoutError, StreamEnded) as exc:
-                raise type(exc)(f"got {len(out)} of {count} events: {exc}") from None
-        return out
-
-    async def events_until(
-        self, predicate: Callable[[SSEEvent], bool], timeout: float = 10.0, limit: int = 100_000
-    ) -> list[SSEEvent]:
-        """The events before the first one that matches `predicate` (which is taken too but
-        not returned), all within one deadline."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        before: list[SSEEvent] = []
-        for _ in range(limit):
-            try:
-                event = await self.next_event(max(0.0, deadline - loop.time()))
-            except (TimeoutError, StreamEnded) as exc:
-                names = [e.event for e in before[-10:]]
-                raise type(exc)(f"no matching event after {len(before)} ({names}): {exc}") from None
-            if predicate(event):
-                return before
-            before.append(event)
-        raise AssertionError(f"no matching event in {limit} events")
 
     def pending(self) -> int:
         """Events received but not yet taken."""

@@ -11,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import urlencode
 
 import httpx
 from httpx_sse import EventSource, ServerSentEvent, aconnect_sse
-from sse import StreamEnded
+from sse import EventReads, StreamEnded
 
 __all__ = ["HttpxStream", "is_event", "open_stream", "open_url"]
 
@@ -37,7 +37,7 @@ def is_event(event: ServerSentEvent) -> bool:
     return event.data != ""
 
 
-class HttpxStream:
+class HttpxStream(EventReads[ServerSentEvent]):
     """One GET /events read by httpx-sse. A 200 is read in the background until closed;
     any other answer is read whole into `body` (its JSON) and `raw_body`."""
 
@@ -86,28 +86,6 @@ class HttpxStream:
             raise StreamEnded(f"stream ended with no further event ({self._describe()})")
         assert isinstance(item, ServerSentEvent)
         return item
-
-    async def events_until(
-        self,
-        predicate: Callable[[ServerSentEvent], bool],
-        timeout: float = 10.0,
-        limit: int = 100_000,
-    ) -> list[ServerSentEvent]:
-        """The events before the first one that matches `predicate` (which is taken too but
-        not returned), all within one deadline."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        before: list[ServerSentEvent] = []
-        for _ in range(limit):
-            try:
-                event = await self.next_event(max(0.0, deadline - loop.time()))
-            except (TimeoutError, StreamEnded) as exc:
-                names = [e.event for e in before[-10:]]
-                raise type(exc)(f"no matching event after {len(before)} ({names}): {exc}") from None
-            if predicate(event):
-                return before
-            before.append(event)
-        raise AssertionError(f"no matching event in {limit} events")
 
     def _describe(self) -> str:
         last = self.received[-1] if self.received else None
