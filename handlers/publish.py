@@ -8,6 +8,7 @@ from tornado.web import stream_request_body
 
 from handlers.base import HubHandler
 from hub.auth import Verifier
+from hub.broker import BrokerUnavailable
 from hub.core import Hub
 from hub.decode import decode_frames, decode_json, decode_ndjson
 from hub.dispatch import TypeTable
@@ -41,6 +42,9 @@ class PublishHandler(HubHandler):
 
     def prepare(self) -> None:
         if self.request.method != "POST":
+            return
+        if self.hub.stopping:
+            self.refuse(503, "the hub is shutting down: publish to another instance or retry")
             return
         if self.authenticated and self.authenticate(publisher=True) is None:
             self.hub.metrics.rejected.labels(str(self.get_status())).inc()
@@ -88,5 +92,9 @@ class PublishHandler(HubHandler):
                 extra["index"] = exc.index
             self.refuse(422, exc.message, **extra)
             return
-        ids = await self.hub.publish(events)
+        try:
+            ids = await self.hub.publish(events)
+        except BrokerUnavailable as exc:
+            self.refuse(503, f"not published: {exc}")
+            return
         self.answer(202, {"ids": ids})

@@ -15,7 +15,12 @@ from typing import Protocol
 
 from hub.message import Event
 
-__all__ = ["Broker", "MemoryBroker"]
+__all__ = ["Broker", "BrokerUnavailable", "MemoryBroker"]
+
+
+class BrokerUnavailable(Exception):
+    """The broker cannot take events now (stopped, or its server is unreachable): the publish
+    is refused whole (503), never half done."""
 
 
 class Broker(Protocol):
@@ -50,7 +55,7 @@ class MemoryBroker:
     async def publish(self, events: Sequence[Event]) -> list[str]:
         deliver = self._deliver
         if deliver is None:
-            raise RuntimeError("broker not started")
+            raise BrokerUnavailable("the hub is not running (starting or shutting down)")
         boot = self.boot
         ids = []
         for event in events:

@@ -17,7 +17,7 @@ from functools import partial
 
 import ujson
 
-from hub.broker import Broker, MemoryBroker
+from hub.broker import Broker, BrokerUnavailable, MemoryBroker
 from hub.config import Config
 from hub.dispatch import DEFAULT_TYPES, EventFilter, TypeTable
 from hub.flusher import Flusher
@@ -76,7 +76,10 @@ class Hub:
     # -- publishing -----------------------------------------------------------------------
 
     async def publish(self, events: Sequence[Event]) -> list[str]:
-        """Send validated, routed events (see hub.decode) to every node; return their ids."""
+        """Send validated, routed events (see hub.decode) to every node; return their ids.
+        BrokerUnavailable if they cannot be taken now: nothing of them is published."""
+        if self.stopping:
+            raise BrokerUnavailable("the hub is shutting down")
         ids = await self.broker.publish(events)
         self.metrics.count_published(events)
         return ids

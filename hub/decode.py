@@ -90,7 +90,8 @@ def decode_ndjson(body: bytes, types: TypeTable = DEFAULT_TYPES) -> list[Event]:
     now = _now_ms()
     for line in body.split(b"\n"):
         if line.strip():
-            obj = loads(line, base_offset=offset, index=len(events))
+            # CRLF line ends: the CR is the line end's, not a raw CR in the event's JSON
+            obj = loads(line.removesuffix(b"\r"), base_offset=offset, index=len(events))
             events.append(build_event(obj, len(events), offset, now=now, types=types))
         offset += len(line) + 1
     if not events:

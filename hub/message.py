@@ -69,39 +69,79 @@ def encode_frame(event_id: str | None, event: str | None, data: str) -> bytes:
     return "\n".join(parts).encode()
 
 
-def loads(raw: bytes | str, base_offset: int = 0, index: int | None = None) -> Any:
-    """Parse JSON; errors name the byte offset in the body. NaN and Infinity, which ujson
-    accepts and browsers' JSON.parse refuses, are caught when the event body is encoded."""
+# Control characters JSON never allows raw, inside strings or out (TAB, LF, CR are allowed
+# between tokens, and checked inside strings by the strict parser below).
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+_RAW_WHITESPACE = re.compile(r"[\t\n\r]")
+
+
+def loads(raw: bytes, base_offset: int = 0, index: int | None = None) -> Any:
+    """Parse JSON as RFC 8259 has it; errors name the byte offset in the body.
+
+    ujson is the fast path, but it is lenient where browsers' JSON.parse and the RFC are not:
+    it takes invalid UTF-8 (CESU-8 surrogates included) and raw control characters inside
+    strings. So the body is decoded strictly first (C speed), searched for control characters
+    (C speed), and only a body with a raw TAB, LF or CR (pretty-printed JSON, say) is checked
+    again by the strict standard parser. NaN and Infinity, which ujson accepts and JSON.parse
+    refuses, are caught when the event body is encoded. A body nested deeper than ujson's
+    limit is refused like any other malformed body."""
     try:
-        return ujson.loads(raw)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ParseError(
+            f"invalid UTF-8 at byte {base_offset + exc.start}",
+            offset=base_offset + exc.start,
+            index=index,
+        ) from None
+    control = _CONTROL.search(text)
+    if control is not None:
+        at = base_offset + len(text[: control.start()].encode())
+        raise ParseError(
+            f"control character U+{ord(control.group()):04X} at byte {at}: not allowed in JSON",
+            offset=at,
+            index=index,
+        )
+    try:
+        value = ujson.loads(text)
     except (ValueError, OverflowError):
-        _raise_json_error(raw, base_offset, index)
+        _raise_json_error(text, base_offset, index)
+    if _RAW_WHITESPACE.search(text) is not None:
+        _check_strictly(text, base_offset, index)
+    return value
 
 
-def _raise_json_error(raw: bytes | str, base_offset: int, index: int | None) -> NoReturn:
-    """ujson says what is wrong but not where; the standard parser says where (error path only)."""
-    text = raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else raw
+def _check_strictly(text: str, base_offset: int, index: int | None) -> None:
+    """The standard parser refuses what ujson lets through (raw TAB/LF/CR in strings)."""
     try:
         json.loads(text)
     except json.JSONDecodeError as exc:
-        pos = len(text[: exc.pos].encode("utf-8", "surrogateescape"))
+        pos = base_offset + len(text[: exc.pos].encode())
         raise ParseError(
-            f"malformed JSON at byte {base_offset + pos}: {exc.msg}",
-            offset=base_offset + pos,
-            index=index,
+            f"malformed JSON at byte {pos}: {exc.msg}", offset=pos, index=index
         ) from None
-    except (UnicodeDecodeError, ValueError):
-        pass
-    if isinstance(raw, bytes):
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise ParseError(
-                f"invalid UTF-8 at byte {base_offset + exc.start}",
-                offset=base_offset + exc.start,
-                index=index,
-            ) from None
+    except RecursionError:
+        raise ParseError(
+            f"JSON nested too deeply at byte {base_offset}", offset=base_offset, index=index
+        ) from None
+
+
+def _raise_json_error(text: str, base_offset: int, index: int | None) -> NoReturn:
+    """ujson says what is wrong but not where; the standard parser says where (error path
+    only). It recurses, so a body nested past its limit is named as such, not a crash."""
+    _check_strictly(text, base_offset, index)
+    if "depth" in _ujson_error(text):
+        raise ParseError(
+            f"JSON nested too deeply at byte {base_offset}", offset=base_offset, index=index
+        )
     raise ParseError(f"malformed JSON at byte {base_offset}", offset=base_offset, index=index)
+
+
+def _ujson_error(text: str) -> str:
+    try:
+        ujson.loads(text)
+    except (ValueError, OverflowError) as exc:
+        return str(exc)
+    return ""
 
 
 class Event:

@@ -143,3 +143,48 @@ def test_the_type_table_describes_every_type_with_its_filters():
     described = DEFAULT_TYPES.describe()
     assert [t["type"] for t in described] == sorted(DEFAULT_TYPES.kinds)
     assert {t["name"]: t["filters"] for t in described}["log"] == ["level", "service"]
+
+
+DEEP = b"[" * 1100 + b"]" * 1100
+
+
+@pytest.mark.parametrize(
+    ("decode", "body"),
+    [
+        (decode_json, DEEP),
+        (decode_json, b'{"type": 5, "data": ' + DEEP + b"}"),
+        (decode_json, b'{"type": 5,\n"data": ' + DEEP + b"}"),
+        (decode_ndjson, b'{"type": 5}\n{"type": 5, "data": ' + DEEP + b"}\n"),
+        (decode_frames, frame(5, 0, b'{"data": ' + DEEP + b"}")),
+    ],
+    ids=["json", "json-data", "json-pretty", "ndjson", "frame"],
+)
+def test_json_nested_past_the_parsers_limit_is_a_parse_error_not_a_crash(decode, body):
+    with pytest.raises(ParseError, match="nested too deeply"):
+        decode(body)
+
+
+@pytest.mark.parametrize(
+    ("body", "offset"),
+    [
+        (b'{"type": 5, "data": "a\x01b"}', 22),
+        (b'{"type": 5, "data": "a\x00"}', 22),
+        (b'{"type": 5, "data": "a\nb"}', 22),  # raw LF inside a string (ujson takes it)
+        (b'{"type": 5, "data": "a\tb"}', 22),
+        (b'{"type": 5, "data": "\xed\xa0\x80"}', 21),  # CESU-8 surrogate: not UTF-8
+        (b'{"type": 5, "data": "\xff"}', 21),
+    ],
+    ids=["soh", "nul", "raw-lf", "raw-tab", "cesu8-surrogate", "ff-byte"],
+)
+def test_raw_control_characters_and_invalid_utf8_are_refused_at_their_byte(body, offset):
+    with pytest.raises(ParseError) as err:
+        decode_json(body)
+    assert err.value.offset == offset, err.value.message
+
+
+def test_what_json_allows_still_decodes():
+    pretty = b'{\r\n\t"type": 5,\n  "data": {"s": "tab\\there \\u2028 \\ud83d\\ude00 \x7f"}\n}'
+    [event] = decode_json(pretty)
+    assert event.data == {"s": "tab\there \u2028 \U0001f600 \x7f"}
+    crlf = b'{"type": 5, "data": 1}\r\n{"type": 5, "data": 2}\r\n'
+    assert [e.data for e in decode_ndjson(crlf)] == [1, 2]

@@ -551,3 +551,35 @@ async def test_internal_port_config_serves_publish_without_token_only_on_the_int
     finally:
         internal.stop()
         await internal.close_all_connections()
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_publishing_while_the_hub_shuts_down_is_503_json_not_500(hub_server):
+    server = await hub_server()
+    await server.hub.stop()
+    response = await server.publish({"type": 5})
+    assert response.code == 503, response.body
+    assert "shutting down" in json.loads(response.body)["error"]
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("application/json", b"[" * 2000 + b"]" * 2000),
+        ("application/json", b'{"type": 5, "data": ' + b"[" * 2000 + b"]" * 2000 + b"}"),
+        ("application/x-ndjson", b'{"type": 5, "data": ' + b"[" * 2000 + b"]" * 2000 + b"}\n"),
+        (
+            "application/octet-stream",
+            struct.pack(">IQI", 5, 0, 4009) + b'{"data":' + b"[" * 2000 + b"]" * 2000 + b"}",
+        ),
+    ],
+    ids=["json", "json-data", "ndjson", "frame"],
+)
+@pytest.mark.gen_test(timeout=10)
+async def test_bodies_nested_past_the_parsers_limit_are_400_in_every_format(
+    hub_server, content_type, body
+):
+    server = await hub_server()
+    response = await server.publish(body, content_type)
+    assert response.code == 400, response.body
+    assert "nested too deeply" in json.loads(response.body)["error"]
