@@ -15,12 +15,10 @@ import socket
 
 from handlers.base import HubHandler, access_log, redact
 from hub.dispatch import FilterError
+from hub.query import QueryError, parse_topics
 from hub.transport import SocketTransport
 
 __all__ = ["EventsHandler"]
-
-MAX_TOPICS = 64
-MAX_TOPIC_LENGTH = 128
 
 log = logging.getLogger("hub")
 
@@ -36,19 +34,12 @@ class EventsHandler(HubHandler):
         if self.hub.is_revoked(claims.user, claims.sid, claims.iat):
             self.fail(401, "session logged out: sign in again for a new token")
             return
-        topics: list[str] = []
-        for arg in self.get_query_arguments("topic"):
-            for topic in arg.split(","):
-                topic = topic.strip()
-                if topic and topic not in topics:
-                    topics.append(topic)
-        if len(topics) > MAX_TOPICS:
-            self.fail(400, f"too many topics: at most {MAX_TOPICS}")
+        try:
+            topics = parse_topics(self.get_query_arguments("topic"))
+        except QueryError as exc:
+            self.fail(400, exc.message, **exc.extra)
             return
         for topic in topics:
-            if len(topic) > MAX_TOPIC_LENGTH or not topic.isprintable():
-                self.fail(400, "invalid topic name", topic=topic[:MAX_TOPIC_LENGTH])
-                return
             if not claims.may_subscribe(topic):
                 self.fail(403, f'topic "{topic}" is not allowed by the token', topic=topic)
                 return
@@ -92,7 +83,7 @@ class EventsHandler(HubHandler):
             transport,
             claims.user,
             sid=claims.sid,
-            topics=tuple(topics),
+            topics=topics,
             exp=claims.exp,
             last_event_id=last_id,
             filters=filters,

@@ -15,6 +15,7 @@ from typing import Any
 import jwt
 
 VERIFIED_CACHE_SIZE = 4096
+MAX_SUB_LENGTH = 256
 
 __all__ = ["AuthError", "Claims", "Verifier"]
 
@@ -92,6 +93,16 @@ class Verifier:
             raise AuthError(401, "token signature invalid") from None
         except jwt.InvalidTokenError as exc:
             raise AuthError(401, f"token invalid: {exc}") from None
+        sub = claims["sub"]
+        if type(sub) is not str or not 0 < len(sub) <= MAX_SUB_LENGTH:
+            raise AuthError(
+                401,
+                f"token claim sub must be a non-empty string of at most {MAX_SUB_LENGTH} chars",
+            )
+        exp = claims["exp"]
+        if type(exp) not in (int, float):
+            # pyjwt takes a numeric string ("exp": "1795000000"); the RFC says NumericDate
+            raise AuthError(401, "token claim exp must be a number (NumericDate)")
         topics = claims.get("topics", [])
         if not isinstance(topics, list) or not all(isinstance(t, str) for t in topics):
             raise AuthError(401, "token claim topics must be a list of strings")
@@ -99,10 +110,12 @@ class Verifier:
         if sid is not None and not isinstance(sid, str):
             raise AuthError(401, "token claim sid must be a string")
         iat = claims.get("iat", 0)
+        if type(iat) not in (int, float):
+            raise AuthError(401, "token claim iat must be a number (NumericDate)")
         return Claims(
-            user=claims["sub"],
-            exp=float(claims["exp"]),
-            iat=float(iat) if isinstance(iat, int | float) else 0.0,
+            user=sub,
+            exp=float(exp),
+            iat=float(iat),
             sid=sid,
             topics=frozenset(topics),
             publish=claims.get("publish") is True,

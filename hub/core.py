@@ -103,11 +103,18 @@ class Hub:
     # -- streams --------------------------------------------------------------------------
 
     def is_revoked(self, user: str, sid: str | None, iat: float) -> bool:
-        """Whether a logout since the token was issued ended its session (or all sessions)."""
-        issued_ms = iat * 1000
+        """Whether a logout since the token was issued ended its session (or all sessions).
+
+        A whole-second `iat` (most issuers) cannot say whether the token came before or after
+        a logout in the same second: such a token counts as issued after it (a sign-in right
+        after a logout must work; the cost is that a token issued in the same second just
+        before the logout stays usable). A fractional `iat` is compared exactly."""
+        whole = iat == int(iat)
         for key in ((user, None), (user, sid)) if sid is not None else ((user, None),):
             at = self.revoked.get(key)
-            if at is not None and issued_ms <= at:
+            if at is None:
+                continue
+            if (iat < at // 1000) if whole else (iat * 1000 <= at):
                 return True
         return False
 

@@ -113,7 +113,10 @@ LOG_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 5
 def filter_log(query: Mapping[str, Sequence[str]]) -> EventFilter | None:
     """`?level=warning` (minimum level) and `?service=api` (repeatable) for `log` events."""
     levels = query.get("level") or ()
-    services = frozenset(query.get("service") or ()) or None
+    named = query.get("service") or ()
+    if len(named) > 64 or any(len(name) > 128 for name in named):
+        raise FilterError("at most 64 service names of at most 128 characters")
+    services = frozenset(named) or None
     min_level = 0
     if levels:
         name = levels[-1].lower()

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import time
 from pathlib import Path
 
@@ -80,7 +81,8 @@ def test_claims_that_are_missing_or_wrong_are_refused(token_claims, message):
     verifier = Verifier("HS256", SECRET, None)
     with pytest.raises(AuthError) as err:
         verifier.verify(jwt.encode(token_claims, SECRET, algorithm="HS256"))
-    assert err.value.status == 401 and message in err.value.message
+    assert err.value.status == 401
+    assert re.search(message, err.value.message), err.value.message
 
 
 def test_publishing_needs_the_publish_claim():
@@ -120,3 +122,44 @@ def test_a_verified_token_is_refused_once_it_expires_even_when_remembered():
     wait_until(lambda: time.time() > exp + 0.01, timeout=5, what="the token's exp passes")
     with pytest.raises(AuthError, match="token expired"):
         verifier.verify(token)
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"exp": str(int(time.time()) + 60)}, "exp must be a number"),
+        ({"sub": ""}, "sub must be a non-empty string"),
+        ({"sub": 42}, "Subject must be a string"),  # pyjwt's own check
+        ({"sub": "x" * 257}, "sub must be a non-empty string"),
+        ({"iat": "yesterday"}, r"\(iat\) must be an integer"),  # pyjwt's own check
+        ({"iat": True}, "iat must be a number"),
+    ],
+    ids=["string-exp", "empty-sub", "number-sub", "long-sub", "string-iat", "bool-iat"],
+)
+def test_claims_of_the_wrong_kind_are_refused_401(bad, message):
+    verifier = Verifier("HS256", SECRET, None)
+    with pytest.raises(AuthError) as err:
+        verifier.verify(jwt.encode(claims(**bad), SECRET, algorithm="HS256"))
+    assert err.value.status == 401
+    assert re.search(message, err.value.message), err.value.message
+
+
+def test_a_whole_second_iat_in_the_logouts_second_is_not_revoked_an_earlier_one_is():
+    """Most issuers write iat in whole seconds: a sign-in in the same second as a logout was
+    refused for an hour. Now such a token counts as issued after the logout."""
+    import asyncio
+
+    from core_support import config
+
+    from hub.core import Hub
+
+    async def scenario() -> None:
+        hub = Hub(config())
+        hub.revoked[("u1", None)] = 1_000_000_400.0  # a logout at 1,000,000.4 s
+        assert not hub.is_revoked("u1", "s1", 1_000_000)  # same second, whole: after it
+        assert hub.is_revoked("u1", "s1", 999_999)  # an earlier second: before it
+        assert hub.is_revoked("u1", None, 1_000_000.3)  # fractional: exact
+        assert not hub.is_revoked("u1", None, 1_000_000.5)
+        await hub.stop()
+
+    asyncio.run(scenario())
