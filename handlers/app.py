@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import gc
 import logging
-import os
 import resource
 import signal
 import sys
@@ -169,8 +168,12 @@ def main(argv: list[str] | None = None) -> None:
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if config.demo and not os.environ.get("HUB_JWT_SECRET"):
-        log.warning("demo mode: tokens are signed with a secret made up for this run")
+    if config.demo:
+        log.warning(
+            "DEMO MODE: anyone who can reach this port gets tokens at /demo/token, for any user "
+            "and to publish; tokens are signed with a secret made up for this run. "
+            "Never expose demo mode to a network you do not trust."
+        )
     _raise_fd_limit()
     if config.loop == "uvloop":
         try:

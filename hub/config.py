@@ -78,13 +78,22 @@ class Config:
     def require_key(self) -> None:
         """Outside demo mode the hub does not start without a key to verify tokens with;
         in demo mode it makes up a secret for this run."""
+        made_up = self.__dict__.get("_demo_secret")
+        configured = self.jwt_secret is not None and self.jwt_secret != made_up
+        if self.demo and (configured or self.jwt_public_key is not None):
+            # /demo/token signs tokens for anyone who asks: with the real key, that would hand
+            # out real publisher and user tokens.
+            raise ConfigError(
+                "--demo hands out tokens to anyone and never signs with a configured key: "
+                "unset HUB_JWT_SECRET / --jwt-public-key, or run without --demo"
+            )
         if self.jwt_secret is None and self.jwt_public_key is None:
             if not self.demo:
                 raise ConfigError(
                     "no JWT key: set HUB_JWT_SECRET (32+ bytes), or --jwt-algorithm RS256/ES256 "
                     "with --jwt-public-key, or run with --demo to try the hub with demo tokens"
                 )
-            self.jwt_secret = secrets.token_urlsafe(48)
+            self.jwt_secret = self.__dict__["_demo_secret"] = secrets.token_urlsafe(48)
 
 
 def _flag_type(field: dataclasses.Field[object]) -> type:

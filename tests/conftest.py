@@ -236,7 +236,8 @@ def hub_server(io_loop):
 
     async def start(types: Any = None, **overrides: Any) -> HubServer:
         """`types`: a hub.dispatch.TypeTable instead of the default table."""
-        config = Config(**{"jwt_secret": SECRET, **overrides})
+        # demo mode refuses a configured key: it makes up its own
+        config = Config(**({} if overrides.get("demo") else {"jwt_secret": SECRET}), **overrides)
         app = build_app(config) if types is None else build_app(config, types=types)
         sock, port = tornado.testing.bind_unused_port()
         server = tornado.httpserver.HTTPServer(app)

@@ -163,3 +163,14 @@ def test_a_whole_second_iat_in_the_logouts_second_is_not_revoked_an_earlier_one_
         await hub.stop()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [{"HUB_JWT_SECRET": SECRET}, {"HUB_JWT_ALGORITHM": "RS256", "HUB_JWT_PUBLIC_KEY": "k.pem"}],
+    ids=["secret", "public-key"],
+)
+def test_demo_mode_refuses_to_run_with_a_configured_key(environ):
+    """/demo/token signs tokens for anyone: with the real key it would hand out real ones."""
+    with pytest.raises(ConfigError, match="never signs with a configured key"):
+        parse_config(["--demo"], environ).require_key()

@@ -150,12 +150,31 @@ def test_internal_listener_takes_publishes_without_token_and_the_public_port_has
 
 def test_every_flag_has_an_environment_variable(start_hub):
     port = free_port()
-    start_hub(env={"HUB_JWT_SECRET": SECRET, "HUB_PORT": str(port), "HUB_DEMO": "1"})
+    start_hub(env={"HUB_PORT": str(port), "HUB_DEMO": "1"})
     wait_until(lambda: healthy(port), what="hub healthy on HUB_PORT")
     status, token = get(f"http://127.0.0.1:{port}/demo/token?user=alice")
     assert status == 200 and token["user"] == "alice"
-    claims = jwt.decode(token["token"], SECRET, algorithms=["HS256"])
+    claims = jwt.decode(token["token"], options={"verify_signature": False})
     assert claims["sub"] == "alice" and claims["topics"] == ["*"]
+
+
+def test_demo_mode_with_a_real_secret_refuses_to_start_and_never_signs_with_it(start_hub):
+    """Demo mode hands out tokens to anyone: signed with the real secret, they would be real
+    publisher and user tokens."""
+    proc = start_hub("--demo", "--port", str(free_port()), env={"HUB_JWT_SECRET": SECRET})
+    out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 2
+    assert "never signs with a configured key" in out and "Traceback" not in out
+
+
+def test_demo_mode_says_at_start_that_anyone_can_get_tokens_and_publish(start_hub):
+    port = free_port()
+    proc = start_hub("--demo", "--port", str(port), env={})
+    wait_until(lambda: healthy(port), what="demo hub healthy")
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=20)
+    assert "DEMO MODE: anyone who can reach this port gets tokens" in out
+    assert "to publish" in out
 
 
 def test_event_ids_stay_unique_and_increasing_across_a_restart(start_hub):
