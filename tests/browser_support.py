@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import jwt
 import pytest
 
 CHROMIUM = "/usr/bin/chromium"
@@ -116,17 +117,22 @@ def http_json(url: str, body: Any = None, headers: dict[str, str] | None = None)
 
 
 class HubProcess:
-    """`hub --demo` on a free loopback port: a subprocess, its log in a file."""
+    """`hub` on a free loopback port: a subprocess, its log in a file. With `demo`, in demo
+    mode (its own made-up secret, tokens from /demo/token); without, with SECRET, so that a
+    test signs its own tokens (demo mode never signs with a configured key)."""
 
-    def __init__(self, log_path: Path, *args: str) -> None:
+    def __init__(self, log_path: Path, *args: str, demo: bool = True) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
+        self.demo = demo
         env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
-        env["HUB_JWT_SECRET"] = SECRET
+        if not demo:
+            env["HUB_JWT_SECRET"] = SECRET
+        mode = ["--demo"] if demo else []
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [*HUB, "--host", "127.0.0.1", "--port", str(self.port), "--demo", *args],
+                [*HUB, "--host", "127.0.0.1", "--port", str(self.port), *mode, *args],
                 cwd=ROOT,
                 env=env,
                 stdout=log,
@@ -159,11 +165,14 @@ class HubProcess:
         wait_until(lambda: self.streams() == n, timeout, what=f"/healthz streams == {n}")
 
     def publish(self, events: Any) -> list[str]:
-        """POST /publish with a demo publisher token; returns the ids."""
-        if self._publisher is None:
+        """POST /publish with a publisher token (the demo's, or one signed here); the ids."""
+        if self._publisher is None and self.demo:
             status, body = http_json(self.url + "/demo/token?role=publisher")
             assert status == 200, body
             self._publisher = body["token"]
+        elif self._publisher is None:
+            claims = {"sub": "test-publisher", "exp": int(time.time()) + 3600, "publish": True}
+            self._publisher = jwt.encode(claims, SECRET, algorithm="HS256")
         status, body = http_json(
             self.url + "/publish", events, {"Authorization": f"Bearer {self._publisher}"}
         )

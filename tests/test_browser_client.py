@@ -38,7 +38,7 @@ BLANK = f"<!doctype html><title>hub.js</title><script>{HARNESS}</script>"
 @pytest.fixture
 def hub(tmp_path) -> Iterator[HubProcess]:
     # A short heartbeat: it is also the tick that ends streams whose token expired.
-    server = HubProcess(tmp_path / "hub.log", "--retry", "0.5", "--heartbeat", "0.5")
+    server = HubProcess(tmp_path / "hub.log", "--retry", "0.5", "--heartbeat", "0.5", demo=False)
     yield server
     server.stop()
 
@@ -139,7 +139,7 @@ def test_a_refused_topic_closes_with_the_reason_and_no_retries(context, hub):
 
 
 def test_a_resume_beyond_the_history_calls_on_reset_then_streams(context, tmp_path):
-    hub = HubProcess(tmp_path / "small.log", "--history", "5")
+    hub = HubProcess(tmp_path / "small.log", "--history", "5", demo=False)
     try:
         [gone] = hub.publish(broadcasts(["old"]))
         hub.publish(broadcasts([f"filler-{i}" for i in range(10)]))
