@@ -32,6 +32,7 @@ from hub.auth import Verifier
 from hub.config import Config, ConfigError, parse_config
 from hub.core import Hub
 from hub.dispatch import DEFAULT_TYPES, TypeTable
+from hub.logs import SafeFormatter
 
 __all__ = ["build_app", "build_internal_app", "main", "static_dir"]
 
@@ -164,10 +165,11 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         print(f"hub: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    # Every record, Tornado's included, is written through SafeFormatter: no token and no
+    # client-made line break ever reaches the log (hub/logs.py).
+    handler = logging.StreamHandler()
+    handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=config.log_level.upper(), handlers=[handler])
     if config.demo:
         log.warning(
             "DEMO MODE: anyone who can reach this port gets tokens at /demo/token, for any user "

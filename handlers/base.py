@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable
 from http.client import responses
 from typing import Any
@@ -13,16 +12,11 @@ from tornado.web import HTTPError, RequestHandler
 
 from hub.auth import AuthError, Claims, Verifier
 from hub.core import Hub
+from hub.logs import redact
 
 __all__ = ["HubHandler", "access_logger", "redact"]
 
 access_log = logging.getLogger("tornado.access")
-_TOKEN_PARAM = re.compile(r"(?i)([?&](?:token|access_token)=)[^&#]*")
-
-
-def redact(uri: str) -> str:
-    """The URI with token query parameters blanked: tokens must not reach logs."""
-    return _TOKEN_PARAM.sub(r"\1***", uri)
 
 
 def access_logger(success_level: int) -> Callable[[RequestHandler], None]:

@@ -19,6 +19,7 @@ import jwt
 from handlers.base import HubHandler
 from hub.core import Hub
 from hub.decode import build_event
+from hub.logs import escape, redact
 from hub.message import Event
 
 __all__ = ["DemoTokenHandler", "LogPublisher", "start_demo"]
@@ -152,6 +153,7 @@ class LogPublisher(logging.Handler):
         message = record.getMessage()
         if record.exc_info and record.exc_info[1] is not None:
             message += f" ({type(record.exc_info[1]).__name__}: {record.exc_info[1]})"
+        message = escape(redact(message))  # what the log would show, no more
         data = {
             "level": _level_name(record.levelno),
             "service": record.name,

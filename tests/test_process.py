@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -195,3 +196,69 @@ def test_event_ids_stay_unique_and_increasing_across_a_restart(start_hub):
         assert proc.wait(timeout=10) == 0
     keys = [tuple(int(part) for part in i.split("-")) for i in ids]
     assert len(set(ids)) == 4 and keys == sorted(keys)
+
+
+def raw_request(port: int, request: bytes) -> bytes:
+    """Send bytes as they are (what no HTTP client would send) and read the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(request)
+        sock.settimeout(2)
+        chunks = []
+        try:
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+                if b"\r\n\r\n" in b"".join(chunks) and b"text/event-stream" not in chunks[0]:
+                    break
+        except TimeoutError:
+            pass
+    return b"".join(chunks)
+
+
+def get_bytes(target: str, headers: str = "") -> str:
+    return f"GET {target} HTTP/1.1\r\nHost: x\r\n{headers}\r\n"
+
+
+def test_a_hostile_run_leaves_no_token_and_no_forged_line_in_the_log(start_hub):
+    """Every log line the process writes, at debug level, after requests built to leak a token
+    or forge a line: the token never appears, and every line is a record or a traceback line."""
+    port = free_port()
+    exp = int(time.time()) + 600
+    token = jwt.encode({"sub": "u1", "exp": exp, "topics": ["*"]}, SECRET, algorithm="HS256")
+    evil = jwt.encode(
+        {"sub": "evil\n2026-01-01 00:00:00,000 INFO hub: forged", "exp": exp, "publish": True},
+        SECRET,
+        algorithm="HS256",
+    )
+    encoded = "".join(f"%{b:02X}" for b in token.encode())
+    proc = start_hub("--port", str(port), "--log-level", "debug")
+    wait_until(lambda: healthy(port), what="hub healthy")
+    auth = f"Authorization: Bearer {token}\r\n"
+    body = '{"type": 99}'
+    requests = [
+        get_bytes(f"/events?token={token}"),
+        get_bytes(f"/events?%74oken={token}"),
+        get_bytes(f"/events?token={encoded}"),
+        get_bytes(f"/static/nothing-here?token={token}"),
+        get_bytes(f"/static/../../etc/passwd?token={token}"),
+        get_bytes(f"/nowhere?access_token={token}", auth),
+        get_bytes(f"/events?topic=a%0A2026-01-01%20INFO%20hub:%20forged&token={token}"),
+        get_bytes("/events?topic=a%0D%0Aforged", auth),
+        f"POST /publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {evil}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}",
+        get_bytes(f"/events?token={token}&level=%0Aforged"),
+        get_bytes(f"/{token}"),
+        get_bytes("/events", "Authorization: Bearer " + "A" * 70_000 + "\r\n"),
+    ]
+    for request in requests:
+        raw_request(port, request.encode("latin-1"))
+    wait_until(lambda: healthy(port), what="hub still healthy after the hostile run")
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=20)
+    assert token not in out and evil not in out and encoded not in out
+    assert token.split(".")[1] not in out  # not even the claims part
+    record = re.compile(
+        r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) "
+    )
+    for line in out.splitlines():
+        assert record.match(line) or line.startswith("  | "), line
+    assert "forged" in out  # the attempts are in the log, escaped, on their own record's line

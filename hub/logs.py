@@ -1,0 +1,64 @@
+"""Log records that are safe to write whatever a client sent: no token, no forged line.
+
+Every record the process emits (the hub's, Tornado's access and error logs, tracebacks) goes
+through `SafeFormatter`, installed on the root handler by `hub`'s main(): a JWT-shaped string
+or a token/ticket query value is blanked (also percent-encoded, and in any case of the
+parameter name), and control characters and Unicode line breaks from clients (a `sub` with a
+newline, a URI, a topic) are escaped, so one record is one line. A traceback keeps its lines,
+each prefixed with `  | `, so none of them can pass for a record of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from urllib.parse import unquote
+
+__all__ = ["SafeFormatter", "escape", "redact"]
+
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]*")
+_TOKEN_PARAM = re.compile(r"(?i)((?:^|[?&;\s])(?:access_token|token|ticket)=)[^&#\s]*")
+_UNSAFE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
+
+
+def redact(text: str) -> str:
+    """`text` with tokens blanked. A percent-encoded token (or parameter name) is read
+    decoded: then the decoded text, redacted, is what is kept."""
+    clean = _TOKEN_PARAM.sub(r"\1***", _JWT.sub("***", text))
+    if "%" in text:
+        decoded = unquote(text)
+        clean_decoded = _TOKEN_PARAM.sub(r"\1***", _JWT.sub("***", decoded))
+        if clean_decoded != decoded:
+            return clean_decoded
+    return clean
+
+
+def escape(text: str) -> str:
+    """Control characters and line breaks as visible escapes: one record, one line."""
+    return _UNSAFE.sub(
+        lambda m: (
+            f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256 else f"\\u{ord(m.group()):04x}"
+        ),
+        text,
+    )
+
+
+class SafeFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.msg, record.args, record.exc_info, record.exc_text, record.stack_info
+        try:
+            record.msg = escape(redact(record.getMessage()))
+            record.args = None
+            record.exc_info = record.exc_text = record.stack_info = None
+            line = super().format(record)
+        finally:
+            record.msg, record.args, record.exc_info, record.exc_text, record.stack_info = saved
+        extra = []
+        if record.exc_info:
+            extra.append(self.formatException(record.exc_info))
+        if record.stack_info:
+            extra.append(self.formatStack(record.stack_info))
+        for block in extra:
+            for part in redact(block).splitlines():
+                line += "\n  | " + escape(part)
+        return line
