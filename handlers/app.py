@@ -27,6 +27,7 @@ from handlers.ops import (
     TypesHandler,
 )
 from handlers.publish import PublishHandler
+from handlers.server import accept_within
 from handlers.stream import EventsHandler
 from hub.auth import Verifier
 from hub.config import Config, ConfigError, parse_config
@@ -123,14 +124,28 @@ async def serve(config: Config) -> None:
     hub: Hub = app.settings["hub"]
     # The body limit is enforced by PublishHandler with a JSON 413; Tornado's own limit only
     # has to be above it (Tornado would answer a bare 400 and drop the connection).
-    server = HTTPServer(app, max_body_size=config.max_body * 2 + 65536)
+    server = HTTPServer(
+        app,
+        max_body_size=config.max_body * 2 + 65536,
+        idle_connection_timeout=config.header_timeout,  # Tornado's header timeout too
+        body_timeout=config.body_timeout,
+    )
     # A deep accept queue: thousands of clients reconnecting at once (a deploy, a network
     # blip) must not overflow Tornado's default of 128 and wait out SYN retransmits.
     sockets = bind_sockets(config.port, config.host, backlog=LISTEN_BACKLOG)
-    server.add_sockets(sockets)
+    descriptors = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    limit = config.connection_limit(descriptors)
+    hub.stream_limit = config.stream_limit(descriptors)
+    accept_within(server, sockets, limit, lambda: len(server._connections) + len(hub.registry))
     port = sockets[0].getsockname()[1]
     log.info(
-        "listening on http://%s:%d%s", config.host, port, " (demo mode)" if config.demo else ""
+        "listening on http://%s:%d%s (at most %d connections, %d streams, %d per user)",
+        config.host,
+        port,
+        " (demo mode)" if config.demo else "",
+        limit,
+        hub.stream_limit,
+        config.max_streams_per_user,
     )
     internal = None
     if config.internal_port is not None:

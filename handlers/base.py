@@ -71,13 +71,22 @@ class HubHandler(RequestHandler):
 
     def fail(self, status: int, error: str, **extra: Any) -> None:
         """Answer with a JSON error body and stop."""
+        self._start_error(status)
+        self.finish(ujson.dumps({"error": error, **extra}, escape_forward_slashes=False))
+
+    def fail_retry(self, status: int, error: str, retry_after: float) -> None:
+        """fail(), telling the client when to come back (429, 503)."""
+        self._start_error(status)
+        self.set_header("Retry-After", str(max(1, round(retry_after))))
+        self.finish(ujson.dumps({"error": error}, escape_forward_slashes=False))
+
+    def _start_error(self, status: int) -> None:
         self.clear()
         self.set_status(status)
         self.set_header("Content-Type", "application/json")
         self.set_header("Cache-Control", "no-store")
         for name, value in self.cors_headers():
             self.set_header(name, value)
-        self.finish(ujson.dumps({"error": error, **extra}, escape_forward_slashes=False))
 
     def answer(self, status: int, body: Any) -> None:
         self.set_status(status)

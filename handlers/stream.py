@@ -34,6 +34,12 @@ class EventsHandler(HubHandler):
         if self.hub.is_revoked(claims.user, claims.sid, claims.iat):
             self.fail(401, "session logged out: sign in again for a new token")
             return
+        refused = self.hub.admit(claims.user)
+        if refused is not None:
+            status, why = refused
+            self.hub.metrics.streams_refused.labels(str(status)).inc()
+            self.fail_retry(status, why, self.hub.config.retry)
+            return
         try:
             topics = parse_topics(self.get_query_arguments("topic"))
         except QueryError as exc:

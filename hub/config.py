@@ -17,6 +17,9 @@ from dataclasses import dataclass
 __all__ = ["Config", "ConfigError", "parse_config"]
 
 MIN_SECRET_BYTES = 32
+# Descriptors kept free of connections: listening sockets, log files, the broker's, a few
+# for whatever the process opens, so the hub never meets EMFILE on its own accept.
+HEADROOM = 64
 
 
 class ConfigError(Exception):
@@ -40,6 +43,15 @@ class Config:
     # cut as slow. What it owes is shared (one copy per audience, not per stream).
     max_pending: int = 16 * 1024 * 1024
     slow_after: float = 30.0  # seconds a stream's socket may take nothing before it is cut
+    # Seconds to wait for a request's head (and on an idle keep-alive connection): a client
+    # that connects and never finishes its request line is closed after this.
+    header_timeout: float = 20.0
+    body_timeout: float = 30.0  # seconds a publish body may take to arrive in full
+    # Open connections (HTTP requests in progress plus streams) past which the hub stops
+    # accepting; 0 = the descriptor limit less HEADROOM (listening sockets, logs, a broker).
+    max_connections: int = 0
+    max_streams: int = 0  # open streams in all; 0 = max_connections
+    max_streams_per_user: int = 32  # hub.js shares one stream among all of a browser's tabs
     flush_interval: float = 0.005  # seconds a pass waits for more events to coalesce
     internal_port: int | None = None  # serve POST /publish here, unauthenticated, and only here
     internal_host: str = "127.0.0.1"
@@ -68,9 +80,28 @@ class Config:
         for name in ("history", "history_bytes", "max_body", "max_pending"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
-        for name in ("heartbeat", "retry", "flush_interval", "slow_after"):
+        for name in ("max_connections", "max_streams"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be 0 (automatic) or more")
+        if self.max_streams_per_user < 1:
+            raise ConfigError("--max-streams-per-user must be at least 1")
+        for name in (
+            "heartbeat",
+            "retry",
+            "flush_interval",
+            "slow_after",
+            "header_timeout",
+            "body_timeout",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+
+    def connection_limit(self, descriptors: int) -> int:
+        """--max-connections, or what the descriptor limit leaves after HEADROOM."""
+        return self.max_connections or max(16, descriptors - HEADROOM)
+
+    def stream_limit(self, descriptors: int) -> int:
+        return self.max_streams or self.connection_limit(descriptors)
 
     def allowed_origins(self) -> frozenset[str]:
         return frozenset(o.strip() for o in (self.cors_origins or "").split(",") if o.strip())

@@ -54,6 +54,9 @@ class Hub:
         # (user, sid) -> ms of the logout; sid None = every session of the user.
         self.revoked: dict[tuple[str, str | None], float] = {}
         self.stopping = False
+        # Open streams in all past which new ones are refused (serve() sets it from the
+        # descriptor limit unless --max-streams does).
+        self.stream_limit = config.max_streams or 1_000_000
         # One tick for the whole process: expiry, heartbeats, stalled sockets.
         self.tick_interval = min(1.0, config.heartbeat)
         self._tick_handle: asyncio.TimerHandle | None = None
@@ -117,6 +120,15 @@ class Hub:
             if (iat < at // 1000) if whole else (iat * 1000 <= at):
                 return True
         return False
+
+    def admit(self, user: str) -> tuple[int, str] | None:
+        """Whether one more stream may open for `user`: None, or (status, why) to refuse."""
+        if len(self.registry) >= self.stream_limit:
+            return 503, f"the hub holds its most streams ({self.stream_limit}): retry later"
+        limit = self.config.max_streams_per_user
+        if len(self.registry.by_user.get(user, ())) >= limit:
+            return 429, f"at most {limit} streams per user (hub.js shares one among tabs)"
+        return None
 
     def subscribe(
         self,

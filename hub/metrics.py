@@ -40,6 +40,14 @@ class Metrics:
             ["status"],
             registry=self.registry,
         )
+        self.streams_refused = Counter(
+            "hub_streams_refused",
+            "Streams refused for a limit, by HTTP status (429 per user, 503 in all).",
+            ["status"],
+            registry=self.registry,
+        )
+        for status in ("429", "503"):
+            self.streams_refused.labels(status)
         self.disconnects = Counter(
             "hub_disconnects", "Streams ended, by reason.", ["reason"], registry=self.registry
         )

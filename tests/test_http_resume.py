@@ -198,10 +198,10 @@ async def test_ids_with_unicode_digits_leave_no_stream_behind_when_their_clients
     for n in range(40):
         bad = ["\u00b2-1", "\u2460-1", "1-\u00b3", "\u0661\u0662-3"][n % 4]
         if n % 2:
-            client = await server.stream("u1", query={"lastEventId": bad})
+            client = await server.stream(f"u{n}", query={"lastEventId": bad})
         else:
             client = await server.stream(
-                "u1", headers={"Last-Event-ID": bad.encode().decode("latin-1")}
+                f"u{n}", headers={"Last-Event-ID": bad.encode().decode("latin-1")}
             )
         assert client.status == 200
         assert (await client.next_event()).event == "reset"

@@ -1,0 +1,123 @@
+"""Accepting connections without running out of descriptors.
+
+Tornado's accept loop, at the descriptor limit, gets EMFILE on every `accept()` while the
+listening socket stays readable: the loop spins at 100% CPU writing a traceback each turn (one
+run: 500 MB of log a minute) and nothing else is served. Here the hub stops accepting before
+that: past `limit` open connections (HTTP connections plus open streams) the listening sockets
+are taken off the event loop, and put back once the count is below the limit again; an EMFILE
+or ENFILE that happens anyway (descriptors used elsewhere) pauses accepting briefly instead of
+spinning. The condition is logged once per interval, not once per connection. Connections the
+kernel queues meanwhile wait in the listen backlog; the header timeout frees the slots of
+clients that never finish a request.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import time
+from collections.abc import Callable, Iterable
+
+from tornado.ioloop import IOLoop
+from tornado.tcpserver import TCPServer
+
+__all__ = ["accept_within"]
+
+log = logging.getLogger("hub")
+
+_OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+RECHECK = 0.1  # seconds between checks while accepting is paused
+LOG_EVERY = 10.0  # seconds between two log lines about it
+
+
+class _Gate:
+    def __init__(self, server: TCPServer, limit: int, count_open: Callable[[], int]) -> None:
+        self.server = server
+        self.limit = limit
+        self.count_open = count_open
+        self.io_loop = IOLoop.current()
+        self.paused: dict[int, socket.socket] = {}
+        self.active: dict[int, socket.socket] = {}
+        self.stopped = False
+        self.refused_since_log = 0
+        self.last_log = float("-inf")
+
+    def add(self, sock: socket.socket) -> None:
+        fd = sock.fileno()
+        self.active[fd] = sock
+        self.io_loop.add_handler(sock, self._on_readable, IOLoop.READ)
+        self.server._handlers[fd] = lambda: self._remove(sock)  # server.stop() calls it
+
+    def _remove(self, sock: socket.socket) -> None:
+        self.stopped = True
+        if self.active.pop(sock.fileno(), None) is not None:
+            self.io_loop.remove_handler(sock)
+        self.paused.pop(sock.fileno(), None)
+
+    def _on_readable(self, sock: socket.socket, events: int) -> None:
+        """Tornado calls this with the object it was registered with: the socket."""
+        if sock.fileno() not in self.active:
+            return
+        for _ in range(128):
+            if self.count_open() >= self.limit:
+                self._pause(sock, "connection limit")
+                return
+            try:
+                connection, address = sock.accept()
+            except BlockingIOError:
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                if exc.errno in _OUT_OF_DESCRIPTORS:
+                    self._pause(sock, f"out of descriptors ({errno.errorcode[exc.errno]})")
+                    return
+                raise
+            self.server._handle_connection(connection, address)  # what Tornado's loop calls
+
+    def _pause(self, sock: socket.socket, why: str) -> None:
+        fd = sock.fileno()
+        if self.active.pop(fd, None) is not None:
+            self.io_loop.remove_handler(sock)
+            self.paused[fd] = sock
+        self.refused_since_log += 1
+        now = time.monotonic()
+        if now - self.last_log >= LOG_EVERY:
+            log.warning(
+                "not accepting new connections: %s (%d open, limit %d); pauses since the last "
+                "report: %d",
+                why,
+                self.count_open(),
+                self.limit,
+                self.refused_since_log,
+            )
+            self.last_log = now
+            self.refused_since_log = 0
+        self.io_loop.call_later(RECHECK, self._resume)
+
+    def _resume(self) -> None:
+        if self.stopped or not self.paused:
+            return
+        if self.count_open() >= self.limit:
+            self.io_loop.call_later(RECHECK, self._resume)
+            return
+        for fd, sock in list(self.paused.items()):
+            del self.paused[fd]
+            self.active[fd] = sock
+            self.io_loop.add_handler(sock, self._on_readable, IOLoop.READ)
+
+
+def accept_within(
+    server: TCPServer,
+    sockets: Iterable[socket.socket],
+    limit: int,
+    count_open: Callable[[], int],
+) -> None:
+    """server.add_sockets(sockets), but never past `limit` open connections and never
+    spinning on EMFILE."""
+    gate = _Gate(server, limit, count_open)
+    for sock in sockets:
+        sock.setblocking(False)
+        server._sockets[sock.fileno()] = sock
+        gate.add(sock)
