@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 
 import pytest
@@ -188,3 +189,10 @@ def test_what_json_allows_still_decodes():
     assert event.data == {"s": "tab\there \u2028 \U0001f600 \x7f"}
     crlf = b'{"type": 5, "data": 1}\r\n{"type": 5, "data": 2}\r\n'
     assert [e.data for e in decode_ndjson(crlf)] == [1, 2]
+
+
+@pytest.mark.parametrize("data", [[], "s1", 7, True])
+def test_a_logout_whose_data_is_not_an_object_is_refused_not_taken_for_all_sessions(data):
+    """It used to end every session of the user: a typo must not log everyone out."""
+    with pytest.raises(Rejected, match="logout data must be an object"):
+        decode_json(json.dumps({"type": "logout", "user": "u1", "data": data}).encode())
