@@ -31,3 +31,4 @@ test: lint
 
 bench: $(BIN)/.installed
 	$(BIN)/python -m bench
+	$(BIN)/python -m bench.churn
