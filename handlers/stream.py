@@ -14,7 +14,6 @@ import logging
 import socket
 
 from handlers.base import HubHandler, access_log, redact
-from hub.dispatch import FilterError
 from hub.query import QueryError, parse_topics
 from hub.transport import SocketTransport
 
@@ -53,7 +52,7 @@ class EventsHandler(HubHandler):
             filters = self.hub.types.stream_filters(
                 {name: self.get_query_arguments(name) for name in self.hub.types.filter_params}
             )
-        except FilterError as exc:
+        except QueryError as exc:
             self.fail(400, exc.message, **exc.extra)
             return
         last_id = self.request.headers.get("Last-Event-ID") or self.get_query_argument(

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from hub.message import Event, Rejected
+from hub.query import QueryError
 
 __all__ = [
     "DEFAULT_TYPES",
     "LOG_LEVELS",
     "EventFilter",
-    "FilterError",
     "Kind",
     "Route",
     "TypeTable",
@@ -45,17 +45,8 @@ class Route(NamedTuple):
 RouteFunction = Callable[[Event], Route]
 EventFilter = Callable[[Event], bool]
 # Builds a stream's filter for one type from the stream's query (name -> values), or None
-# when the query asks for no filtering; raises FilterError for a bad value.
+# when the query asks for no filtering; raises QueryError for a bad value.
 FilterFactory = Callable[[Mapping[str, Sequence[str]]], EventFilter | None]
-
-
-class FilterError(Exception):
-    """A stream's query asks for a filter value that does not exist (400)."""
-
-    def __init__(self, message: str, **extra: object) -> None:
-        super().__init__(message)
-        self.message = message
-        self.extra = extra
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,13 +106,13 @@ def filter_log(query: Mapping[str, Sequence[str]]) -> EventFilter | None:
     levels = query.get("level") or ()
     named = query.get("service") or ()
     if len(named) > 64 or any(len(name) > 128 for name in named):
-        raise FilterError("at most 64 service names of at most 128 characters")
+        raise QueryError("at most 64 service names of at most 128 characters")
     services = frozenset(named) or None
     min_level = 0
     if levels:
         name = levels[-1].lower()
         if name not in LOG_LEVELS:
-            raise FilterError(f"unknown level {levels[-1][:32]!r}", levels=list(LOG_LEVELS))
+            raise QueryError(f"unknown level {levels[-1][:32]!r}", levels=list(LOG_LEVELS))
         min_level = LOG_LEVELS[name]
     if min_level == 0 and services is None:
         return None
@@ -170,7 +161,7 @@ class TypeTable:
         ]
 
     def stream_filters(self, query: Mapping[str, Sequence[str]]) -> dict[int, EventFilter]:
-        """The filters a stream's query asks for, by type number (FilterError if bad)."""
+        """The filters a stream's query asks for, by type number (QueryError if bad)."""
         filters = {}
         for kind in self.filtered:
             assert kind.filter is not None

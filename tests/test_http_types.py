@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from hub.dispatch import DEFAULT_TYPES, EventFilter, FilterError, Kind, Route
+from hub.dispatch import DEFAULT_TYPES, EventFilter, Kind, QueryError, Route
 from hub.message import Event, Rejected
 
 
@@ -26,7 +26,7 @@ def filter_refund(query: Mapping[str, Sequence[str]]) -> EventFilter | None:
     if not wanted:
         return None
     if not all(c.isalpha() and len(c) == 3 for c in wanted):
-        raise FilterError("currency must be a three-letter code")
+        raise QueryError("currency must be a three-letter code")
     return lambda event: isinstance(event.data, dict) and event.data.get("currency") in wanted
 
 
