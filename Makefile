@@ -32,3 +32,4 @@ test: lint
 bench: $(BIN)/.installed
 	$(BIN)/python -m bench
 	$(BIN)/python -m bench.churn
+	$(BIN)/python -m bench.flood
