@@ -27,7 +27,7 @@ from handlers.ops import (
     TypesHandler,
 )
 from handlers.publish import PublishHandler
-from handlers.server import accept_within
+from handlers.server import BodyDeadlines, accept_within
 from handlers.stream import EventsHandler
 from hub.auth import Verifier
 from hub.config import Config, ConfigError, parse_config
@@ -75,7 +75,8 @@ def build_app(
         (r"/static/(.*)", StaticHandler, {"path": static}),
     ]
     if config.internal_port is None:
-        routes.append((r"/publish", PublishHandler, {**deps, "authenticated": True}))
+        publishing = {**deps, "deadlines": BodyDeadlines(config.body_timeout)}
+        routes.append((r"/publish", PublishHandler, {**publishing, "authenticated": True}))
     if config.demo:
         routes.append((r"/demo/token", DemoTokenHandler, deps))
     success_level = logging.INFO if config.demo else logging.DEBUG
@@ -96,7 +97,15 @@ def build_internal_app(hub: Hub) -> Application:
     deps: dict[str, Any] = {"hub": hub, "verifier": verifier}
     return Application(
         [
-            (r"/publish", PublishHandler, {**deps, "authenticated": False}),
+            (
+                r"/publish",
+                PublishHandler,
+                {
+                    **deps,
+                    "deadlines": BodyDeadlines(hub.config.body_timeout),
+                    "authenticated": False,
+                },
+            ),
             (r"/healthz", HealthHandler, deps),
         ],
         hub=hub,
@@ -128,8 +137,7 @@ async def serve(config: Config) -> None:
         app,
         max_body_size=config.max_body * 2 + 65536,
         idle_connection_timeout=config.header_timeout,  # Tornado's header timeout too
-        body_timeout=config.body_timeout,
-    )
+    )  # (the body timeout: handlers.server.BodyDeadlines, cheaper than Tornado's)
     # A deep accept queue: thousands of clients reconnecting at once (a deploy, a network
     # blip) must not overflow Tornado's default of 128 and wait out SYN retransmits.
     sockets = bind_sockets(config.port, config.host, backlog=LISTEN_BACKLOG)

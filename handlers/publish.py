@@ -7,6 +7,7 @@ from collections.abc import Callable
 from tornado.web import stream_request_body
 
 from handlers.base import HubHandler
+from handlers.server import BodyDeadlines
 from hub.auth import Verifier
 from hub.broker import BrokerUnavailable
 from hub.core import Hub
@@ -29,8 +30,15 @@ class PublishHandler(HubHandler):
     """The body is streamed in so that the size limit and the auth check cost nothing:
     a request over the limit or without a valid token is answered before its body is read."""
 
-    def initialize(self, hub: Hub, verifier: Verifier, authenticated: bool = True) -> None:
+    def initialize(
+        self,
+        hub: Hub,
+        verifier: Verifier,
+        authenticated: bool = True,
+        deadlines: BodyDeadlines | None = None,
+    ) -> None:
         super().initialize(hub, verifier)
+        self.deadlines = deadlines or BodyDeadlines(hub.config.body_timeout)
         self.authenticated = authenticated
         self.chunks: list[bytes] = []
         self.size = 0
@@ -43,6 +51,7 @@ class PublishHandler(HubHandler):
     def prepare(self) -> None:
         if self.request.method != "POST":
             return
+        self.deadlines.start(self)  # the body must arrive within --body-timeout
         if self.hub.stopping:
             self.refuse(503, "the hub is shutting down: publish to another instance or retry")
             return
@@ -74,6 +83,12 @@ class PublishHandler(HubHandler):
             self.refuse(413, f"body is over the limit of {limit} bytes", limit=limit)
             return
         self.chunks.append(chunk)
+
+    def on_finish(self) -> None:
+        self.deadlines.done(self)
+
+    def on_connection_close(self) -> None:
+        self.deadlines.done(self)
 
     async def post(self) -> None:
         body = b"".join(self.chunks)
