@@ -13,7 +13,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from functools import partial
 
 import ujson
 
@@ -60,6 +59,9 @@ class Hub:
         # One tick for the whole process: expiry, heartbeats, stalled sockets.
         self.tick_interval = min(1.0, config.heartbeat)
         self._tick_handle: asyncio.TimerHandle | None = None
+        # bound once: every stream's transport shares them (see SocketTransport.watch)
+        self._stream_closed = self.disconnect
+        self._stream_drained = self._drained
         self.broker.start(self.deliver)
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -163,8 +165,8 @@ class Hub:
             start_id.encode(),
         )
         self.registry.add(sub)
-        out = self.flusher.open(sub, transport, opening + reset, replay_from)
-        transport.watch(partial(self.disconnect, sub), partial(self.flusher.mark, out))
+        self.flusher.open(sub, transport, opening + reset, replay_from)
+        transport.watch(sub, self._stream_closed, self._stream_drained)
         if self._tick_handle is None and not self.stopping:
             self._schedule_tick()  # the tick runs while the loop does; no start() call
         return sub
@@ -200,6 +202,10 @@ class Hub:
         if out is not None:
             self.flusher.close(out)
             out.transport.close(reason, flush)
+
+    def _drained(self, sub: Subscriber) -> None:
+        if sub.outbox is not None:
+            self.flusher.mark(sub.outbox)
 
     def _cut_slow(self, sub: Subscriber, why: str) -> None:
         log.info("stream of %r cut as slow: %s", sub.user, why)

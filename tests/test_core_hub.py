@@ -301,7 +301,7 @@ def test_the_transport_sends_partially_keeps_the_rest_in_order_and_reports_drain
         peer = Peer(rcvbuf=4096)
         drained = []
         closed = []
-        peer.transport.watch(closed.append, lambda: drained.append(True))
+        peer.transport.watch("me", lambda owner, why: closed.append(why), drained.append)
         data = bytes(range(256)) * 4096  # 1 MiB: far more than the socket takes at once
         peer.transport.write(data)
         assert 0 < peer.transport.pending_size < len(data)
@@ -310,7 +310,7 @@ def test_the_transport_sends_partially_keeps_the_rest_in_order_and_reports_drain
         assert bytes(peer.received) == data + b"tail"
         await until(lambda: drained)
         assert peer.transport.pending is None and peer.transport.sent == len(data) + 4
-        assert closed == []
+        assert closed == [] and drained == ["me"]
         peer.shutdown()
 
     run(scenario)
@@ -320,13 +320,13 @@ def test_the_transport_reports_a_peer_that_closes_once_and_releases_the_socket()
     async def scenario() -> None:
         peer = Peer()
         closed = []
-        peer.transport.watch(closed.append)
+        peer.transport.watch("me", lambda owner, why: closed.append((owner, why)))
         peer.client.close()
         await until(lambda: closed)
-        assert closed == [Reason.GONE] and peer.transport.socket is None
+        assert closed == [("me", Reason.GONE)] and peer.transport.socket is None
         assert peer.server.fileno() == -1
         peer.transport.write(b"after")  # writing to a gone stream is a no-op, never an error
-        assert closed == [Reason.GONE]
+        assert closed == [("me", Reason.GONE)]
 
     run(scenario)
 
@@ -335,14 +335,14 @@ def test_the_transport_closes_after_flushing_what_it_holds():
     async def scenario() -> None:
         peer = Peer(rcvbuf=4096)
         closed = []
-        peer.transport.watch(closed.append)
+        peer.transport.watch("me", lambda owner, why: closed.append((owner, why)))
         data = b"y" * 200_000
         peer.transport.write(data)
         peer.transport.close(Reason.LOGOUT, flush=True)
         assert closed == []  # still sending what it holds
         await until(lambda: peer.read() is not None and peer.eof)
         assert bytes(peer.received) == data
-        assert closed == [Reason.LOGOUT]
+        assert closed == [("me", Reason.LOGOUT)]
         peer.shutdown()
 
     run(scenario)
