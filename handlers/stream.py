@@ -77,7 +77,7 @@ class EventsHandler(HubHandler):
         # The origin is one the operator listed (or the request's own, echoed only when it
         # is listed): no CR/LF can reach the head.
         cors = "".join(f"{name}: {value}\r\n" for name, value in self.cors_headers())
-        transport.write(
+        head = (
             b"HTTP/1.1 200 OK\r\n"
             b"Content-Type: text/event-stream; charset=utf-8\r\n"
             b"Cache-Control: no-cache\r\n"
@@ -87,6 +87,7 @@ class EventsHandler(HubHandler):
         self.hub.subscribe(
             transport,
             claims.user,
+            prefix=head,  # one send for the head and the stream's opening
             sid=claims.sid,
             topics=topics,
             exp=claims.exp,

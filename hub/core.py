@@ -142,12 +142,14 @@ class Hub:
         exp: float = float("inf"),
         last_event_id: str | None = None,
         filters: dict[int, EventFilter] | None = None,
+        prefix: bytes = b"",
     ) -> Subscriber:
         """Register a stream and write its opening. The opening carries the id the stream
         starts after, so a client cut before its first event still resumes exactly. With
         `last_event_id`, what it missed is replayed first (or a reset event comes, when the
         history cannot say). No await between the replay's end and the live channels' start,
-        so nothing falls between them."""
+        so nothing falls between them. `prefix` (the HTTP head, say) goes out in the same write
+        as the opening."""
         sub = Subscriber(user, sid, topics, exp, filters)
         history = self.history
         replay_from = None
@@ -165,7 +167,7 @@ class Hub:
             start_id.encode(),
         )
         self.registry.add(sub)
-        self.flusher.open(sub, transport, opening + reset, replay_from)
+        self.flusher.open(sub, transport, prefix + opening + reset, replay_from)
         transport.watch(sub, self._stream_closed, self._stream_drained)
         if self._tick_handle is None and not self.stopping:
             self._schedule_tick()  # the tick runs while the loop does; no start() call
