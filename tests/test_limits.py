@@ -18,6 +18,9 @@ import pytest
 from browser_support import free_port, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.flood import closed as closed_by_peer
+from bench.flood import healthz
+
 SECRET = "limits-tests-secret-0123456789-abcdefghij"
 HUB = [sys.executable, "-m", "handlers.app"]
 
@@ -69,28 +72,6 @@ def start(port: int, *args: str, nofile: int | None = None) -> subprocess.Popen:
         text=True,
         preexec_fn=limit,
     )
-
-
-def healthz(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-            sock.settimeout(1)
-            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            return sock.recv(64).startswith(b"HTTP/1.1 200")
-    except OSError:
-        return False
-
-
-def closed_by_peer(sock: socket.socket) -> bool:
-    """The hub closed it (what it sent before, if anything, is read and dropped)."""
-    try:
-        while True:
-            if sock.recv(65536) == b"":
-                return True
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
 
 
 def stop(proc: subprocess.Popen) -> str:
