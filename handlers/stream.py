@@ -23,6 +23,11 @@ log = logging.getLogger("hub")
 
 
 class EventsHandler(HubHandler):
+    def fail(self, status: int, error: str, **extra: object) -> None:
+        """Every refusal of a stream is counted by status (hub_streams_refused_total)."""
+        self.hub.metrics.streams_refused.labels(str(status)).inc()
+        super().fail(status, error, **extra)
+
     def get(self) -> None:
         if self.hub.stopping:
             self.fail(503, "the hub is shutting down")

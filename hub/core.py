@@ -167,6 +167,7 @@ class Hub:
             start_id.encode(),
         )
         self.registry.add(sub)
+        self.metrics.connects.inc()
         self.flusher.open(sub, transport, prefix + opening + reset, replay_from)
         transport.watch(sub, self._stream_closed, self._stream_drained)
         if self._tick_handle is None and not self.stopping:

@@ -11,16 +11,34 @@ from collections import Counter as Tally
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from hub.message import Event
+from hub.registry import Reason
 
 if TYPE_CHECKING:
     from hub.core import Hub
 
-__all__ = ["Metrics"]
+__all__ = ["PUBLISH_REFUSALS", "STREAM_REFUSALS", "Metrics"]
+
+# Every label value of a fixed set is exported from the start, at 0: a dashboard's rate() and
+# an alert on a series that appears only after its first event are both wrong until then.
+PUBLISH_REFUSALS = ("400", "401", "403", "413", "415", "422", "503")
+STREAM_REFUSALS = ("400", "401", "403", "429", "503")
+
+# `_created` series double the exposition and no dashboard reads them.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 class Metrics:
@@ -42,15 +60,38 @@ class Metrics:
         )
         self.streams_refused = Counter(
             "hub_streams_refused",
-            "Streams refused for a limit, by HTTP status (429 per user, 503 in all).",
+            "Stream requests refused, by HTTP status (400 bad query, 401/403 token, 429 per "
+            "user, 503 in all or shutting down).",
             ["status"],
             registry=self.registry,
         )
-        for status in ("429", "503"):
-            self.streams_refused.labels(status)
+        self.connects = Counter("hub_stream_connects", "Streams opened.", registry=self.registry)
         self.disconnects = Counter(
             "hub_disconnects", "Streams ended, by reason.", ["reason"], registry=self.registry
         )
+        for kind in hub.types:
+            self.published.labels(kind.name)
+        for status in PUBLISH_REFUSALS:
+            self.rejected.labels(status)
+        for status in STREAM_REFUSALS:
+            self.streams_refused.labels(status)
+        for reason in Reason:
+            self.disconnects.labels(reason.value)
+        history = Gauge(
+            "hub_history_events", "Events the history holds for resume.", registry=self.registry
+        )
+        history.set_function(lambda: len(hub.history))
+        history_bytes = Gauge(
+            "hub_history_bytes",
+            "What the history holds, as --history-bytes counts it.",
+            registry=self.registry,
+        )
+        history_bytes.set_function(lambda: hub.history.size)
+        Info("hub_broker", "The broker in use.", registry=self.registry).info(
+            {"broker": type(hub.broker).__name__.removesuffix("Broker").lower()}
+        )
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
         self.registry.register(_HotPath(hub))
 
     def count_published(self, events: Iterable[Event]) -> None:
