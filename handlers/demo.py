@@ -17,6 +17,7 @@ from typing import Any
 import jwt
 
 from handlers.base import HubHandler
+from hub.broker import BrokerUnavailable
 from hub.core import Hub
 from hub.decode import build_event
 from hub.logs import escape, redact
@@ -173,6 +174,8 @@ class LogPublisher(logging.Handler):
     async def _publish(self, events: list[Event]) -> None:
         try:
             await self.hub.publish(events)
+        except BrokerUnavailable:
+            return  # the hub is stopping: the record is in the log, it need not be an event
         except Exception:
             # Logged with the guard set: this goes to the other handlers, not back here.
             logging.getLogger("hub").exception("demo log producer: publish failed")

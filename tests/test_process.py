@@ -176,6 +176,8 @@ def test_demo_mode_says_at_start_that_anyone_can_get_tokens_and_publish(start_hu
     out, _ = proc.communicate(timeout=20)
     assert "DEMO MODE: anyone who can reach this port gets tokens" in out
     assert "to publish" in out
+    # a normal stop logs no error: the log producer used to fail on "shutting down"
+    assert "Traceback" not in out and " ERROR " not in out, out
 
 
 def test_event_ids_stay_unique_and_increasing_across_a_restart(start_hub):
