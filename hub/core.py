@@ -30,6 +30,12 @@ __all__ = ["Hub"]
 
 log = logging.getLogger("hub")
 
+_EXPIRED_FRAME = encode_frame(
+    None,
+    "end",
+    ujson.dumps({"reason": "expired", "detail": "token expired: reconnect with a fresh token"}),
+)
+
 
 class Hub:
     def __init__(
@@ -188,9 +194,16 @@ class Hub:
         return encode_frame(resume, "reset", body)
 
     def end(self, sub: Subscriber, reason: Reason) -> None:
-        """End a stream after it has been written everything it is owed."""
-        if sub.outbox is not None:
-            self.flusher.finish(sub.outbox)
+        """End a stream after it has been written everything it is owed. A stream whose token
+        expired gets a last `end` event that says so: it has no `id:`, so the client's last
+        event id stays that of the last real event, and a reconnect with a fresh token and
+        Last-Event-ID loses nothing. (Clients that listen only for the table's names, hub.js
+        among them, never see it.)"""
+        out = sub.outbox
+        if out is not None:
+            self.flusher.finish(out)
+            if reason is Reason.EXPIRED and not out.closed:
+                out.transport.write(_EXPIRED_FRAME)
         self.disconnect(sub, reason, flush=True)
 
     def disconnect(self, sub: Subscriber, reason: Reason, flush: bool = False) -> None:

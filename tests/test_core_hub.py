@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import ujson
-from core_support import Peer, config
+from core_support import Peer, config, parse_blocks
 from sse import wait_for
 
 from hub.core import Hub
@@ -464,6 +464,10 @@ def test_quiet_streams_get_heartbeats_and_expired_tokens_end_their_streams():
         sub = hub.subscribe(expiring.transport, "u2", exp=time.time() + 0.1)
         await until(lambda: quiet.read() is not None and quiet.received.count(b": ping\n\n") >= 2)
         await until(lambda: expiring.closed)
+        await until(lambda: expiring.read() is not None and expiring.eof)
+        last = parse_blocks(bytes(expiring.received))[-1]
+        assert last["event"] == "end" and "id" not in last  # says why, moves no last id
+        assert ujson.loads(last["data"])["reason"] == "expired"
         assert sub not in hub.registry.all
         assert hub.metrics.disconnects.labels(Reason.EXPIRED.value)._value.get() == 1
         await hub.stop()
