@@ -38,6 +38,9 @@ class Config:
     history_bytes: int = 64 * 1024 * 1024  # and at most this many bytes of frames
     heartbeat: float = 15.0  # seconds between heartbeat comments on a quiet stream
     retry: float = 3.0  # seconds, sent as the stream's `retry:` field
+    # On shutdown each stream's retry is drawn from [retry, retry + shutdown_spread] seconds,
+    # so that the clients of a stopped instance do not all reconnect in the same second.
+    shutdown_spread: float = 10.0
     max_body: int = 1024 * 1024  # publish body limit, bytes
     # How far (bytes of frames) a stream may fall behind the events queued for it before it is
     # cut as slow. What it owes is shared (one copy per audience, not per stream).
@@ -47,10 +50,15 @@ class Config:
     # that connects and never finishes its request line is closed after this.
     header_timeout: float = 20.0
     body_timeout: float = 30.0  # seconds a publish body may take to arrive in full
+    # Bytes that publish bodies still arriving may hold together (each up to max_body); past
+    # it, the body that would go over is refused with a 503 and Retry-After.
+    max_body_memory: int = 64 * 1024 * 1024
     # Open connections (HTTP requests in progress plus streams) past which the hub stops
     # accepting; 0 = the descriptor limit less HEADROOM (listening sockets, logs, a broker).
     max_connections: int = 0
-    max_streams: int = 0  # open streams in all; 0 = max_connections
+    # Open streams in all; 0 = max_connections less a tenth (8 to 1,024) kept for requests:
+    # with every connection a stream, publishes and health checks could not get in.
+    max_streams: int = 0
     max_streams_per_user: int = 32  # hub.js shares one stream among all of a browser's tabs
     flush_interval: float = 0.005  # seconds a pass waits for more events to coalesce
     internal_port: int | None = None  # serve POST /publish here, unauthenticated, and only here
@@ -80,6 +88,13 @@ class Config:
         for name in ("history", "history_bytes", "max_body", "max_pending"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.max_body_memory < self.max_body:
+            raise ConfigError(
+                f"--max-body-memory ({self.max_body_memory}) must be at least --max-body "
+                f"({self.max_body}): a body of the largest size could never arrive"
+            )
+        if self.shutdown_spread < 0:
+            raise ConfigError("--shutdown-spread must be 0 or more")
         for name in ("max_connections", "max_streams"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be 0 (automatic) or more")
@@ -101,7 +116,11 @@ class Config:
         return self.max_connections or max(16, descriptors - HEADROOM)
 
     def stream_limit(self, descriptors: int) -> int:
-        return self.max_streams or self.connection_limit(descriptors)
+        """--max-streams, or the connection limit less what requests need (see max_streams)."""
+        if self.max_streams:
+            return self.max_streams
+        connections = self.connection_limit(descriptors)
+        return connections - max(8, min(1024, connections // 10))
 
     def allowed_origins(self) -> frozenset[str]:
         return frozenset(o.strip() for o in (self.cors_origins or "").split(",") if o.strip())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Sequence
 
@@ -80,7 +81,13 @@ class Hub:
             self._tick_handle = None
         self.flusher.flush_all()
         self.flusher.cancel()
+        # Each stream's last bytes are a `retry:` drawn from [retry, retry + spread]: a fleet
+        # of clients cut at once then comes back spread out, not in the same second.
+        low = int(self.config.retry * 1000)
+        high = low + int(self.config.shutdown_spread * 1000)
         for sub in list(self.registry.all):
+            if sub.outbox is not None:
+                sub.outbox.transport.write(b"retry: %d\n\n" % random.randint(low, high))
             self.disconnect(sub, Reason.SHUTDOWN, flush=True)
         await self.broker.close()
 

@@ -527,3 +527,26 @@ def test_reset_on_an_empty_history_still_carries_an_id_to_resume_from():
         peer.shutdown()
 
     run(scenario)
+
+
+def test_on_shutdown_every_stream_gets_what_it_is_owed_then_a_spread_out_retry():
+    async def scenario() -> None:
+        hub = Hub(config(retry=2.0, shutdown_spread=5.0))
+        peers = [Peer() for _ in range(30)]
+        for i, p in enumerate(peers):
+            hub.subscribe(p.transport, f"u{i}")
+        [last] = await publish(hub, [{"type": 5}])
+        await hub.stop()
+        retries = []
+        for p in peers:
+            await until(lambda p=p: p.read() is not None and p.eof)
+            blocks = parse_blocks(bytes(p.received))
+            assert blocks[-2].get("id") == last  # what it was owed, then the retry
+            retries.append(int(blocks[-1]["retry"]))
+        assert all(2000 <= r <= 7000 for r in retries)
+        assert len(set(retries)) > 10  # spread, not one second for all
+        assert hub.metrics.disconnects.labels("shutdown")._value.get() == 30
+        for p in peers:
+            p.shutdown()
+
+    run(scenario)
