@@ -18,6 +18,10 @@ __all__ = ["HubHandler", "access_logger", "redact"]
 
 access_log = logging.getLogger("tornado.access")
 
+# An error message may quote what the client sent (a path, a field name, a topic); the quote
+# is cut where it is made, and every message again here, so no answer grows with the request.
+MAX_ERROR_LENGTH = 512
+
 
 def access_logger(success_level: int) -> Callable[[RequestHandler], None]:
     """Tornado's access log line, with the URI redacted. Successful requests log at
@@ -72,7 +76,8 @@ class HubHandler(RequestHandler):
     def fail(self, status: int, error: str, **extra: Any) -> None:
         """Answer with a JSON error body and stop."""
         self._start_error(status)
-        self.finish(ujson.dumps({"error": error, **extra}, escape_forward_slashes=False))
+        body = {"error": error[:MAX_ERROR_LENGTH], **extra}
+        self.finish(ujson.dumps(body, escape_forward_slashes=False))
 
     def fail_retry(self, status: int, error: str, retry_after: float) -> None:
         """fail(), telling the client when to come back (429, 503)."""

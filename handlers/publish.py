@@ -38,7 +38,9 @@ class PublishHandler(HubHandler):
         deadlines: BodyDeadlines | None = None,
     ) -> None:
         super().initialize(hub, verifier)
-        self.deadlines = deadlines or BodyDeadlines(hub.config.body_timeout)
+        self.deadlines = deadlines or BodyDeadlines(
+            hub.config.body_timeout, hub.config.max_body_memory
+        )
         self.authenticated = authenticated
         self.chunks: list[bytes] = []
         self.size = 0
@@ -63,7 +65,7 @@ class PublishHandler(HubHandler):
         if decoder is None:
             self.refuse(
                 415,
-                f"unsupported content type {ctype or 'none'!r}",
+                f"unsupported content type {ctype[:64] or 'none'!r}",
                 accepted=sorted(DECODERS),
             )
             return
@@ -82,6 +84,16 @@ class PublishHandler(HubHandler):
             self.chunks = []
             self.refuse(413, f"body is over the limit of {limit} bytes", limit=limit)
             return
+        if not self.deadlines.hold(self, len(chunk)):
+            self.chunks = []
+            self.hub.metrics.rejected.labels("503").inc()
+            self.fail_retry(
+                503,
+                "the hub holds its most bytes of publish bodies in progress "
+                f"(--max-body-memory {self.deadlines.limit}): retry shortly",
+                self.hub.config.retry,
+            )
+            return
         self.chunks.append(chunk)
 
     def on_finish(self) -> None:
@@ -89,6 +101,7 @@ class PublishHandler(HubHandler):
 
     def on_connection_close(self) -> None:
         self.deadlines.done(self)
+        self.chunks = []  # now, not when the collector gets to this handler
 
     async def post(self) -> None:
         body = b"".join(self.chunks)

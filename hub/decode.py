@@ -10,9 +10,21 @@ from typing import Any
 from hub.dispatch import DEFAULT_TYPES, TypeTable
 from hub.message import FRAME_HEADER, Event, ParseError, Rejected, loads
 
-__all__ = ["MAX_USER_LENGTH", "build_event", "decode_frames", "decode_json", "decode_ndjson"]
+__all__ = [
+    "MAX_TS",
+    "MAX_USER_LENGTH",
+    "build_event",
+    "decode_frames",
+    "decode_json",
+    "decode_ndjson",
+]
 
 MAX_USER_LENGTH = 256
+# The largest integer a browser's JSON.parse reads exactly (Number.MAX_SAFE_INTEGER): ms
+# since the epoch up to the year 287,396, and no `ts` a page would read as another number.
+MAX_TS = 2**53 - 1
+_TS_RANGE = f"ts must be a non-negative integer (ms since the epoch) of at most {MAX_TS}"
+_SHOWN_FIELDS = 5  # an error names at most this many unknown fields, each cut to 32 chars
 _FIELDS = frozenset(("type", "user", "data", "ts"))
 _PAYLOAD_FIELDS = frozenset(("user", "data"))  # a binary frame's header has type and ts
 
@@ -32,9 +44,12 @@ def build_event(
         raise Rejected("an event must be a JSON object", index)
     fields = _FIELDS if header_type is None else _PAYLOAD_FIELDS
     if not fields.issuperset(obj):
-        unknown = sorted(str(k) for k in obj if k not in fields)
+        unknown = [k for k in obj if k not in fields]
+        shown = ", ".join(sorted(k[:32] for k in unknown[:_SHOWN_FIELDS]))
+        if len(unknown) > _SHOWN_FIELDS:
+            shown += f" and {len(unknown) - _SHOWN_FIELDS} more"
         raise Rejected(
-            f"unknown field(s) {', '.join(unknown)}; an event has {', '.join(sorted(fields))}",
+            f"unknown field(s) {shown}; an event has {', '.join(sorted(fields))}",
             index,
         )
     try:
@@ -43,11 +58,13 @@ def build_event(
                 raise Rejected("missing field type")
             kind = types.lookup(obj["type"])
             ts = obj.get("ts")
-            if ts is not None and (type(ts) is not int or ts < 0):
-                raise Rejected("ts must be a non-negative integer (ms since the epoch)")
+            if ts is not None and (type(ts) is not int or not 0 <= ts <= MAX_TS):
+                raise Rejected(_TS_RANGE)
         else:
             kind = types.lookup(header_type)
             ts = header_ts
+            if ts is not None and ts > MAX_TS:
+                raise Rejected(_TS_RANGE)
         user = obj.get("user")
         if user is not None and (type(user) is not str or not 0 < len(user) <= MAX_USER_LENGTH):
             raise Rejected(f"user must be a non-empty string of at most {MAX_USER_LENGTH} chars")

@@ -196,3 +196,72 @@ def test_a_logout_whose_data_is_not_an_object_is_refused_not_taken_for_all_sessi
     """It used to end every session of the user: a typo must not log everyone out."""
     with pytest.raises(Rejected, match="logout data must be an object"):
         decode_json(json.dumps({"type": "logout", "user": "u1", "data": data}).encode())
+
+
+LONG_NUMBER = b"1" * 5000  # past Python's int digit limit (4,300): both parsers raise ValueError
+
+
+@pytest.mark.parametrize(
+    ("decode", "body", "offset"),
+    [
+        (decode_json, b'{"type": 5, "data": ' + LONG_NUMBER + b"}", 20),
+        (decode_json, b'{"type": ' + LONG_NUMBER + b"}", 9),
+        (decode_json, b'{"type": 5,\n"data": ' + LONG_NUMBER + b"}", 20),
+        (decode_ndjson, b'{"type": 5}\n{"type": 5, "data": ' + LONG_NUMBER + b"}\n", 32),
+        (decode_frames, frame(5, 0, b'{"data": ' + LONG_NUMBER + b"}"), 25),
+    ],
+    ids=["json", "json-type", "json-pretty", "ndjson", "frame"],
+)
+def test_a_number_too_long_to_convert_is_a_parse_error_at_its_byte_not_a_crash(
+    decode, body, offset
+):
+    with pytest.raises(ParseError, match="digits") as err:
+        decode(body)
+    assert err.value.offset == offset, err.value.message
+
+
+@pytest.mark.parametrize(
+    "number",
+    [b"-", b"01", b"-01", b"00", b"1.", b"1.e5", b"-.5", b"0."],
+)
+@pytest.mark.parametrize("where", ["object", "array", "spaced"])
+def test_numbers_json_does_not_allow_are_refused_not_read_as_some_value(number, where):
+    """ujson reads `-` as 0, `01` as 1 and `1.` as 1.0; browsers' JSON.parse and the RFC
+    refuse them, and a publisher sending them has a bug worth hearing about."""
+    data = {
+        "object": b'{"n": ' + number + b"}",
+        "array": b"[1, " + number + b"]",
+        "spaced": b"[ " + number + b" ]",
+    }[where]
+    body = b'{"type": 5, "data": ' + data + b"}"
+    with pytest.raises(ParseError, match="malformed JSON at byte") as err:
+        decode_json(body)
+    assert body.index(number) <= err.value.offset <= body.index(number) + len(number)
+
+
+def test_numbers_and_strings_that_only_look_like_bad_numbers_still_decode():
+    data = {
+        "n": [0, -0, 10, -10, 0.5, -0.5, 1e5, 1.5e-5, -0.0],
+        "s": ["10:05:01", "a - b", "v1.x", "2026. Then", "[01]", "x,-y", ":0.", "1,00,"],
+    }
+    [event] = decode_json(json.dumps({"type": 5, "data": data}).encode())
+    assert event.data == data
+    compact = json.dumps({"type": 5, "data": data}, separators=(",", ":")).encode()
+    assert decode_json(compact)[0].data == data
+
+
+def test_an_error_that_names_client_input_is_bounded():
+    many = {f"field-{i}-" + "x" * 1000: 1 for i in range(1000)}
+    with pytest.raises(Rejected, match="unknown field") as err:
+        decode_json(json.dumps({"type": 5, **many}).encode())
+    assert len(err.value.message) < 400
+
+
+@pytest.mark.parametrize("ts", [2**53, 10**30])
+def test_a_ts_past_what_a_browser_reads_exactly_is_refused(ts):
+    with pytest.raises(Rejected, match="ts must be"):
+        decode_json(json.dumps({"type": 5, "ts": ts}).encode())
+    with pytest.raises(Rejected, match="ts must be"):
+        decode_frames(frame(5, ts % 2**64 or 2**64 - 1, b""))
+    [event] = decode_json(json.dumps({"type": 5, "ts": 2**53 - 1}).encode())
+    assert event.ts == 2**53 - 1

@@ -583,3 +583,51 @@ async def test_bodies_nested_past_the_parsers_limit_are_400_in_every_format(
     response = await server.publish(body, content_type)
     assert response.code == 400, response.body
     assert "nested too deeply" in json.loads(response.body)["error"]
+
+
+LONG_NUMBER = b"9" * 5000  # past Python's 4,300-digit int conversion limit
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("application/json", b'{"type": 5, "data": ' + LONG_NUMBER + b"}"),
+        ("application/json", b'{"type": ' + LONG_NUMBER + b"}"),
+        ("application/x-ndjson", b'{"type": 5, "data": [' + LONG_NUMBER + b"]}\n"),
+        ("application/octet-stream", frame(5, 0, b'{"data": ' + LONG_NUMBER + b"}")),
+    ],
+    ids=["json", "json-type", "ndjson", "frame"],
+)
+@pytest.mark.gen_test(timeout=10)
+async def test_a_number_of_thousands_of_digits_is_400_not_500(hub_server, content_type, body):
+    server = await hub_server()
+    response = await server.publish(body, content_type)
+    assert response.code == 400, response.body
+    answer = error_body(response)
+    assert "digits" in answer["error"] and body[answer["offset"] : answer["offset"] + 1] == b"9"
+
+
+@pytest.mark.parametrize("number", [b"-", b"01", b"1.", b"-.5"])
+@pytest.mark.gen_test(timeout=10)
+async def test_a_number_json_does_not_allow_is_400_not_read_as_another_value(hub_server, number):
+    server = await hub_server()
+    client = await server.stream("u1")
+    body = b'{"type": 2, "user": "u1", "data": {"amount": ' + number + b"}}"
+    response = await server.publish(body)
+    assert response.code == 400, response.body
+    answer = error_body(response)
+    at = body.index(number + b"}")
+    assert "malformed JSON" in answer["error"] and at <= answer["offset"] <= at + len(number)
+    await assert_nothing_delivered(server, client, "bad number")
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_errors_that_name_client_input_stay_short_however_long_the_input(hub_server):
+    server = await hub_server()
+    fields = {f"f{i}-" + "x" * 5000: 1 for i in range(50)}
+    response = await server.publish(json.dumps({"type": 5, **fields}).encode())
+    assert response.code == 422 and len(error_body(response)["error"]) < 400
+    response = await server.publish(b"{}", "x" * 20_000)
+    assert response.code == 415 and len(error_body(response)["error"]) < 200
+    response = await server.publish(json.dumps({"type": "t" * 50_000}).encode())
+    assert response.code == 422 and len(error_body(response)["error"]) < 200
