@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CONTENT_TYPE_LATEST
-from tornado.web import StaticFileHandler
+from tornado.web import HTTPError, StaticFileHandler
 
 from handlers.base import HubHandler
 
@@ -71,3 +71,10 @@ class StaticHandler(StaticFileHandler):
 
     def set_extra_headers(self, path: str) -> None:
         self.set_header("Cache-Control", "no-cache")
+
+    def parse_url_path(self, url_path: str) -> str:
+        # No file is named with a NUL, and os.path.realpath raises on one (a 500 and a
+        # traceback for `GET /static/%00`).
+        if "\x00" in url_path:
+            raise HTTPError(404)
+        return super().parse_url_path(url_path)

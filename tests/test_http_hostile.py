@@ -81,3 +81,28 @@ def test_what_a_stream_reads_back_is_exactly_what_was_published(io_loop, server,
         assert await wait_for(lambda: "u1" not in server.hub.registry.by_user, 5)
 
     run(io_loop, scenario())
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/static/a%00b",
+        "/static/%00",
+        "/%00",
+        "/static/" + "a" * 3000,
+        "/static/..%2f..%2fetc%2fpasswd",
+        "/" + "x" * 20_000,
+        "/events/%00",
+        "/static/%ff",
+    ],
+    ids=["static-nul", "static-only-nul", "root-nul", "static-long", "dotdot", "long", "nul", "ff"],
+)
+def test_a_hostile_path_is_a_4xx_never_a_5xx_and_its_answer_stays_short(
+    io_loop, server, caplog, path
+):
+    with caplog.at_level(logging.WARNING):
+        response = run(io_loop, server.fetch(path))
+    assert 400 <= response.code < 500, (response.code, response.body[:200])
+    assert len(response.body) < 1024
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage()[:200] for r in errors]
