@@ -30,7 +30,7 @@ from handlers.publish import PublishHandler
 from handlers.server import BodyDeadlines, accept_within
 from handlers.stream import EventsHandler
 from hub.auth import Verifier
-from hub.config import Config, ConfigError, parse_config
+from hub.config import HEADROOM, Config, ConfigError, parse_config
 from hub.core import Hub
 from hub.dispatch import DEFAULT_TYPES, TypeTable
 from hub.logs import SafeFormatter
@@ -75,7 +75,7 @@ def build_app(
         (r"/static/(.*)", StaticHandler, {"path": static}),
     ]
     if config.internal_port is None:
-        publishing = {**deps, "deadlines": BodyDeadlines(config.body_timeout)}
+        publishing = {**deps, "deadlines": _body_deadlines(hub)}
         routes.append((r"/publish", PublishHandler, {**publishing, "authenticated": True}))
     if config.demo:
         routes.append((r"/demo/token", DemoTokenHandler, deps))
@@ -102,7 +102,7 @@ def build_internal_app(hub: Hub) -> Application:
                 PublishHandler,
                 {
                     **deps,
-                    "deadlines": BodyDeadlines(hub.config.body_timeout),
+                    "deadlines": _body_deadlines(hub),
                     "authenticated": False,
                 },
             ),
@@ -113,6 +113,14 @@ def build_internal_app(hub: Hub) -> Application:
         default_handler_class=NotFoundHandler,
         default_handler_args=deps,
     )
+
+
+def _body_deadlines(hub: Hub) -> BodyDeadlines:
+    """The publish route's deadlines and byte budget (one route per process: public, or
+    internal), shown in /metrics as hub_publish_body_bytes."""
+    deadlines = BodyDeadlines(hub.config.body_timeout, hub.config.max_body_memory)
+    hub.metrics.body_bytes.set_function(lambda: deadlines.held)
+    return deadlines
 
 
 def _raise_fd_limit() -> None:
@@ -144,7 +152,18 @@ async def serve(config: Config) -> None:
     descriptors = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     limit = config.connection_limit(descriptors)
     hub.stream_limit = config.stream_limit(descriptors)
-    accept_within(server, sockets, limit, lambda: len(server._connections) + len(hub.registry))
+    servers = [server]
+
+    def count_open() -> int:
+        """Every connection holds a descriptor: streams are detached from Tornado (each a
+        SocketTransport), so they are counted by the registry."""
+        return sum(len(s._connections) for s in servers) + len(hub.registry)
+
+    def paused(why: str) -> None:
+        hub.metrics.accept_paused.labels(why).inc()
+
+    hub.metrics.connections.set_function(count_open)
+    accept_within(server, sockets, limit, count_open, paused)
     port = sockets[0].getsockname()[1]
     log.info(
         "listening on http://%s:%d%s (at most %d connections, %d streams, %d per user)",
@@ -157,9 +176,17 @@ async def serve(config: Config) -> None:
     )
     internal = None
     if config.internal_port is not None:
-        internal = HTTPServer(build_internal_app(hub), max_body_size=config.max_body * 2 + 65536)
+        internal = HTTPServer(
+            build_internal_app(hub),
+            max_body_size=config.max_body * 2 + 65536,
+            idle_connection_timeout=config.header_timeout,
+        )
+        servers.append(internal)
         internal_sockets = bind_sockets(config.internal_port, config.internal_host)
-        internal.add_sockets(internal_sockets)
+        # The same count, and half the headroom beyond the public limit: a flood on the
+        # public port never locks internal publishers out, and a leaking internal client
+        # cannot take the hub to EMFILE either.
+        accept_within(internal, internal_sockets, limit + HEADROOM // 2, count_open, paused)
         log.info(
             "publishing on http://%s:%d/publish (internal, no token)",
             config.internal_host,

@@ -34,10 +34,17 @@ LOG_EVERY = 10.0  # seconds between two log lines about it
 
 
 class _Gate:
-    def __init__(self, server: TCPServer, limit: int, count_open: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        server: TCPServer,
+        limit: int,
+        count_open: Callable[[], int],
+        on_pause: Callable[[str], None] | None,
+    ) -> None:
         self.server = server
         self.limit = limit
         self.count_open = count_open
+        self.on_pause = on_pause
         self.io_loop = IOLoop.current()
         self.paused: dict[int, socket.socket] = {}
         self.active: dict[int, socket.socket] = {}
@@ -63,7 +70,7 @@ class _Gate:
             return
         for _ in range(128):
             if self.count_open() >= self.limit:
-                self._pause(sock, "connection limit")
+                self._pause(sock, "limit", "connection limit")
                 return
             try:
                 connection, address = sock.accept()
@@ -73,16 +80,19 @@ class _Gate:
                 continue
             except OSError as exc:
                 if exc.errno in _OUT_OF_DESCRIPTORS:
-                    self._pause(sock, f"out of descriptors ({errno.errorcode[exc.errno]})")
+                    why = f"out of descriptors ({errno.errorcode[exc.errno]})"
+                    self._pause(sock, "descriptors", why)
                     return
                 raise
             self.server._handle_connection(connection, address)  # what Tornado's loop calls
 
-    def _pause(self, sock: socket.socket, why: str) -> None:
+    def _pause(self, sock: socket.socket, kind: str, why: str) -> None:
         fd = sock.fileno()
         if self.active.pop(fd, None) is not None:
             self.io_loop.remove_handler(sock)
             self.paused[fd] = sock
+        if self.on_pause is not None:
+            self.on_pause(kind)
         self.refused_since_log += 1
         now = time.monotonic()
         if now - self.last_log >= LOG_EVERY:
@@ -115,10 +125,11 @@ def accept_within(
     sockets: Iterable[socket.socket],
     limit: int,
     count_open: Callable[[], int],
+    on_pause: Callable[[str], None] | None = None,
 ) -> None:
     """server.add_sockets(sockets), but never past `limit` open connections and never
-    spinning on EMFILE."""
-    gate = _Gate(server, limit, count_open)
+    spinning on EMFILE. `on_pause(kind)` is told each pause: "limit" or "descriptors"."""
+    gate = _Gate(server, limit, count_open, on_pause)
     for sock in sockets:
         sock.setblocking(False)
         server._sockets[sock.fileno()] = sock
@@ -126,17 +137,23 @@ def accept_within(
 
 
 class BodyDeadlines:
-    """Publish bodies that take longer than `timeout` seconds to arrive are cut.
+    """Publish bodies in progress: each must arrive within `timeout` seconds, and together
+    they hold at most `limit` bytes.
 
     Tornado's own `body_timeout` wraps every request's body read in a timeout future: ~10 us a
     request, a tenth of the single-event publish rate (measured). Here a request only enters a
     dict when its body starts and leaves it when it ends; one timer a second, armed only while
-    bodies are in progress, closes the connections of the ones past their deadline.
+    bodies are in progress, closes the connections of the ones past their deadline. Without
+    the byte budget, a body's timeout alone still let 200 publishers sending 1 MiB bodies
+    slowly hold 200 MiB.
     """
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, limit: int) -> None:
         self.timeout = timeout
+        self.limit = limit
+        self.held = 0  # bytes of every body in progress
         self.started: dict[Any, float] = {}  # handler -> when its body started (loop time)
+        self.sizes: dict[Any, int] = {}  # handler -> bytes of its body held so far
         self._timer: asyncio.TimerHandle | None = None
 
     def start(self, handler: Any) -> None:
@@ -145,8 +162,18 @@ class BodyDeadlines:
         if self._timer is None:
             self._timer = loop.call_later(1.0, self._sweep)
 
+    def hold(self, handler: Any, size: int) -> bool:
+        """Count `size` more bytes of the handler's body, or False if the budget has no room
+        for them (the caller refuses the request; done() still has to be called)."""
+        if self.held + size > self.limit:
+            return False
+        self.held += size
+        self.sizes[handler] = self.sizes.get(handler, 0) + size
+        return True
+
     def done(self, handler: Any) -> None:
         self.started.pop(handler, None)
+        self.held -= self.sizes.pop(handler, 0)
 
     def _sweep(self) -> None:
         self._timer = None
@@ -156,7 +183,7 @@ class BodyDeadlines:
         horizon = loop.time() - self.timeout
         for handler, started in list(self.started.items()):
             if started <= horizon:
-                del self.started[handler]
+                self.done(handler)
                 handler.request.connection.close()  # the client gets no answer: it was late
         if self.started:
             self._timer = loop.call_later(1.0, self._sweep)

@@ -14,7 +14,7 @@ import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["Config", "ConfigError", "parse_config"]
+__all__ = ["HEADROOM", "Config", "ConfigError", "parse_config"]
 
 MIN_SECRET_BYTES = 32
 # Descriptors kept free of connections: listening sockets, log files, the broker's, a few

@@ -66,6 +66,35 @@ class Metrics:
             registry=self.registry,
         )
         self.connects = Counter("hub_stream_connects", "Streams opened.", registry=self.registry)
+        # The indexes, so that a leak shows (bench.churn checks them at 0 after its churn).
+        users = Gauge("hub_stream_users", "Users with open streams.", registry=self.registry)
+        users.set_function(lambda: len(hub.registry.by_user))
+        topics = Gauge("hub_stream_topics", "Topics with open streams.", registry=self.registry)
+        topics.set_function(lambda: len(hub.registry.by_topic))
+        channels = Gauge(
+            "hub_topic_channels", "Topic channels the flusher keeps.", registry=self.registry
+        )
+        channels.set_function(lambda: len(hub.flusher.topics))
+        # Set by the server (handlers.app.serve): the core does not see HTTP connections.
+        self.connections = Gauge(
+            "hub_connections_open",
+            "Open connections: HTTP requests in progress, idle keep-alive ones, and streams.",
+            registry=self.registry,
+        )
+        self.accept_paused = Counter(
+            "hub_accept_paused",
+            "Times the hub stopped accepting connections for a while, by why (limit: "
+            "--max-connections reached; descriptors: the process ran out of them).",
+            ["why"],
+            registry=self.registry,
+        )
+        for why in ("limit", "descriptors"):
+            self.accept_paused.labels(why)
+        self.body_bytes = Gauge(
+            "hub_publish_body_bytes",
+            "Bytes held for publish bodies still arriving (at most --max-body-memory).",
+            registry=self.registry,
+        )
         self.disconnects = Counter(
             "hub_disconnects", "Streams ended, by reason.", ["reason"], registry=self.registry
         )

@@ -85,12 +85,102 @@ def stop(proc: subprocess.Popen) -> str:
     return out
 
 
-def test_a_flood_of_half_open_connections_at_the_descriptor_limit_neither_spins_nor_wedges():
-    """256 descriptors; 400 connections that never send a byte. The hub stops accepting at
-    its cap (no EMFILE spin, no traceback flood), answers /healthz once the header timeout
-    frees slots, and closes every flood connection."""
+def publisher_token() -> str:
+    return jwt.encode({"sub": "svc", "exp": int(time.time()) + 60, "publish": True}, SECRET)
+
+
+def request(port: int, head: bytes, body: bytes = b"") -> tuple[int, bytes, socket.socket]:
+    """Send a request; read its answer's status and body (a stream's: empty, and its socket
+    stays open)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.sendall(head + body)
+    raw = b""
+    while b"\r\n\r\n" not in raw:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed before an answer: {raw!r}"
+        raw += chunk
+    head_bytes, rest = raw.split(b"\r\n\r\n", 1)
+    status = int(head_bytes.split(b" ", 2)[1])
+    if status == 200 and b"text/event-stream" in head_bytes:
+        return status, b"", sock
+    length = int(head_bytes.lower().split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0])
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed inside the answer"
+        rest += chunk
+    return status, rest[:length], sock
+
+
+def open_stream(port: int, user: str) -> tuple[int, bytes, socket.socket]:
+    auth = jwt.encode({"sub": user, "exp": int(time.time()) + 60}, SECRET)
+    head = f"GET /events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {auth}\r\n\r\n"
+    return request(port, head.encode())
+
+
+def publish(port: int, body: bytes) -> tuple[int, dict]:
+    head = (
+        b"POST /publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer " + publisher_token().encode() + b"\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    )
+    status, answer, sock = request(port, head, body)
+    sock.close()
+    return status, json.loads(answer)
+
+
+def metrics_text(port: int) -> str:
+    _, text, sock = request(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    sock.close()
+    return text.decode()
+
+
+def metric(port: int, name: str) -> float:
+    for family in text_string_to_metric_families(metrics_text(port)):
+        for sample in family.samples:
+            if sample.name == name:
+                return sample.value
+    raise AssertionError(f"no {name} in /metrics")
+
+
+def test_streams_leave_room_for_requests_when_they_would_fill_every_connection():
+    """With every connection a stream, the hub stopped accepting: publishes and /healthz
+    could not get in, and the next stream waited in the backlog instead of getting its
+    503. By default streams get the connection limit less a tenth (at least 8)."""
     port = free_port()
-    proc = start(port, "--header-timeout", "1", nofile=256)
+    proc = start(port, "--max-connections", "24")
+    streams: list[socket.socket] = []
+    try:
+        wait_until(lambda: healthz(port), timeout=15, what="hub healthy")
+        for i in range(16):
+            status, _, sock = open_stream(port, f"u{i}")
+            streams.append(sock)
+            assert status == 200
+        status, answer, sock = open_stream(port, "u16")
+        sock.close()
+        assert status == 503 and "most streams (16)" in json.loads(answer)["error"], answer
+        assert healthz(port)
+        status, published = publish(port, b'{"type": 5, "data": {"n": 1}}')
+        assert status == 202, published
+        assert refused(metrics_text(port), "503") == 1
+        assert metric(port, "hub_connections_open") >= 16
+    finally:
+        for sock in streams:
+            sock.close()
+        out = stop(proc)
+    assert "Traceback" not in out
+
+
+@pytest.mark.parametrize("flooded", ["public", "internal"])
+def test_a_flood_of_half_open_connections_at_the_descriptor_limit_neither_spins_nor_wedges(
+    flooded: str,
+):
+    """256 descriptors; 400 connections that never send a byte, on the public port or the
+    internal publish port. The hub stops accepting at its cap (no EMFILE spin, no traceback
+    flood), answers /healthz once the header timeout frees slots, and closes every flood
+    connection."""
+    port, internal = free_port(), free_port()
+    proc = start(port, "--header-timeout", "1", "--internal-port", str(internal), nofile=256)
+    target = port if flooded == "public" else internal
     flood: list[socket.socket] = []
     try:
         wait_until(lambda: healthz(port), timeout=15, what="hub healthy")
@@ -99,7 +189,7 @@ def test_a_flood_of_half_open_connections_at_the_descriptor_limit_neither_spins_
             sock = socket.socket()
             sock.setblocking(False)
             with contextlib.suppress(BlockingIOError):
-                sock.connect(("127.0.0.1", port))
+                sock.connect(("127.0.0.1", target))
             flood.append(sock)
         wait_until(lambda: healthz(port), timeout=20, what="/healthz during the flood")
         wait_until(lambda: all(closed_by_peer(s) for s in flood), timeout=30, what="flood closed")
@@ -119,9 +209,7 @@ def test_an_unfinished_publish_body_is_closed_after_the_body_timeout():
     proc = start(port, "--body-timeout", "1")
     try:
         wait_until(lambda: healthz(port), timeout=15, what="hub healthy")
-        publisher = jwt.encode(
-            {"sub": "svc", "exp": int(time.time()) + 60, "publish": True}, SECRET
-        )
+        publisher = publisher_token()
         socks = []
         for _ in range(20):
             sock = socket.create_connection(("127.0.0.1", port), timeout=5)
@@ -141,17 +229,70 @@ def test_an_unfinished_publish_body_is_closed_after_the_body_timeout():
     assert "Traceback" not in out
 
 
+def send_part_of_a_body(port: int, length: int, part: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.sendall(
+        b"POST /publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer " + publisher_token().encode() + b"\r\n"
+        b"Content-Length: %d\r\n\r\n" % length + b" " * part
+    )
+    return sock
+
+
+def test_bodies_in_progress_hold_at_most_max_body_memory_and_give_it_back():
+    """Half-sent bodies each within --max-body held the sum of them all (200 x 1 MiB: 209 MB)
+    until their connection closed. Now they share --max-body-memory: the body that would go
+    over it is a 503 with Retry-After, and bodies cut by the body timeout give their bytes
+    back (hub_publish_body_bytes returns to 0, a publish is taken again)."""
+    port = free_port()
+    mib = 1024 * 1024
+    proc = start(port, "--body-timeout", "2", "--max-body-memory", str(2 * mib))
+    held: list[socket.socket] = []
+    try:
+        wait_until(lambda: healthz(port), timeout=15, what="hub healthy")
+        for _ in range(2):
+            held.append(send_part_of_a_body(port, mib, 900_000))
+        wait_until(
+            lambda: metric(port, "hub_publish_body_bytes") == 1_800_000,
+            timeout=10,
+            what="both bodies held",
+        )
+        over = send_part_of_a_body(port, mib, 300_000)
+        with over:
+            over.settimeout(5)
+            raw = b""
+            while chunk := over.recv(65536):
+                raw += chunk
+        head, body = raw.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 503"), raw[:300]
+        assert b"Retry-After: 3" in head
+        assert "--max-body-memory 2097152" in json.loads(body)["error"]
+        assert metric(port, "hub_publish_body_bytes") == 1_800_000
+        wait_until(lambda: all(closed_by_peer(s) for s in held), timeout=15, what="bodies cut")
+        assert metric(port, "hub_publish_body_bytes") == 0
+        status, answer = publish(port, b'{"type": 5, "data": {"n": 1}}')
+        assert status == 202, answer
+    finally:
+        for sock in held:
+            sock.close()
+        out = stop(proc)
+    assert "Traceback" not in out
+
+
 def test_limits_are_flags_with_environment_variables_and_refuse_nonsense():
     from hub.config import ConfigError, parse_config
 
     config = parse_config(["--max-streams-per-user", "5"], {"HUB_HEADER_TIMEOUT": "3"})
     assert (config.max_streams_per_user, config.header_timeout) == (5, 3.0)
     assert config.connection_limit(1024) == 1024 - 64
-    assert parse_config(["--max-connections", "100"], {}).stream_limit(1024) == 100
+    assert parse_config(["--max-connections", "100"], {}).stream_limit(1024) == 100 - 10
+    assert config.stream_limit(100_000) == 100_000 - 64 - 1024
+    assert parse_config(["--max-streams", "7"], {}).stream_limit(1024) == 7
     for bad in (
         ["--max-streams-per-user", "0"],
         ["--max-connections", "-1"],
         ["--body-timeout", "0"],
+        ["--max-body", "2000", "--max-body-memory", "1999"],
     ):
         with pytest.raises(ConfigError):
             parse_config(bad, {})
