@@ -23,14 +23,22 @@ _UNSAFE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
 
 def redact(text: str) -> str:
     """`text` with tokens blanked. A percent-encoded token (or parameter name) is read
-    decoded: then the decoded text, redacted, is what is kept."""
-    clean = _TOKEN_PARAM.sub(r"\1***", _JWT.sub("***", text))
-    if "%" in text:
-        decoded = unquote(text)
-        clean_decoded = _TOKEN_PARAM.sub(r"\1***", _JWT.sub("***", decoded))
+    decoded, up to three times (clients that encode an encoded URL exist): then the decoded
+    text, redacted, is what is kept."""
+    clean = _blank(text)
+    decoded = text
+    for _ in range(3):
+        if "%" not in decoded:
+            break
+        decoded = unquote(decoded)
+        clean_decoded = _blank(decoded)
         if clean_decoded != decoded:
             return clean_decoded
     return clean
+
+
+def _blank(text: str) -> str:
+    return _TOKEN_PARAM.sub(r"\1***", _JWT.sub("***", text))
 
 
 def escape(text: str) -> str:

@@ -61,3 +61,16 @@ def test_any_text_around_a_token_is_one_line_without_the_token(before, after):
     out = escape(redact(before + TOKEN + after))
     assert TOKEN not in out
     assert "\n" not in out and "\r" not in out
+
+
+def test_a_token_encoded_twice_is_blanked_too():
+    """A client that encodes an already encoded URL sends `%2574oken=...%252E...`: the hub
+    does not take it as a token, but it is still the user's real token."""
+    twice = TOKEN.replace(".", "%252E")
+    for text in [
+        f"GET /events?%2574oken={twice}",
+        f"GET /e?x={twice}",
+        f"GET /e?x={TOKEN}".replace(".", "%25252E"),
+    ]:
+        out = redact(text)
+        assert TOKEN.split(".")[1][:20] not in out and TOKEN.split(".")[2][:20] not in out, out

@@ -240,6 +240,7 @@ def test_a_hostile_run_leaves_no_token_and_no_forged_line_in_the_log(start_hub):
         get_bytes(f"/events?token={token}"),
         get_bytes(f"/events?%74oken={token}"),
         get_bytes(f"/events?token={encoded}"),
+        get_bytes("/events?%2574oken=" + token.replace(".", "%252E")),  # encoded twice
         get_bytes(f"/static/nothing-here?token={token}"),
         get_bytes(f"/static/../../etc/passwd?token={token}"),
         get_bytes(f"/nowhere?access_token={token}", auth),
