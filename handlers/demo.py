@@ -22,6 +22,7 @@ from hub.core import Hub
 from hub.decode import build_event
 from hub.logs import escape, redact
 from hub.message import Event
+from hub.query import QueryError, parse_topics
 
 __all__ = ["DemoTokenHandler", "LogPublisher", "start_demo"]
 
@@ -50,8 +51,11 @@ class DemoTokenHandler(HubHandler):
             }
         elif role == "subscriber":
             user = self.get_query_argument("user", "demo")[:64] or "demo"
-            raw_topics = self.get_query_argument("topics", "*")
-            topics = [t.strip() for t in raw_topics.split(",") if t.strip()] or ["*"]
+            try:
+                topics = list(parse_topics([self.get_query_argument("topics", "*")])) or ["*"]
+            except QueryError as exc:
+                self.fail(400, exc.message, **exc.extra)
+                return
             claims = {
                 "sub": user,
                 "iat": issued,

@@ -172,6 +172,12 @@ def test_demo_mode_says_at_start_that_anyone_can_get_tokens_and_publish(start_hu
     port = free_port()
     proc = start_hub("--demo", "--port", str(port), env={})
     wait_until(lambda: healthy(port), what="demo hub healthy")
+    # the topics it puts in a token follow the rules of a stream's query (hub.query)
+    many = ",".join(f"t{i}" for i in range(5000))
+    status, answer = get(f"http://127.0.0.1:{port}/demo/token?topics={many}")
+    assert status == 400 and "too many topics" in answer["error"]
+    status, answer = get(f"http://127.0.0.1:{port}/demo/token?topics=a,%20b,a,")
+    assert status == 200 and answer["topics"] == ["a", "b"]
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=20)
     assert "DEMO MODE: anyone who can reach this port gets tokens" in out
