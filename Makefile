@@ -31,5 +31,3 @@ test: lint
 
 bench: $(BIN)/.installed
 	$(BIN)/python -m bench
-	$(BIN)/python -m bench.churn
-	$(BIN)/python -m bench.flood

@@ -9,6 +9,10 @@ Every process started is ended by its PID, also on Ctrl-C and errors.
     .venv/bin/python -m bench --nchan              # ... and nchan side by side
     .venv/bin/python -m bench --only bcast-2k,idle --duration 5
     .venv/bin/python -m bench --no-hub --nchan     # nchan alone (validates the load generator)
+    .venv/bin/python -m bench --only churn --soak 30   # churn and a shorter soak, alone
+
+The reliability scenarios (`churn`, `flood`) are commands of their own (bench/churn.py,
+bench/flood.py); their reports follow the table.
 """
 
 from __future__ import annotations
@@ -450,6 +454,30 @@ def wait_quiet(max_wait: float, threshold: float = 10.0) -> float:
         print(f"bench: waiting for a quiet machine ({load:.0f}% busy)", file=sys.stderr)
 
 
+def run_module(sc: Scenario, args: argparse.Namespace) -> tuple[bool, str]:
+    """Run a scenario that is a command of its own; (passed, its report)."""
+    assert sc.module is not None
+    argv = [sys.executable, "-m", sc.module]
+    if sc.module == "bench.churn":
+        argv += ["--soak", str(args.soak), "--cycles", str(args.cycles)]
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, text=True, cwd=servers.REPO, start_new_session=True
+    )
+    try:
+        out, _ = proc.communicate(timeout=args.soak + 300)
+    except BaseException as exc:
+        proc.send_signal(signal.SIGTERM)  # it ends the hub it started, by PID
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+        if isinstance(exc, subprocess.TimeoutExpired):
+            return False, f"{sc.name}: did not finish within {args.soak + 300:.0f} s  [FAILED]"
+        raise
+    return proc.returncode == 0, out.strip() or f"{sc.name}: exit {proc.returncode}  [FAILED]"
+
+
 def git_head() -> str:
     try:
         r = subprocess.run(
@@ -472,6 +500,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--only", action="append", help="scenario names or prefixes, comma-separated")
     ap.add_argument("--duration", type=float, default=8.0, help="publish seconds per scenario")
+    ap.add_argument("--soak", type=float, default=120.0, help="seconds of the churn's soak")
+    ap.add_argument("--cycles", type=int, default=10_000, help="the churn's connect cycles")
     ap.add_argument("--nchan", action="store_true", help="also run nchan as the reference")
     ap.add_argument("--no-hub", action="store_true", help="skip the hub (with --nchan: nchan only)")
     ap.add_argument("--loop", choices=["uvloop", "asyncio"], help="the hub's event loop")
@@ -539,6 +569,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: warning: the machine is {load:.0f}% busy before the start", file=sys.stderr)
     started = time.monotonic()
     rows: list[dict[str, Any]] = []
+    reports: list[str] = []  # of the scenarios that are commands of their own
     header = [
         f"# python -m bench {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip(),
         f"# {dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, commit {git_head()}",
@@ -563,6 +594,14 @@ def main(argv: list[str] | None = None) -> int:
                     if time.monotonic() - started > args.max_time:
                         print(f"bench: --max-time reached, skipping {sc.name}", file=sys.stderr)
                         continue
+                    if sc.module is not None:
+                        wait_quiet(args.quiet_wait)
+                        print(f"bench: {sc.name} ({sc.title}) ...", file=sys.stderr)
+                        t = time.monotonic()
+                        _, report = run_module(sc, args)
+                        print(f"bench:   {time.monotonic() - t:.0f}s  {report}", file=sys.stderr)
+                        reports.append(report)
+                        continue
                     for attempt in range(1 + args.retries):
                         busy = wait_quiet(args.quiet_wait)
                         print(f"bench: {sc.name} ({sc.title}) on {kind} ...", file=sys.stderr)
@@ -583,10 +622,14 @@ def main(argv: list[str] | None = None) -> int:
             print("bench: interrupted; ending the processes it started", file=sys.stderr)
         finally:
             servers.stop_all()
-    text = "\n".join(header) + "\n\n" + table(rows)
+    text = "\n".join(header)
+    if rows:
+        text += "\n\n" + table(rows)
     targets = check_targets(rows)
     if targets:
         text += "\n\n" + targets
+    if reports:
+        text += "\n\n" + "\n".join(reports)
     text += f"\n\n# total {time.monotonic() - started:.0f} s" + (
         " (interrupted)" if interrupted else ""
     )

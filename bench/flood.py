@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.churn import REPO, SECRET, free_port
 
@@ -53,6 +54,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.flood", description=__doc__)
     parser.add_argument("--connections", type=int, default=2000)
     args = parser.parse_args()
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # unwinds through the finally below: the hub is stopped
+
+    signal.signal(signal.SIGTERM, on_term)
     port = free_port()
 
     def limit() -> None:

@@ -65,7 +65,16 @@ class Scenario:
     def publisher(self, kind: str) -> dict[str, Any] | None:
         return self.publish(kind) if self.publish else None
 
+    @property
+    def module(self) -> str | None:
+        """A scenario run by a module of its own (a command with its own report), not by the
+        load generator."""
+        module: str | None = self.extra.get("module")
+        return module
+
     def applies_to(self, kind: str) -> bool:
+        if self.module is not None:
+            return kind == "hub"
         return self.publish is None or self.publisher(kind) is not None
 
 
@@ -142,6 +151,24 @@ def all_scenarios() -> list[Scenario]:
     s.append(
         Scenario(
             "nosub-batch", "no subscribers, batches of 100, 1 in flight", 0, publish=_closed_batch
+        )
+    )
+    # Reliability, each its own command with its own report (after the table): see
+    # bench/churn.py and bench/flood.py.
+    s.append(
+        Scenario(
+            "churn",
+            "10,000 connect/disconnect cycles, then a soak: cuts with resume, joins, leaves",
+            0,
+            extra={"module": "bench.churn"},
+        )
+    )
+    s.append(
+        Scenario(
+            "flood",
+            "2,000 half-open connections under 256 descriptors",
+            0,
+            extra={"module": "bench.flood"},
         )
     )
     return s
