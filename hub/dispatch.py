@@ -118,11 +118,15 @@ def filter_log(query: Mapping[str, Sequence[str]]) -> EventFilter | None:
         return None
 
     def accepts(event: Event) -> bool:
-        data = event.data if isinstance(event.data, dict) else {}
-        level = LOG_LEVELS.get(str(data.get("level", "info")).lower(), 0)
+        # What a publisher sent, read once per stream: only a short string is a level or a
+        # service (str() of a large value would cost per stream; a dict in a set raises).
+        data = event.data if type(event.data) is dict else {}
+        name = data.get("level", "info")
+        level = LOG_LEVELS.get(name.lower(), 0) if type(name) is str and len(name) <= 8 else 0
         if level < min_level:
             return False
-        return services is None or data.get("service") in services
+        service = data.get("service")
+        return services is None or (type(service) is str and service in services)
 
     return accepts
 

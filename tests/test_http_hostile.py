@@ -106,3 +106,29 @@ def test_a_hostile_path_is_a_4xx_never_a_5xx_and_its_answer_stays_short(
     assert len(response.body) < 1024
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, [r.getMessage()[:200] for r in errors]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [{"service": {}}, {"service": ["api"]}, {"level": {"a": 1}}, {"level": ["x"] * 1000}],
+    ids=["service-object", "service-list", "level-object", "level-list"],
+)
+def test_a_log_event_with_odd_level_or_service_values_stops_no_stream(io_loop, server, data):
+    """Filters read what a publisher sent: an unhashable `service` once raised inside the
+    flusher, and no stream got anything after it."""
+
+    async def scenario() -> None:
+        filtered = await server.stream("u1", topics=["logs"], query={"service": "api"})
+        leveled = await server.stream("u2", topics=["logs"], query={"level": "warning"})
+        plain = await server.stream("u3")
+        await server.publish_ok({"type": "log", "data": data})
+        ids = await server.publish_ok(
+            [{"type": "log", "data": {"service": "api", "level": "error"}}, {"type": 5}]
+        )
+        for client in (filtered, leveled):
+            assert [e.id for e in await client.events(2)] == ids
+        assert [e.id for e in await plain.events(1)] == ids[1:]
+        for client in (filtered, leveled, plain):
+            client.close()
+
+    run(io_loop, scenario())
