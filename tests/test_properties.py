@@ -173,6 +173,20 @@ def test_filter_queries_build_a_filter_or_refuse_with_filter_error(query):
     assert set(filters) <= {4}
 
 
+@FAST
+@given(
+    st.sampled_from(["debug", "warning", "critical"]),
+    st.lists(st.sampled_from(["api", "db", "x"]), max_size=2),
+    json_values | st.dictionaries(st.sampled_from(["level", "service"]), json_values),
+)
+def test_a_log_filter_takes_or_drops_any_published_data_and_never_raises(level, services, data):
+    """A filter runs in the flusher, on whatever a publisher sent: raising there once stopped
+    every stream."""
+    accepts = DEFAULT_TYPES.stream_filters({"level": [level], "service": services})[4]
+    [event] = decode_json(json.dumps({"type": "log", "data": data}).encode())
+    assert accepts(event) in (True, False)
+
+
 # -- tokens --------------------------------------------------------------------------------
 
 claim_values = (
