@@ -220,6 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=config.log_level.upper(), handlers=[handler])
+    logging.captureWarnings(True)  # warnings too: they would go to stderr as they are
     if config.demo:
         log.warning(
             "DEMO MODE: anyone who can reach this port gets tokens at /demo/token, for any user "

@@ -55,7 +55,13 @@ class SafeFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         saved = record.msg, record.args, record.exc_info, record.exc_text, record.stack_info
         try:
-            record.msg = escape(redact(record.getMessage()))
+            message = record.getMessage()
+        except Exception:
+            # A call whose arguments do not fit its format: written here, redacted, rather
+            # than by logging's own error report, which prints the raw arguments to stderr.
+            message = f"{record.msg!r} % {record.args!r} (arguments do not fit the format)"
+        try:
+            record.msg = escape(redact(message))
             record.args = None
             record.exc_info = record.exc_text = record.stack_info = None
             line = super().format(record)

@@ -74,3 +74,19 @@ def test_a_token_encoded_twice_is_blanked_too():
     ]:
         out = redact(text)
         assert TOKEN.split(".")[1][:20] not in out and TOKEN.split(".")[2][:20] not in out, out
+
+
+def test_a_record_whose_arguments_do_not_fit_its_format_is_still_written_redacted(capsys):
+    """logging's own error report for such a call prints the raw arguments to stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(SafeFormatter("%(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("test.unfit")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("one %s two %s", f"?token={TOKEN}")
+    finally:
+        logger.removeHandler(handler)
+    err = capsys.readouterr().err
+    assert TOKEN not in err and "Logging error" not in err
+    assert err.startswith("WARNING test.unfit: 'one %s two %s'") and err.count("\n") == 1
