@@ -631,3 +631,29 @@ async def test_errors_that_name_client_input_stay_short_however_long_the_input(h
     assert response.code == 415 and len(error_body(response)["error"]) < 200
     response = await server.publish(json.dumps({"type": "t" * 50_000}).encode())
     assert response.code == 422 and len(error_body(response)["error"]) < 200
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_a_publish_whose_body_ends_after_shutdown_began_is_503_json(hub_server):
+    """Its head passed the shutdown check; the broker refuses it when the body is complete."""
+    from tornado.tcpclient import TCPClient
+
+    server = await hub_server()
+    body = json.dumps({"type": 5, "data": "late"}).encode()
+    stream = await TCPClient().connect("127.0.0.1", server.port)
+    head = (
+        f"POST /publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {server.publisher_token()}"
+        f"\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        "Expect: 100-continue\r\n\r\n"
+    )
+    await stream.write(head.encode())
+    # Tornado says "continue" once the handler's prepare() has passed the request
+    assert (await stream.read_until(b"\r\n\r\n")).startswith(b"HTTP/1.1 100")
+    await server.hub.stop()
+    await stream.write(body)
+    head_in = (await stream.read_until(b"\r\n\r\n")).decode()
+    length = int(head_in.lower().split("content-length: ")[1].split("\r\n")[0])
+    answer = json.loads(await stream.read_bytes(length))
+    stream.close()
+    assert head_in.startswith("HTTP/1.1 503"), head_in
+    assert "not published" in answer["error"] or "shutting down" in answer["error"]
