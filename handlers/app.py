@@ -163,7 +163,9 @@ async def serve(config: Config) -> None:
         hub.metrics.accept_paused.labels(why).inc()
 
     hub.metrics.connections.set_function(count_open)
-    accept_within(server, sockets, limit, count_open, paused)
+    # A client that stops taking answers is cut after --slow-after, like a stream that stops
+    # draining (handlers.server).
+    accept_within(server, sockets, limit, count_open, paused, config.slow_after)
     port = sockets[0].getsockname()[1]
     log.info(
         "listening on http://%s:%d%s (at most %d connections, %d streams, %d per user)",
@@ -186,7 +188,14 @@ async def serve(config: Config) -> None:
         # The same count, and half the headroom beyond the public limit: a flood on the
         # public port never locks internal publishers out, and a leaking internal client
         # cannot take the hub to EMFILE either.
-        accept_within(internal, internal_sockets, limit + HEADROOM // 2, count_open, paused)
+        accept_within(
+            internal,
+            internal_sockets,
+            limit + HEADROOM // 2,
+            count_open,
+            paused,
+            config.slow_after,
+        )
         log.info(
             "publishing on http://%s:%d/publish (internal, no token)",
             config.internal_host,

@@ -9,6 +9,13 @@ or ENFILE that happens anyway (descriptors used elsewhere) pauses accepting brie
 spinning. The condition is logged once per interval, not once per connection. Connections the
 kernel queues meanwhile wait in the listen backlog; the header timeout frees the slots of
 clients that never finish a request.
+
+The other way to hold a connection for ever is to stop reading answers: a client that
+pipelines requests for a static file and reads nothing held its connection (and megabytes
+of the kernel's buffers) with no timeout at all, since Tornado has no write timeout. Every
+accepted socket gets TCP_USER_TIMEOUT: the kernel aborts a connection whose sent data has not
+been taken (zero window, or no acknowledgment) for that long, at no cost to the loop. Streams
+clear it: the flusher cuts them as slow, with the reason counted.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ log = logging.getLogger("hub")
 
 _OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 RECHECK = 0.1  # seconds between checks while accepting is paused
+USER_TIMEOUT: int | None = getattr(socket, "TCP_USER_TIMEOUT", None)  # Linux
 LOG_EVERY = 10.0  # seconds between two log lines about it
 
 
@@ -40,11 +48,13 @@ class _Gate:
         limit: int,
         count_open: Callable[[], int],
         on_pause: Callable[[str], None] | None,
+        write_timeout: float,
     ) -> None:
         self.server = server
         self.limit = limit
         self.count_open = count_open
         self.on_pause = on_pause
+        self.write_timeout_ms = int(write_timeout * 1000)
         self.io_loop = IOLoop.current()
         self.paused: dict[int, socket.socket] = {}
         self.active: dict[int, socket.socket] = {}
@@ -84,6 +94,8 @@ class _Gate:
                     self._pause(sock, "descriptors", why)
                     return
                 raise
+            if self.write_timeout_ms and USER_TIMEOUT is not None:
+                connection.setsockopt(socket.IPPROTO_TCP, USER_TIMEOUT, self.write_timeout_ms)
             self.server._handle_connection(connection, address)  # what Tornado's loop calls
 
     def _pause(self, sock: socket.socket, kind: str, why: str) -> None:
@@ -126,10 +138,13 @@ def accept_within(
     limit: int,
     count_open: Callable[[], int],
     on_pause: Callable[[str], None] | None = None,
+    write_timeout: float = 0.0,
 ) -> None:
     """server.add_sockets(sockets), but never past `limit` open connections and never
-    spinning on EMFILE. `on_pause(kind)` is told each pause: "limit" or "descriptors"."""
-    gate = _Gate(server, limit, count_open, on_pause)
+    spinning on EMFILE. `on_pause(kind)` is told each pause: "limit" or "descriptors".
+    A connection whose peer takes nothing of what was sent for `write_timeout` seconds is
+    aborted by the kernel (0: never)."""
+    gate = _Gate(server, limit, count_open, on_pause, write_timeout)
     for sock in sockets:
         sock.setblocking(False)
         server._sockets[sock.fileno()] = sock

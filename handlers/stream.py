@@ -14,6 +14,7 @@ import logging
 import socket
 
 from handlers.base import HubHandler, access_log, redact
+from handlers.server import USER_TIMEOUT
 from hub.query import QueryError, parse_topics
 from hub.transport import SocketTransport
 
@@ -78,6 +79,8 @@ class EventsHandler(HubHandler):
         # Each write is already a whole pass's worth of frames, coalesced in the flusher;
         # Nagle would only hold it back waiting for the client's (possibly delayed) ACK.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if USER_TIMEOUT is not None:  # the flusher, not the kernel, cuts a stalled stream
+            sock.setsockopt(socket.IPPROTO_TCP, USER_TIMEOUT, 0)
         transport = SocketTransport(sock, asyncio.get_running_loop())
         # The origin is one the operator listed (or the request's own, echoed only when it
         # is listed): no CR/LF can reach the head.

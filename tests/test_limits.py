@@ -229,6 +229,59 @@ def test_an_unfinished_publish_body_is_closed_after_the_body_timeout():
     assert "Traceback" not in out
 
 
+def test_a_client_that_takes_no_answers_is_cut_after_slow_after():
+    """A client that pipelines requests for a static file and reads nothing held its
+    connection for ever once the kernel's buffers were full: no header timeout applies (the
+    hub is writing, not waiting for a request) and Tornado has no write timeout. Such
+    connections fill --max-connections as surely as half-open ones. Now the kernel aborts
+    a connection that takes nothing for --slow-after seconds."""
+    port = free_port()
+    proc = start(port, "--slow-after", "2", "--header-timeout", "120")
+    reader = socket.socket()
+    try:
+        wait_until(lambda: healthz(port), timeout=15, what="hub healthy")
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+        reader.connect(("127.0.0.1", port))
+        # ~9 MB of answers: more than the kernel buffers of both ends hold
+        reader.sendall(b"GET /static/hub.js HTTP/1.1\r\nHost: x\r\n\r\n" * 700)
+        wait_until(
+            lambda: metric(port, "hub_connections_open") == 2, timeout=10, what="reader open"
+        )
+        wait_until(lambda: metric(port, "hub_connections_open") == 1, timeout=20, what="reader cut")
+    finally:
+        reader.close()
+        out = stop(proc)
+    assert "Traceback" not in out and "WARNING" not in out, out[-3000:]
+
+
+def test_a_stream_that_stops_reading_is_still_cut_as_slow_not_aborted_by_the_kernel():
+    """Streams clear the kernel's timeout that every accepted connection gets: the flusher
+    cuts them, and counts the reason."""
+    port = free_port()
+    proc = start(port, "--slow-after", "2")
+    stream = socket.socket()
+    try:
+        wait_until(lambda: healthz(port), timeout=15, what="hub healthy")
+        stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+        stream.connect(("127.0.0.1", port))
+        auth = jwt.encode({"sub": "u1", "exp": int(time.time()) + 60}, SECRET)
+        stream.sendall(
+            f"GET /events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {auth}\r\n\r\n".encode()
+        )
+        wait_until(lambda: metric(port, "hub_streams_open") == 1, timeout=10, what="stream")
+        event = {"type": 5, "data": {"pad": "x" * 4000}}
+        for _ in range(8):  # ~6 MB: more than both ends' buffers
+            status, answer = publish(port, json.dumps([event] * 200).encode())
+            assert status == 202, answer
+        wait_until(lambda: metric(port, "hub_streams_open") == 0, timeout=20, what="cut")
+        text = metrics_text(port)
+        assert 'hub_disconnects_total{reason="slow"} 1.0' in text, text
+    finally:
+        stream.close()
+        out = stop(proc)
+    assert "Traceback" not in out
+
+
 def send_part_of_a_body(port: int, length: int, part: int) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
     sock.sendall(
