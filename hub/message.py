@@ -82,7 +82,9 @@ _CONTROL_BYTES = bytes([*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20)])
 _BAD_NUMBERS = (
     re.compile(rb"-(?![0-9])(?<=[\[:, ]-)"),
     re.compile(rb"\.(?=[eE,\]} ])(?<=[0-9]\.)"),
-    re.compile(rb"0(?=[0-9]+[.eE,\]} ])(?:(?<=[\[:, ]0)|(?<=[\[:, ]-0))"),
+    # (the lookbehind first: only a 0 after a separator scans the digits that follow, so a
+    # run of zeros costs its length once, not its square)
+    re.compile(rb"0(?:(?<=[\[:, ]0)|(?<=[\[:, ]-0))(?=[0-9]+[.eE,\]} ])"),
     re.compile(rb"\A *(?:-(?![0-9])|-?0[0-9]|-?[0-9]+\.(?![0-9]))"),  # a bare number
 )
 
