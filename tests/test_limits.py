@@ -229,6 +229,35 @@ def test_an_unfinished_publish_body_is_closed_after_the_body_timeout():
     assert "Traceback" not in out
 
 
+def test_a_request_head_that_trickles_in_is_cut_after_the_header_timeout():
+    """The header timeout bounds the whole head, not the pause between two bytes: a client
+    sending a header line every 0.2 s (slowloris) is closed all the same."""
+    port = free_port()
+    proc = start(port, "--header-timeout", "1")
+    sock = socket.socket()
+    try:
+        wait_until(lambda: healthz(port), timeout=15, what="hub healthy")
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        sock.setblocking(False)
+        cut = False
+        for i in range(50):  # 10 s of trickle at most
+            try:
+                sock.sendall(b"X-Trickle-%d: y\r\n" % i)
+            except OSError:
+                cut = True
+                break
+            if closed_by_peer(sock):
+                cut = True
+                break
+            time.sleep(0.2)  # the trickle's pace, not a synchronisation
+        assert cut, "the hub kept a trickling request head open for 10 s"
+    finally:
+        sock.close()
+        out = stop(proc)
+    assert "Traceback" not in out
+
+
 def test_a_client_that_takes_no_answers_is_cut_after_slow_after():
     """A client that pipelines requests for a static file and reads nothing held its
     connection for ever once the kernel's buffers were full: no header timeout applies (the
