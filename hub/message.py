@@ -148,7 +148,9 @@ def _check_strictly(text: str, base_offset: int, index: int | None) -> None:
         # int() refuses to convert more digits than sys.get_int_max_str_digits() (4,300):
         # both parsers stop there, without saying where.
         limit = sys.get_int_max_str_digits()
-        digits = re.search(rf"[0-9]{{{limit + 1},}}", text)
+        # from where a run of digits begins only: from every digit, shorter runs would cost
+        # their square
+        digits = re.search(rf"(?<![0-9])[0-9]{{{limit + 1},}}", text)
         pos = base_offset + (len(text[: digits.start()].encode()) if digits else 0)
         raise ParseError(
             f"number of more than {limit} digits at byte {pos}", offset=pos, index=index
