@@ -14,7 +14,6 @@ from typing import Any
 
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
-from tornado.web import Application
 
 from handlers.base import access_logger
 from handlers.demo import DemoTokenHandler, start_demo
@@ -27,7 +26,7 @@ from handlers.ops import (
     TypesHandler,
 )
 from handlers.publish import PublishHandler
-from handlers.server import BodyDeadlines, accept_within
+from handlers.server import BodyDeadlines, HubApplication, accept_within
 from handlers.stream import EventsHandler
 from hub.auth import Verifier
 from hub.config import HEADROOM, Config, ConfigError, parse_config
@@ -55,7 +54,7 @@ def static_dir(config: Config) -> Path:
 
 def build_app(
     config: Config, hub: Hub | None = None, types: TypeTable = DEFAULT_TYPES
-) -> Application:
+) -> HubApplication:
     """The public application: streams, publishing (unless an internal listener takes it),
     operations, the demo page. `app.settings["hub"]` is the core; `types` its dispatch table
     (when the hub is built here)."""
@@ -80,7 +79,7 @@ def build_app(
     if config.demo:
         routes.append((r"/demo/token", DemoTokenHandler, deps))
     success_level = logging.INFO if config.demo else logging.DEBUG
-    return Application(
+    return HubApplication(
         routes,
         hub=hub,
         log_function=access_logger(success_level),
@@ -91,11 +90,11 @@ def build_app(
     )
 
 
-def build_internal_app(hub: Hub) -> Application:
+def build_internal_app(hub: Hub) -> HubApplication:
     """POST /publish without authentication, for a listener only internal services reach."""
     verifier = Verifier(hub.config.jwt_algorithm, hub.config.jwt_secret, hub.config.jwt_public_key)
     deps: dict[str, Any] = {"hub": hub, "verifier": verifier}
-    return Application(
+    return HubApplication(
         [
             (
                 r"/publish",

@@ -22,16 +22,26 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import socket
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
+import ujson
+from tornado.httputil import HTTPServerRequest
 from tornado.ioloop import IOLoop
 from tornado.tcpserver import TCPServer
+from tornado.web import (
+    Application,
+    RequestHandler,
+    _HandlerDelegate,
+    _has_stream_request_body,
+    stream_request_body,
+)
 
-__all__ = ["BodyDeadlines", "accept_within"]
+__all__ = ["BodyDeadlines", "HubApplication", "accept_within"]
 
 log = logging.getLogger("hub")
 
@@ -202,3 +212,59 @@ class BodyDeadlines:
                 handler.request.connection.close()  # the client gets no answer: it was late
         if self.started:
             self._timer = loop.call_later(1.0, self._sweep)
+
+
+class HubApplication(Application):
+    """An Application that answers a request carrying a body to a route that takes none
+    (every route but the publish one) at its head, with a JSON 413 (or the 404 of a route
+    that does not exist: the default handler answers in `prepare`, now before the body).
+
+    Tornado reads such a body in full before the handler runs, up to the server's
+    max_body_size and with no timeout: a stranger sending `GET /healthz` with
+    `Content-Length: 2000000` and most of the bytes held 2 MB per connection for ever, no
+    token needed."""
+
+    def get_handler_delegate(
+        self,
+        request: HTTPServerRequest,
+        target_class: type[RequestHandler],
+        target_kwargs: dict[str, Any] | None = None,
+        path_args: list[bytes] | None = None,
+        path_kwargs: dict[str, bytes] | None = None,
+    ) -> _HandlerDelegate:
+        headers = request.headers
+        if not _has_stream_request_body(target_class) and (
+            headers.get("Content-Length", "0") != "0" or "Transfer-Encoding" in headers
+        ):
+            if target_class is not self.settings.get("default_handler_class"):
+                return super().get_handler_delegate(request, _NoBodyHere)
+            target_class = _before_the_body(target_class)
+        return super().get_handler_delegate(
+            request, target_class, target_kwargs, path_args, path_kwargs
+        )
+
+
+def _ignore_chunk(handler: RequestHandler, chunk: bytes) -> None:
+    """What arrives before the connection closes."""
+
+
+@functools.cache
+def _before_the_body(handler: type[RequestHandler]) -> type[RequestHandler]:
+    """The handler, run as soon as the head is in (its prepare answers; no body is read)."""
+    subclass = type(handler.__name__, (handler,), {"data_received": _ignore_chunk})
+    return stream_request_body(cast("type[RequestHandler]", subclass))
+
+
+@stream_request_body
+class _NoBodyHere(RequestHandler):
+    """Answers before the body is read; Tornado then closes the connection unread."""
+
+    def prepare(self) -> None:
+        self.set_status(413)
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Cache-Control", "no-store")
+        where = f"{self.request.method} {self.request.path}"[:160]
+        self.finish(ujson.dumps({"error": f"{where} takes no request body", "limit": 0}))
+
+    def data_received(self, chunk: bytes) -> None:
+        pass  # what arrives before the connection closes

@@ -93,21 +93,25 @@ def request(port: int, head: bytes, body: bytes = b"") -> tuple[int, bytes, sock
     """Send a request; read its answer's status and body (a stream's: empty, and its socket
     stays open)."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-    sock.sendall(head + body)
-    raw = b""
-    while b"\r\n\r\n" not in raw:
-        chunk = sock.recv(65536)
-        assert chunk, f"connection closed before an answer: {raw!r}"
-        raw += chunk
-    head_bytes, rest = raw.split(b"\r\n\r\n", 1)
-    status = int(head_bytes.split(b" ", 2)[1])
-    if status == 200 and b"text/event-stream" in head_bytes:
-        return status, b"", sock
-    length = int(head_bytes.lower().split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0])
-    while len(rest) < length:
-        chunk = sock.recv(65536)
-        assert chunk, "connection closed inside the answer"
-        rest += chunk
+    try:
+        sock.sendall(head + body)
+        raw = b""
+        while b"\r\n\r\n" not in raw:
+            chunk = sock.recv(65536)
+            assert chunk, f"connection closed before an answer: {raw!r}"
+            raw += chunk
+        head_bytes, rest = raw.split(b"\r\n\r\n", 1)
+        status = int(head_bytes.split(b" ", 2)[1])
+        if status == 200 and b"text/event-stream" in head_bytes:
+            return status, b"", sock
+        length = int(head_bytes.lower().split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0])
+        while len(rest) < length:
+            chunk = sock.recv(65536)
+            assert chunk, "connection closed inside the answer"
+            rest += chunk
+    except BaseException:
+        sock.close()
+        raise
     return status, rest[:length], sock
 
 
@@ -307,6 +311,37 @@ def test_a_stream_that_stops_reading_is_still_cut_as_slow_not_aborted_by_the_ker
         assert 'hub_disconnects_total{reason="slow"} 1.0' in text, text
     finally:
         stream.close()
+        out = stop(proc)
+    assert "Traceback" not in out
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/events", "/static/hub.js", "/no/such/route"])
+@pytest.mark.parametrize("framing", ["Content-Length: 2000000", "Transfer-Encoding: chunked"])
+def test_a_body_sent_to_a_route_that_takes_none_is_refused_at_its_head(path: str, framing: str):
+    """Tornado reads a body in full before a handler runs, with no timeout: a stranger (no
+    token) sending GET with most of a 2 MB body held 2 MB per connection for ever. Now every
+    route but the publish one answers such a request at its head: a JSON 413 (404 for a
+    route that does not exist), the body unread, the connection closed."""
+    port = free_port()
+    proc = start(port)
+    try:
+        wait_until(lambda: healthz(port), timeout=15, what="hub healthy")
+        head = f"GET {path} HTTP/1.1\r\nHost: x\r\n{framing}\r\n\r\n".encode()
+        status, body, sock = request(port, head, b"400\r\n" + b"x" * 1024)
+        with sock:
+            if path == "/no/such/route":
+                assert status == 404, body
+                assert json.loads(body) == {"error": f"no such endpoint: GET {path}"}
+            else:
+                assert status == 413, body
+                assert json.loads(body) == {
+                    "error": f"GET {path} takes no request body",
+                    "limit": 0,
+                }
+            sock.setblocking(False)
+            wait_until(lambda: closed_by_peer(sock), timeout=10, what="connection closed")
+        assert metric(port, "hub_connections_open") == 1  # this request's own
+    finally:
         out = stop(proc)
     assert "Traceback" not in out
 
