@@ -43,6 +43,7 @@ class EventsHandler(HubHandler):
         if refused is not None:
             status, why = refused
             self.hub.metrics.streams_refused.labels(str(status)).inc()
+            self.hub.metrics.streams_capped.labels("per_user" if status == 429 else "total").inc()
             self.fail_retry(status, why, self.hub.config.retry)
             return
         try:

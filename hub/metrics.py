@@ -66,6 +66,15 @@ class Metrics:
             registry=self.registry,
         )
         self.connects = Counter("hub_stream_connects", "Streams opened.", registry=self.registry)
+        self.streams_capped = Counter(
+            "hub_streams_capped",
+            "Streams refused by a cap, by which (per_user: --max-streams-per-user, a 429; "
+            "total: --max-streams, a 503). Also counted in hub_streams_refused.",
+            ["limit"],
+            registry=self.registry,
+        )
+        for limit in ("per_user", "total"):
+            self.streams_capped.labels(limit)
         # The indexes, so that a leak shows (bench.churn checks them at 0 after its churn).
         users = Gauge("hub_stream_users", "Users with open streams.", registry=self.registry)
         users.set_function(lambda: len(hub.registry.by_user))

@@ -46,7 +46,10 @@ async def test_streams_past_the_per_user_cap_are_429_and_counted(hub_server):
     assert third.headers.get("retry-after") == "3"
     other = await server.stream("u2")
     assert other.status == 200
-    assert refused((await server.fetch("/metrics")).body.decode(), "429") == 1
+    metrics = (await server.fetch("/metrics")).body.decode()
+    assert refused(metrics, "429") == 1
+    assert 'hub_streams_capped_total{limit="per_user"} 1.0' in metrics
+    assert 'hub_streams_capped_total{limit="total"} 0.0' in metrics
 
 
 @pytest.mark.gen_test(timeout=10)
@@ -56,7 +59,9 @@ async def test_streams_past_the_total_cap_are_503_and_counted(hub_server):
     await server.stream("u2")
     third = await server.stream("u3")
     assert third.status == 503 and "most streams (2)" in third.body["error"]
-    assert refused((await server.fetch("/metrics")).body.decode(), "503") == 1
+    metrics = (await server.fetch("/metrics")).body.decode()
+    assert refused(metrics, "503") == 1
+    assert 'hub_streams_capped_total{limit="total"} 1.0' in metrics
 
 
 def start(port: int, *args: str, nofile: int | None = None) -> subprocess.Popen:
