@@ -1,4 +1,8 @@
-"""Accepting connections without running out of descriptors.
+"""Connections, bounded: in number, in time, and in what they make the hub hold.
+
+Here: the accept gate (`accept_within`), the kernel's write timeout on every connection,
+publish bodies' deadlines and byte budget (`BodyDeadlines`), and an Application that reads
+no body on a route that takes none (`HubApplication`).
 
 Tornado's accept loop, at the descriptor limit, gets EMFILE on every `accept()` while the
 listening socket stays readable: the loop spins at 100% CPU writing a traceback each turn (one
