@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import enum
+import logging
+import time
 from typing import TYPE_CHECKING
 
 from hub.dispatch import EventFilter
@@ -12,6 +14,8 @@ if TYPE_CHECKING:
     from hub.flusher import Outbox
 
 __all__ = ["Reason", "Registry", "Subscriber"]
+
+log = logging.getLogger("hub")
 
 
 class Reason(enum.Enum):
@@ -47,12 +51,20 @@ class Subscriber:
         self.closed = False
 
     def accepts(self, event: Event) -> bool:
-        """Whether this stream's own filters let the event through."""
+        """Whether this stream's own filters let the event through. A filter that raises
+        drops the event for this stream only: it must never stop a flush pass for everyone
+        (a log event with an object as its service once did)."""
         filters = self.filters
         if filters is None:
             return True
         accepts = filters.get(event.type)
-        return accepts is None or accepts(event)
+        if accepts is None:
+            return True
+        try:
+            return bool(accepts(event))
+        except Exception:
+            _filter_failed(event)
+            return False
 
     def entitled(self, event: Event) -> bool:
         """Whether the event's route reaches this stream: used for replay, where no index
@@ -70,6 +82,20 @@ class Subscriber:
 
     def __repr__(self) -> str:
         return f"Subscriber(user={self.user!r}, sid={self.sid!r}, topics={self.topics!r})"
+
+
+_last_filter_error = float("-inf")
+
+
+def _filter_failed(event: Event) -> None:
+    """Log a failing filter at most once a minute: one bad event meets every filtered stream."""
+    global _last_filter_error
+    now = time.monotonic()
+    if now - _last_filter_error >= 60.0:
+        _last_filter_error = now
+        log.exception(
+            "filter for %s events failed; the event is dropped for that stream", event.name
+        )
 
 
 class Registry:

@@ -550,3 +550,24 @@ def test_on_shutdown_every_stream_gets_what_it_is_owed_then_a_spread_out_retry()
             p.shutdown()
 
     run(scenario)
+
+
+def test_a_filter_that_raises_drops_the_event_for_its_stream_and_stops_nothing_else():
+    async def scenario() -> None:
+        def broken(query):
+            return (lambda event: 1 / 0) if query.get("boom") else None
+
+        types = DEFAULT_TYPES.with_kind(Kind(0x06, "refund", route_refund, broken, ("boom",)))
+        hub = Hub(config(), types=types)
+        fragile, plain = Peer(), Peer()
+        filters = types.stream_filters({"boom": ["1"]})
+        hub.subscribe(fragile.transport, "ops", topics=("refunds",), filters=filters)
+        hub.subscribe(plain.transport, "ops", topics=("refunds",))
+        ids = await publish_with(hub, types, [{"type": 6, "user": "u1"}, {"type": 5}])
+        await until(lambda: len(plain.events()) == 2 and len(fragile.events()) == 1)
+        assert [i for i, _ in fragile.events()] == ids[1:]  # the broadcast still came
+        assert [i for i, _ in plain.events()] == ids
+        fragile.shutdown()
+        plain.shutdown()
+
+    run(scenario)
