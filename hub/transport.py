@@ -26,6 +26,7 @@ CLOSE_GRACE = 5.0  # seconds a closing stream has to take what it is still owed
 # make the kernel hold up to tcp_wmem's maximum (4 MiB here) for it before the hub sees any
 # backpressure: with thousands of streams that is memory nothing else bounds.
 SEND_BUFFER = 128 * 1024
+MAX_RECEIVED = 8 * 1024  # bytes a client may send on its stream before it is cut
 
 
 class SocketTransport:
@@ -44,6 +45,7 @@ class SocketTransport:
         "pending",
         "pending_size",
         "reason",
+        "received",
         "sent",
         "socket",
     )
@@ -57,6 +59,7 @@ class SocketTransport:
         self.pending: list[bytes | memoryview] | None = None
         self.pending_size = 0  # bytes held: written, not yet taken by the kernel
         self.sent = 0  # bytes the kernel has taken, ever: progress, for stall detection
+        self.received = 0  # bytes the client sent on the stream (dropped)
         self.closing = False
         self.reason = Reason.GONE
         self.owner: Any = None
@@ -169,6 +172,13 @@ class SocketTransport:
         if not data:
             self.reason = Reason.GONE
             self._shut()
+        else:
+            # A client has nothing to send on a stream; one that keeps sending would make the
+            # hub spend a read on it for ever. A few bytes (a pipelined request) pass.
+            self.received += len(data)
+            if self.received > MAX_RECEIVED:
+                self.reason = Reason.GONE
+                self._shut()
 
     def _shut(self) -> None:
         sock = self.socket

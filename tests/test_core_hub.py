@@ -571,3 +571,20 @@ def test_a_filter_that_raises_drops_the_event_for_its_stream_and_stops_nothing_e
         plain.shutdown()
 
     run(scenario)
+
+
+def test_a_client_that_sends_on_its_stream_is_cut_rather_than_read_for_ever():
+    async def scenario() -> None:
+        hub = Hub(config())
+        peer = Peer()
+        sub = hub.subscribe(peer.transport, "u1")
+        peer.client.sendall(b"GET / HTTP/1.1\r\n\r\n")  # a few bytes: tolerated
+        await publish(hub, [{"type": 5}])
+        await until(lambda: len(peer.events()) == 1)
+        assert not sub.closed
+        for _ in range(10):  # in small pieces: counted in all, not per read
+            peer.client.sendall(b"x" * 1000)
+        await until(lambda: sub.closed)
+        peer.shutdown()
+
+    run(scenario)
