@@ -35,11 +35,14 @@ class HealthHandler(HubHandler):
 
 
 class ReadyHandler(HubHandler):
-    """Ready for new streams: 503 while shutting down, so a load balancer stops sending."""
+    """Ready for new streams: 503 while shutting down or cut off from the broker, so a load
+    balancer sends elsewhere."""
 
     def get(self) -> None:
         if self.hub.stopping:
             self.fail(503, "shutting down")
+        elif not self.hub.ready:
+            self.fail(503, "the broker is unreachable: publishes and new events wait for it")
         else:
             self.answer(200, {"status": "ready"})
 

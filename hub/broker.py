@@ -15,7 +15,7 @@ from typing import Protocol
 
 from hub.message import Event
 
-__all__ = ["Broker", "BrokerUnavailable", "MemoryBroker"]
+__all__ = ["Broker", "BrokerUnavailable", "MemoryBroker", "Node"]
 
 
 class BrokerUnavailable(Exception):
@@ -23,17 +23,45 @@ class BrokerUnavailable(Exception):
     is refused whole (503), never half done."""
 
 
+class Node(Protocol):
+    """What a broker feeds: the hub of this process (hub.core.Hub)."""
+
+    def deliver(self, event: Event) -> None:
+        """One event, with its id and route, in the order every node agrees on."""
+        ...
+
+    def resync(self, floor: str) -> None:
+        """This node cannot know the events up to `floor` that it has not seen (it just
+        started, or fell behind what the broker keeps): its history starts after `floor`,
+        and its open streams are told to refetch their state."""
+        ...
+
+    def revoke(self, user: str, sid: str | None, at_ms: float) -> None:
+        """A logout at `at_ms`, from before this node started."""
+        ...
+
+    def history_floor(self) -> tuple[int, int]:
+        """The newest id this node's history no longer holds: a shared broker need keep
+        nothing at or before it."""
+        ...
+
+
 class Broker(Protocol):
     # Ids at or before `floor` predate this broker's history: a client that resumes from
     # one of them is told it missed events.
     floor: tuple[int, int]
+    # synced: the node has the shared history (it can serve streams and resumes);
+    # ready: events published now reach this node (the readiness probe's answer).
+    synced: bool
+    ready: bool
 
-    def start(self, deliver: Callable[[Event], None]) -> None:
-        """Begin feeding every published event (from any node) to `deliver`, in id order."""
+    def start(self, node: Node) -> None:
+        """Begin feeding every published event (from any node) to `node`, in id order."""
         ...
 
     async def publish(self, events: Sequence[Event]) -> list[str]:
-        """Give the events ids, in order, and send them to every node; return the ids."""
+        """Give the events ids, in order, and send them to every node; return the ids.
+        All or nothing: BrokerUnavailable means none of them was stored."""
         ...
 
     async def close(self) -> None: ...
@@ -47,10 +75,11 @@ class MemoryBroker:
         self.boot = int(time.time() * 1000)
         self.seq = 0
         self.floor = (self.boot, 0)
+        self.synced = self.ready = True
         self._deliver: Callable[[Event], None] | None = None
 
-    def start(self, deliver: Callable[[Event], None]) -> None:
-        self._deliver = deliver
+    def start(self, node: Node) -> None:
+        self._deliver = node.deliver
 
     async def publish(self, events: Sequence[Event]) -> list[str]:
         deliver = self._deliver
@@ -67,3 +96,4 @@ class MemoryBroker:
 
     async def close(self) -> None:
         self._deliver = None
+        self.ready = False

@@ -69,6 +69,18 @@ class Config:
     cors_origins: str | None = None
     static_dir: str | None = None
     loop: str = "uvloop"  # measured faster in every scenario of the benchmark; or asyncio
+    # "memory" (one process) or a Redis URL (redis://host:port/db, rediss://, unix://): the
+    # broker that carries every publish to every hub process (hub.broker).
+    broker: str = "memory"
+    # Prefix of the Redis keys: hubs that share a Redis server with different prefixes are
+    # separate hubs.
+    redis_prefix: str = "hub"
+    # Processes that share the port (SO_REUSEPORT); more than one needs a shared broker.
+    # WEB_CONCURRENCY, as hosting platforms name it, is read when HUB_WORKERS is not set.
+    workers: int = 1
+    # Serve /metrics, /healthz and /readyz on this port too (on --internal-host), worker i of
+    # --workers on metrics_port + i: each worker is its own scrape target (README, Metrics).
+    metrics_port: int | None = None
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -93,6 +105,22 @@ class Config:
                 f"--max-body-memory ({self.max_body_memory}) must be at least --max-body "
                 f"({self.max_body}): a body of the largest size could never arrive"
             )
+        if self.broker != "memory" and not self.broker.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ConfigError(
+                f"--broker must be memory or a Redis URL (redis://host:port/db), "
+                f"not {self.broker[:64]!r}"
+            )
+        if self.workers < 1:
+            raise ConfigError("--workers must be at least 1")
+        if self.workers > 1 and self.broker == "memory":
+            raise ConfigError(
+                f"--workers {self.workers} needs --broker redis://...: with the memory broker "
+                "a publish would reach the streams of the one worker that took it"
+            )
+        if not self.redis_prefix or not self.redis_prefix.isprintable():
+            raise ConfigError("--redis-prefix must be non-empty printable text")
         if self.shutdown_spread < 0:
             raise ConfigError("--shutdown-spread must be 0 or more")
         for name in ("max_connections", "max_streams"):
@@ -178,6 +206,8 @@ def parse_config(
     values: dict[str, object] = {}
     for field in dataclasses.fields(Config):
         var = "HUB_" + field.name.upper()
+        if field.name == "workers" and not env.get(var) and env.get("WEB_CONCURRENCY"):
+            var = "WEB_CONCURRENCY"
         given = getattr(args, field.name, None)
         if given is not None:
             values[field.name] = given

@@ -38,6 +38,15 @@ _EXPIRED_FRAME = encode_frame(
 )
 
 
+def _make_broker(url: str, *, prefix: str, history: int, revoke_ttl: float) -> Broker:
+    """The broker a --broker value names (Redis is imported only when asked for)."""
+    if url == "memory":
+        return MemoryBroker()
+    from hub.redis_broker import RedisBroker
+
+    return RedisBroker(url, prefix=prefix, history=history, revoke_ttl=revoke_ttl)
+
+
 class Hub:
     def __init__(
         self, config: Config, broker: Broker | None = None, types: TypeTable = DEFAULT_TYPES
@@ -45,7 +54,14 @@ class Hub:
         self.config = config
         self.types = types
         self.registry = Registry()
-        self.broker: Broker = broker if broker is not None else MemoryBroker()
+        if broker is None:
+            broker = _make_broker(
+                config.broker,
+                prefix=config.redis_prefix,
+                history=config.history,
+                revoke_ttl=config.revoke_ttl,
+            )
+        self.broker: Broker = broker
         self.history = History(config.history, config.history_bytes, self.broker.floor)
         self.flusher = Flusher(
             self.registry,
@@ -69,7 +85,7 @@ class Hub:
         # bound once: every stream's transport shares them (see SocketTransport.watch)
         self._stream_closed = self.disconnect
         self._stream_drained = self._drained
-        self.broker.start(self.deliver)
+        self.broker.start(self)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -90,6 +106,11 @@ class Hub:
                 sub.outbox.transport.write(b"retry: %d\n\n" % random.randint(low, high))
             self.disconnect(sub, Reason.SHUTDOWN, flush=True)
         await self.broker.close()
+
+    @property
+    def ready(self) -> bool:
+        """Whether new streams and publishes are served here now (the readiness probe)."""
+        return not self.stopping and self.broker.ready
 
     # -- publishing -----------------------------------------------------------------------
 
@@ -114,9 +135,29 @@ class Hub:
     def _end_sessions(self, user: str, sid: str | None) -> None:
         """After a logout: the session's streams get what they are owed, the logout included,
         then end; tokens issued before now stop working for `revoke_ttl` seconds."""
-        self.revoked[(user, sid)] = time.time() * 1000
+        self.revoke(user, sid, time.time() * 1000)
         for sub in self.registry.sessions(user, sid):
             self.end(sub, Reason.LOGOUT)
+
+    def revoke(self, user: str, sid: str | None, at_ms: float) -> None:
+        key = (user, sid)
+        self.revoked[key] = max(at_ms, self.revoked.get(key, 0.0))
+
+    def resync(self, floor: str) -> None:
+        """The broker cannot give this node the events up to `floor` it has not seen: the
+        history starts after `floor`, and every open stream gets what it is owed, then a
+        `reset` whose id is `floor` (a reconnect resumes from there)."""
+        key = parse_id(floor) or (0, 0)
+        if self.registry.all:
+            self.flusher.flush_all()
+            frame = self._reset_frame(None, floor)
+            for sub in self.registry.all:
+                if sub.outbox is not None and not sub.outbox.closed:
+                    sub.outbox.transport.write(frame)
+        self.history.clear(key)
+
+    def history_floor(self) -> tuple[int, int]:
+        return self.history.floor
 
     # -- streams --------------------------------------------------------------------------
 
@@ -138,6 +179,8 @@ class Hub:
 
     def admit(self, user: str) -> tuple[int, str] | None:
         """Whether one more stream may open for `user`: None, or (status, why) to refuse."""
+        if not self.broker.synced:
+            return 503, "the hub has not loaded the shared history yet (is Redis up?): retry"
         if len(self.registry) >= self.stream_limit:
             return 503, f"the hub holds its most streams ({self.stream_limit}): retry later"
         limit = self.config.max_streams_per_user
@@ -172,7 +215,7 @@ class Hub:
             replay_from = history.resume_seq(last_event_id)
             key = parse_id(last_event_id)
             if replay_from is None or key is None:
-                reset = self._reset_frame(last_event_id)
+                reset = self._reset_frame(last_event_id, history.last_id)
             else:
                 start_id = f"{key[0]}-{key[1]}"
         opening = b"retry: %d\nid: %s\n: hub stream open\n\n" % (
@@ -187,18 +230,18 @@ class Hub:
             self._schedule_tick()  # the tick runs while the loop does; no start() call
         return sub
 
-    def _reset_frame(self, last_event_id: str) -> bytes:
-        """The `reset` event: the client's last id is beyond what the history holds, so it
-        must refetch its state. Its id is where the history ends: a reconnect resumes there."""
-        resume = self.history.last_id
-        body = ujson.dumps(
-            {
-                "reason": "history does not reach back to the last event id; refetch state",
-                "last_event_id": last_event_id[:64],
-                "resume_from": resume,
-            }
-        )
-        return encode_frame(resume, "reset", body)
+    def _reset_frame(self, last_event_id: str | None, resume: str) -> bytes:
+        """The `reset` event: the client may have missed events the history cannot give
+        it, so it must refetch its state. Its id is `resume`: a reconnect resumes there."""
+        if last_event_id is None:
+            reason = "this hub node missed events (behind the shared history); refetch state"
+        else:
+            reason = "history does not reach back to the last event id; refetch state"
+        fields: dict[str, str] = {"reason": reason}
+        if last_event_id is not None:
+            fields["last_event_id"] = last_event_id[:64]
+        fields["resume_from"] = resume
+        return encode_frame(resume, "reset", ujson.dumps(fields))
 
     def end(self, sub: Subscriber, reason: Reason) -> None:
         """End a stream after it has been written everything it is owed. A stream whose token

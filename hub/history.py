@@ -73,6 +73,12 @@ class History:
             self.floor = old.key
             self.size -= 3 * len(old.frame) + EVENT_OVERHEAD
 
+    def clear(self, floor: EventKey) -> None:
+        """Forget every event: what comes next follows `floor` (seqs go on, never reused)."""
+        self.events.clear()
+        self.size = 0
+        self.floor = floor
+
     @property
     def first_seq(self) -> int:
         """The seq of the oldest event held (end_seq when none is)."""

@@ -180,13 +180,16 @@ def _ujson_error(text: str) -> str:
     return ""
 
 
+_UNDECODED = object()
+
+
 class Event:
     """One published event. `body` is the JSON a stream's `data:` line carries; `frame` is
     the whole SSE frame, set once the broker has given the event its id."""
 
     __slots__ = (
+        "_data",
         "body",
-        "data",
         "frame",
         "id",
         "key",
@@ -209,7 +212,7 @@ class Event:
         self.type = type
         self.name = name
         self.user = user
-        self.data = data
+        self._data = data
         self.ts = ts or int(time.time() * 1000)
         # allow_nan=False raises OverflowError for NaN/Infinity: not JSON to any browser.
         self.body = ujson.dumps(
@@ -222,6 +225,31 @@ class Event:
         self.frame = b""
         self.route: Route | None = None
         self.seq = -1  # order of delivery in this process (set by the history)
+
+    @classmethod
+    def restore(cls, type: int, name: str, user: str | None, ts: int, body: str) -> Event:
+        """An event another node published, from what the broker carried: its body is
+        already encoded, and its `data` is decoded from it only if a filter asks."""
+        event = cls.__new__(cls)
+        event.type = type
+        event.name = name
+        event.user = user
+        event.ts = ts
+        event.body = body
+        event._data = _UNDECODED
+        event.id = ""
+        event.key = (0, 0)
+        event.frame = b""
+        event.route = None
+        event.seq = -1
+        return event
+
+    @property
+    def data(self) -> Any:
+        data = self._data
+        if data is _UNDECODED:
+            data = self._data = ujson.loads(self.body)["data"]
+        return data
 
     def assign_id(self, ms: int, seq: int) -> None:
         """Set the id `<ms>-<seq>` and encode the frame. Neither the id (digits) nor the name
