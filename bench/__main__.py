@@ -84,30 +84,52 @@ def run_loadgen(spec: dict[str, Any], timeout: float, log: Path) -> dict[str, An
     return res
 
 
+def hub_kind(kind: str) -> bool:
+    """`hub` (memory broker), `redis` (the Redis broker), `redis-2w` (and 2 workers)."""
+    return kind == "hub" or kind.startswith("redis")
+
+
 def run_one(
-    sc: Scenario, kind: str, args: argparse.Namespace, tmp: Path, secret: str, hub_help: str
+    sc: Scenario,
+    kind: str,
+    args: argparse.Namespace,
+    tmp: Path,
+    secret: str,
+    hub_help: str,
+    redis: servers.RedisServer | None = None,
 ) -> dict[str, Any]:
     row: dict[str, Any] = {"scenario": sc.name, "server": kind, "streams": sc.streams}
     row["offered"] = sc.offered
     server: servers.Server | None = None
     try:
-        if kind == "hub":
+        if hub_kind(kind):
+            extra = list(args.hub_arg or [])
+            core: int | str = SERVER_CORE
+            if kind.startswith("redis"):
+                assert redis is not None
+                redis.command(b"FLUSHALL")
+                extra += ["--broker", redis.url]
+                workers = int(kind.partition("-")[2].rstrip("w") or 1)
+                if workers > 1:
+                    # several workers need several cores: they share both with the load
+                    # generator (and Redis), which stay on core 1
+                    extra += ["--workers", str(workers)]
+                    core = f"{SERVER_CORE},{LOADGEN_CORE}"
             server = servers.HubServer(
                 tmp,
                 secret,
-                SERVER_CORE,
+                core,
                 args.loop,
-                list(args.hub_arg or []),
+                extra,
                 hub_help,
                 shlex.split(args.hub_cmd) if args.hub_cmd else None,
             )
         else:
             server = servers.NchanServer(tmp, SERVER_CORE)
-        pub = sc.publisher(kind)
+        pub = sc.publisher("hub" if hub_kind(kind) else kind)
         if pub is not None and args.publisher:
             pub.update(json.loads(args.publisher))
         spec: dict[str, Any] = {
-            "kind": kind,
             "host": "127.0.0.1",
             "port": server.port,
             "server_pid": server.pid,
@@ -118,7 +140,8 @@ def run_one(
             "duration": args.duration,
             "idle_hold": min(args.duration, 3.0),
             "publish": pub,
-            "tokens_file": str(tmp / "tokens.json") if kind == "hub" else None,
+            "kind": "hub" if hub_kind(kind) else kind,
+            "tokens_file": str(tmp / "tokens.json") if hub_kind(kind) else None,
             "core": None,  # taskset pins it
             "loadgen_loop": "uvloop",
             "rcvlowat": args.rcvlowat,
@@ -143,7 +166,7 @@ def run_one(
 
 COLS = [
     ("scenario", 13, "<"),
-    ("server", 6, "<"),
+    ("server", 8, "<"),
     ("streams", 7, ">"),
     ("offered/s", 9, ">"),
     ("publ/s", 9, ">"),
@@ -407,6 +430,41 @@ def check_targets(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def check_redis(rows: list[dict[str, Any]]) -> str:
+    """Issue 9: the Redis broker keeps >= 80% of the memory broker's sustained throughput in
+    broadcast and private routing, and adds <= 2 ms to p50 at light load (same run)."""
+    ok_rows = [r for r in rows if not r.get("error")]
+    mem = {r["scenario"]: r for r in ok_rows if r["server"] == "hub"}
+    others = sorted({r["server"] for r in ok_rows if r["server"].startswith("redis")})
+    if not mem or not others:
+        return ""
+    out = ["Targets (issue 9), Redis broker vs memory broker, same run:"]
+    for kind in others:
+        red = {r["scenario"]: r for r in ok_rows if r["server"] == kind}
+        for name, r in red.items():
+            m = mem.get(name)
+            if m is None:
+                continue
+            if name.startswith(("bcast", "private", "topic", "closed", "nosub")):
+                key = "published_rate" if name.startswith("nosub") else "delivery_rate"
+                ratio = (r.get(key) or 0) / max(1.0, m.get(key) or 0)
+                target = name.startswith(("bcast", "private"))
+                met = ratio >= 0.8 and r.get("lost") in (0, None)
+                mark = ("MET    " if met else "MISSED ") if target else "(info) "
+                out.append(
+                    f"  {mark} {kind} {name}: {r.get(key) or 0:,.0f}/s = {ratio:.0%} of memory "
+                    f"{m.get(key) or 0:,.0f}/s, lost {r.get('lost')}"
+                )
+            elif name.startswith("light") and r.get("p50_ms") is not None and m.get("p50_ms"):
+                delta = r["p50_ms"] - m["p50_ms"]
+                mark = "MET    " if delta <= 2.0 else "MISSED "
+                out.append(
+                    f"  {mark} {kind} {name}: p50 {_ms(r['p50_ms'])} ms vs memory "
+                    f"{_ms(m['p50_ms'])} ms ({delta:+.1f} ms; target <= +2 ms)"
+                )
+    return "\n".join(out)
+
+
 # ---------------------------------------------------------------------------- main
 
 
@@ -506,6 +564,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-hub", action="store_true", help="skip the hub (with --nchan: nchan only)")
     ap.add_argument("--loop", choices=["uvloop", "asyncio"], help="the hub's event loop")
     ap.add_argument("--hub-arg", action="append", help="extra argument for the hub (repeatable)")
+    ap.add_argument(
+        "--broker",
+        choices=["memory", "redis", "both"],
+        default="memory",
+        help="the hub's broker; redis and both start a private redis-server on core "
+        f"{LOADGEN_CORE} (both: each scenario on memory, then on Redis, in the same run)",
+    )
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="with the Redis broker, also run each scenario with this many hub workers "
+        "(they share both cores with the load generator and Redis)",
+    )
     ap.add_argument("--hub-cmd", help="command that starts the hub instead of .venv/bin/hub")
     ap.add_argument("--connect-rate", type=float, default=5000.0, help="new streams per second")
     ap.add_argument("--probes", type=int, default=200, help="max latency probe streams")
@@ -543,7 +615,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     scenarios = select(all_scenarios(), args.only or [])
-    kinds = ([] if args.no_hub else ["hub"]) + (["nchan"] if args.nchan else [])
+    kinds = []
+    if not args.no_hub:
+        kinds += ["hub"] if args.broker in ("memory", "both") else []
+        kinds += ["redis"] if args.broker in ("redis", "both") else []
+        kinds += [f"redis-{args.workers}w"] if args.workers > 1 and args.broker != "memory" else []
+    kinds += ["nchan"] if args.nchan else []
     if not kinds:
         raise SystemExit("nothing to run: --no-hub without --nchan")
     servers.raise_nofile()
@@ -554,13 +631,13 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)  # also when started with SIGINT ignored (`cmd &`)
     hub_help = ""
-    if "hub" in kinds:
+    if any(hub_kind(k) for k in kinds):
         hub_help = servers.hub_help()
         if not hub_help:
             print(
                 "bench: `.venv/bin/hub --help` does not work yet: skipping the hub", file=sys.stderr
             )
-            kinds.remove("hub")
+            kinds = [k for k in kinds if not hub_kind(k)]
     if "nchan" in kinds and not servers.nginx_available():
         print("bench: nginx with the nchan module not found: skipping nchan", file=sys.stderr)
         kinds.remove("nchan")
@@ -582,17 +659,24 @@ def main(argv: list[str] | None = None) -> int:
         f"# machine busy before the start: {load:.0f}% of all cores; core0%/core1%: each core's "
         "busy time (incl. softirq) during the publish window;\n"
         "# unacc%: core time charged to neither; sys%: the server's kernel time (in srvCPU%)",
+        "# server `hub`: memory broker; `redis`: Redis broker, redis-server pinned to core "
+        f"{LOADGEN_CORE} (with the load generator); `redis-Nw`: N workers on both cores",
     ]
     interrupted = False
     with tempfile.TemporaryDirectory(prefix="hub-bench-") as tmpname:
         tmp = Path(tmpname)
         secret = secrets.token_hex(20)
+        redis: servers.RedisServer | None = None
         try:
-            if "hub" in kinds:
+            if any(k.startswith("redis") for k in kinds):
+                redis = servers.RedisServer(tmp, LOADGEN_CORE)
+            if any(hub_kind(k) for k in kinds):
                 mint_tokens(secret, max(sc.streams for sc in scenarios) or 1, tmp / "tokens.json")
             for sc in scenarios:
                 for kind in kinds:
-                    if not sc.applies_to(kind):
+                    if not sc.applies_to("hub" if hub_kind(kind) else kind) or (
+                        sc.module is not None and kind != "hub"
+                    ):
                         continue
                     # The reliability scenarios bound their own time (--soak): --max-time,
                     # meant for the throughput table, does not skip them.
@@ -611,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
                         busy = wait_quiet(args.quiet_wait)
                         print(f"bench: {sc.name} ({sc.title}) on {kind} ...", file=sys.stderr)
                         t = time.monotonic()
-                        row = run_one(sc, kind, args, tmp, secret, hub_help)
+                        row = run_one(sc, kind, args, tmp, secret, hub_help, redis)
                         row["machine_busy_pct"] = busy
                         row["attempt"] = attempt + 1
                         print(
@@ -630,9 +714,9 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(header)
     if rows:
         text += "\n\n" + table(rows)
-    targets = check_targets(rows)
-    if targets:
-        text += "\n\n" + targets
+    for targets in (check_targets(rows), check_redis(rows)):
+        if targets:
+            text += "\n\n" + targets
     if reports:
         text += "\n\n" + "\n".join(reports)
     text += f"\n\n# total {time.monotonic() - started:.0f} s" + (

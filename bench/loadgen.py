@@ -60,20 +60,42 @@ def proc_cpu_s(pid: int) -> float:
     return user + system
 
 
+def _family(pid: int) -> list[int]:
+    """The process and its children (a hub with --workers is a parent and its workers)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [pid, *(int(c) for c in f.read().split())]
+    except OSError:
+        return [pid]
+
+
 def proc_times(pid: int) -> tuple[float, float]:
-    """(utime, stime) of a process, in seconds."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        data = f.read()
-    fields = data[data.rindex(b")") + 2 :].split()
-    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+    """(utime, stime) of a process and its children, in seconds."""
+    user = system = 0.0
+    for member in _family(pid):
+        try:
+            with open(f"/proc/{member}/stat", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        fields = data[data.rindex(b")") + 2 :].split()
+        user += int(fields[11]) / CLK_TCK
+        system += int(fields[12]) / CLK_TCK
+    return user, system
 
 
 def proc_rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status", "rb") as f:
-        for line in f:
-            if line.startswith(b"VmRSS:"):
-                return int(line.split()[1])
-    return 0
+    total = 0
+    for member in _family(pid):
+        try:
+            with open(f"/proc/{member}/status", "rb") as f:
+                for line in f:
+                    if line.startswith(b"VmRSS:"):
+                        total += int(line.split()[1])
+                        break
+        except OSError:
+            continue
+    return total
 
 
 def cores_busy_s() -> dict[str, float]:

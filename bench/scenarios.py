@@ -171,6 +171,14 @@ def all_scenarios() -> list[Scenario]:
             extra={"module": "bench.flood"},
         )
     )
+    s.append(
+        Scenario(
+            "feed",
+            "events/s one process takes from the Redis feed, no subscribers",
+            0,
+            extra={"module": "bench.feed"},
+        )
+    )
     return s
 
 

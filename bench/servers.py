@@ -147,6 +147,39 @@ def hub_help() -> str:
     return r.stdout + r.stderr if r.returncode == 0 else ""
 
 
+class RedisServer(Server):
+    """A private redis-server for the Redis broker's scenarios (no persistence), pinned to a
+    core; emptied before each scenario."""
+
+    name = "redis"
+
+    def __init__(self, tmp: Path, core: int) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise RuntimeError("redis-server not found (apt-get install redis-server)")
+        self.port = free_port()
+        self.log = tmp / f"redis-{self.port}.log"
+        argv = ["taskset", "-c", str(core), exe, "--bind", "127.0.0.1", "--port", str(self.port)]
+        argv += ["--save", "", "--appendonly", "no", "--dir", str(tmp)]
+        self.proc = spawn(argv, log=self.log)
+        self.pid = self.proc.pid
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        deadline = time.monotonic() + 10
+        while self.command(b"PING") != b"+PONG":
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server did not start: {self.log_tail()}")
+            time.sleep(0.05)
+
+    def command(self, *words: bytes) -> bytes:
+        """One inline command, its first reply line (b"" when the server does not answer)."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=2) as c:
+                c.sendall(b" ".join(words) + b"\r\n")
+                return c.recv(4096).split(b"\r\n")[0]
+        except OSError:
+            return b""
+
+
 class HubServer(Server):
     name = "hub"
 
@@ -154,7 +187,7 @@ class HubServer(Server):
         self,
         tmp: Path,
         secret: str,
-        core: int,
+        core: int | str,
         loop: str | None,
         extra: list[str],
         help_text: str,
