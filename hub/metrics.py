@@ -146,6 +146,11 @@ class _HotPath(Collector):
 
     def collect(self) -> Iterator[Metric]:
         yield CounterMetricFamily(
+            "hub_events_received",
+            "Events this process took from the broker (from every node, its own included).",
+            value=self.hub.history.end_seq,
+        )
+        yield CounterMetricFamily(
             "hub_events_delivered",
             "Events written to streams (one per stream per event).",
             value=self.hub.flusher.delivered,

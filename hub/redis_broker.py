@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import secrets
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -42,8 +43,9 @@ __all__ = ["RedisBroker"]
 
 log = logging.getLogger("hub.broker")
 
-# KEYS: the stream, the last id, the logouts. ARGV: MAXLEN, the logout TTL in ms, then per
-# batch: its event count, its blob, its logout count and that many logout members.
+# KEYS: the stream, the last id, the logouts. ARGV: MAXLEN, the logout TTL in ms, the origin
+# (node:batch number of the first batch), then per batch: its event count, its blob, its
+# logout count and that many logout members.
 # Ids come from Redis's clock, never going back: a batch's events take <ms>-<seq> .. <ms>-<seq
 # + k - 1>, and the next batch in the same ms goes on from there.
 _PUBLISH = """
@@ -60,7 +62,9 @@ else
 end
 local firsts = {}
 local revoked = false
-local i = 3
+local node, n = string.match(ARGV[3], '^(.*):(%d+)$')
+n = tonumber(n)
+local i = 4
 while i <= #ARGV do
   local k = tonumber(ARGV[i])
   local r = tonumber(ARGV[i + 2])
@@ -69,7 +73,9 @@ while i <= #ARGV do
     revoked = true
   end
   local id = string.format('%d-%d', ms, seq + k - 1)
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], id, 'p', prev, 'e', ARGV[i + 1])
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], id, 'p', prev, 'e', ARGV[i + 1],
+    'o', string.format('%s:%d', node, n))
+  n = n + 1
   firsts[#firsts + 1] = string.format('%d-%d', ms, seq)
   prev = id
   seq = seq + k
@@ -102,21 +108,25 @@ def _encode(events: Sequence[Event]) -> str:
     return ujson.dumps(rows, escape_forward_slashes=False)
 
 
-def _decode(eid: str, blob: bytes) -> list[Event]:
-    ms_text, _, last_text = eid.partition("-")
-    ms = int(ms_text)
-    rows = ujson.loads(blob)
-    seq = int(last_text) - len(rows) + 1
+def _decode(blob: bytes) -> list[Event]:
     events = []
-    for type_, name, user, ts, body, users, topics, everyone, ends in rows:
+    for type_, name, user, ts, body, users, topics, everyone, ends in ujson.loads(blob):
         event = Event.restore(type_, name, user, ts, body)
         event.route = Route(
             tuple(users), tuple(topics), everyone, (ends[0], ends[1]) if ends else None
         )
-        event.assign_id(ms, seq)
-        seq += 1
         events.append(event)
     return events
+
+
+def _number(eid: str, events: Sequence[Event]) -> None:
+    """Give a batch's events their ids: the entry's id is its last event's."""
+    ms_text, _, last_text = eid.partition("-")
+    ms = int(ms_text)
+    seq = int(last_text) - len(events) + 1
+    for event in events:
+        event.assign_id(ms, seq)
+        seq += 1
 
 
 class RedisBroker:
@@ -145,6 +155,11 @@ class RedisBroker:
         self.sender: asyncio.Task[None] | None = None
         self.follower: asyncio.Task[None] | None = None
         self.closing = False
+        # This node's own batches, by number, until the feed brings them back: they are
+        # delivered as they are, not decoded again (half the feed's work on a lone node).
+        self.origin = secrets.token_hex(8)
+        self.sent = 0
+        self.own: dict[int, Sequence[Event]] = {}
 
     def start(self, node: Node) -> None:
         self.node = node
@@ -179,12 +194,21 @@ class RedisBroker:
                     size += len(blob)
                     count += 1
                 group, self.queue = self.queue[:count], self.queue[count:]
-                args: list[Any] = [self.history, int(self.revoke_ttl * 1000)]
-                for events, blob, revoked, _ in group:
+                first = self.sent
+                self.sent += len(group)
+                args: list[Any] = [
+                    self.history,
+                    int(self.revoke_ttl * 1000),
+                    f"{self.origin}:{first}",
+                ]
+                for n, (events, blob, revoked, _) in enumerate(group, first):
                     args += [len(events), blob, len(revoked), *revoked]
+                    self.own[n] = events
                 try:
                     firsts = await self.script(keys=self.keys, args=args)
                 except (RedisError, OSError) as exc:
+                    for n in range(first, first + len(group)):
+                        self.own.pop(n, None)
                     for *_, done in group:
                         if not done.done():
                             done.set_exception(BrokerUnavailable(f"Redis did not take it: {exc}"))
@@ -273,9 +297,30 @@ class RedisBroker:
                     prev,
                 )
                 node.resync(prev)
-            for event in _decode(eid, fields[b"e"]):
+            events = self._own(fields.get(b"o"))
+            if events is None:
+                events = _decode(fields[b"e"])
+            _number(eid, events)
+            for event in events:
                 node.deliver(event)
             self.last_id = eid
+
+    def _own(self, origin: bytes | None) -> Sequence[Event] | None:
+        """The events of a batch this node sent (None for another node's): those of earlier
+        batches that never came back (lost in a gap) are forgotten with them."""
+        if origin is None:
+            return None
+        node, _, number = origin.decode().rpartition(":")
+        if node != self.origin:
+            return None
+        n = int(number)
+        own = self.own
+        while own:
+            oldest = next(iter(own))
+            if oldest >= n:
+                break
+            del own[oldest]
+        return own.pop(n, None)
 
     async def _trim(self) -> None:
         """Keep in Redis what the history holds (it is bounded by bytes too, which MAXLEN is
