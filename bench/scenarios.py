@@ -179,6 +179,14 @@ def all_scenarios() -> list[Scenario]:
             extra={"module": "bench.feed"},
         )
     )
+    s.append(
+        Scenario(
+            "layouts",
+            "Redis layouts: entry per event, entry per batch, Pub/Sub plus a history",
+            0,
+            extra={"module": "bench.layouts"},
+        )
+    )
     return s
 
 
