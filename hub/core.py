@@ -119,6 +119,9 @@ class Hub:
         BrokerUnavailable if they cannot be taken now: nothing of them is published."""
         if self.stopping:
             raise BrokerUnavailable("the hub is shutting down")
+        accepted = time.time()
+        for event in events:
+            event.accepted = accepted
         ids = await self.broker.publish(events)
         self.metrics.count_published(events)
         return ids

@@ -189,6 +189,7 @@ class Event:
 
     __slots__ = (
         "_data",
+        "accepted",
         "body",
         "frame",
         "id",
@@ -225,9 +226,12 @@ class Event:
         self.frame = b""
         self.route: Route | None = None
         self.seq = -1  # order of delivery in this process (set by the history)
+        self.accepted = 0.0  # when the publish was accepted (epoch s), for the latency metric
 
     @classmethod
-    def restore(cls, type: int, name: str, user: str | None, ts: int, body: str) -> Event:
+    def restore(
+        cls, type: int, name: str, user: str | None, ts: int, body: str, accepted: float = 0.0
+    ) -> Event:
         """An event another node published, from what the broker carried: its body is
         already encoded, and its `data` is decoded from it only if a filter asks."""
         event = cls.__new__(cls)
@@ -242,6 +246,7 @@ class Event:
         event.frame = b""
         event.route = None
         event.seq = -1
+        event.accepted = accepted
         return event
 
     @property

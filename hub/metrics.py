@@ -21,9 +21,10 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from hub.flusher import LATENCY_BUCKETS
 from hub.message import Event
 from hub.registry import Reason
 
@@ -162,4 +163,18 @@ class _HotPath(Collector):
         )
         yield CounterMetricFamily(
             "hub_stream_bytes", "Bytes written to streams.", value=self.hub.flusher.bytes_written
+        )
+        tally = self.hub.flusher.latency
+        cumulative = 0
+        buckets = []
+        for bound, count in zip((*LATENCY_BUCKETS, float("inf")), tally.counts, strict=True):
+            cumulative += count
+            buckets.append((str(bound) if bound != float("inf") else "+Inf", cumulative))
+        yield HistogramMetricFamily(
+            "hub_delivery_latency_seconds",
+            "Seconds from a publish being accepted to the write that hands its frame to a "
+            "stream's socket (with Redis: across nodes, by the wall clocks). One count per write, "
+            "of the oldest event new in that flush pass: an upper bound for what it carries.",
+            buckets=buckets,
+            sum_value=tally.total,
         )

@@ -98,20 +98,22 @@ TRIM_EVERY = 1.0  # seconds between trims of the stream to what the history hold
 
 
 def _encode(events: Sequence[Event]) -> str:
-    """A batch as one JSON array: each event's number, name, user, ts, encoded body and route
-    (the route is computed once, by the node that took the publish)."""
+    """A batch as one JSON array: each event's number, name, user, ts, encoded body, route
+    (computed once, by the node that took the publish) and when it was accepted."""
     rows = []
     for e in events:
         route = e.route if e.route is not None else Route()
         users, topics, everyone, ends = route
-        rows.append((e.type, e.name, e.user, e.ts, e.body, users, topics, everyone, ends))
+        rows.append(
+            (e.type, e.name, e.user, e.ts, e.body, users, topics, everyone, ends, e.accepted)
+        )
     return ujson.dumps(rows, escape_forward_slashes=False)
 
 
 def _decode(blob: bytes) -> list[Event]:
     events = []
-    for type_, name, user, ts, body, users, topics, everyone, ends in ujson.loads(blob):
-        event = Event.restore(type_, name, user, ts, body)
+    for type_, name, user, ts, body, users, topics, everyone, ends, accepted in ujson.loads(blob):
+        event = Event.restore(type_, name, user, ts, body, accepted)
         event.route = Route(
             tuple(users), tuple(topics), everyone, (ends[0], ends[1]) if ends else None
         )

@@ -42,4 +42,10 @@ async def test_every_metric_the_dashboard_queries_is_one_the_hub_exposes(hub_ser
     assert used, "the dashboard queries nothing"
     assert used <= exposed, sorted(used - exposed)
     titles = {p["title"] for p in dashboard["panels"]}
-    assert {"Open streams", "Publish rate by type", "Memory", "File descriptors"} <= titles
+    assert {
+        "Open streams",
+        "Publish rate by type",
+        "Memory",
+        "File descriptors",
+        "Publish-to-socket latency",
+    } <= titles

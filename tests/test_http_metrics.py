@@ -4,6 +4,8 @@ stream connects and refusals counted."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -57,3 +59,28 @@ async def test_stream_connects_refusals_and_history_are_counted(hub_server):
     assert samples[("hub_history_events", ())] == 2
     assert samples[("hub_history_bytes", ())] == server.hub.history.size > 0
     assert samples[("hub_events_published_total", (("type", "broadcast"),))] == 2
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_publish_to_socket_latency_is_a_histogram_counting_the_writes(hub_server):
+    server = await hub_server()
+    streams = [await server.stream(f"u{i}") for i in range(3)]
+    before = await scrape(server)
+    assert before[("hub_delivery_latency_seconds_count", ())] == 0
+    for n in range(4):
+        await server.publish_ok({"type": 5, "data": n})
+        for stream in streams:  # one event at a time: each publish its own pass and writes
+            await stream.events(1)
+    samples = await scrape(server)
+    count = samples[("hub_delivery_latency_seconds_count", ())]
+    assert count == server.hub.flusher.writes == 12  # 4 events x 3 streams, a write each
+    buckets = sorted(
+        (float(dict(labels)["le"]), value)
+        for (name, labels), value in samples.items()
+        if name == "hub_delivery_latency_seconds_bucket"
+    )
+    assert buckets[-1] == (float("inf"), count)
+    assert all(a[1] <= b[1] for a, b in itertools.pairwise(buckets))  # cumulative
+    # a write is no earlier than the publish it carries and, on loopback, well within 10 s
+    assert 0 < samples[("hub_delivery_latency_seconds_sum", ())] < 10 * count
+    assert buckets[-2][1] == count
