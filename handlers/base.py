@@ -90,6 +90,8 @@ class HubHandler(RequestHandler):
         self.set_status(status)
         self.set_header("Content-Type", "application/json")
         self.set_header("Cache-Control", "no-store")
+        if status == 401:  # RFC 9110: a 401 names the scheme to authenticate with
+            self.set_header("WWW-Authenticate", 'Bearer realm="hub"')
         for name, value in self.cors_headers():
             self.set_header(name, value)
 
@@ -114,8 +116,6 @@ class HubHandler(RequestHandler):
                 return self.verifier.verify_publisher(self.token())
             return self.verifier.verify(self.token())
         except AuthError as exc:
-            if exc.status == 401:
-                self.set_header("WWW-Authenticate", 'Bearer realm="hub"')
             self.fail(exc.status, exc.message, **exc.extra)
             return None
 
