@@ -28,6 +28,7 @@ from handlers.ops import (
 from handlers.publish import PublishHandler
 from handlers.server import BodyDeadlines, HubApplication, accept_within
 from handlers.stream import EventsHandler
+from handlers.tickets import TicketsHandler
 from hub.auth import Verifier
 from hub.config import HEADROOM, Config, ConfigError, parse_config
 from hub.core import Hub
@@ -66,6 +67,7 @@ def build_app(
     static = str(static_dir(config))
     routes: list[Any] = [
         (r"/events", EventsHandler, deps),
+        (r"/tickets", TicketsHandler, deps),
         (r"/healthz", HealthHandler, deps),
         (r"/readyz", ReadyHandler, deps),
         (r"/metrics", MetricsHandler, deps),

@@ -1,4 +1,5 @@
-"""GET /events: authenticate, parse the query, then hand the socket to the core.
+"""GET /events: authenticate (a token, or a one-time ticket from POST /tickets), parse the
+query, then hand the socket to the core.
 
 After the checks, the handler writes the response head itself and detaches the connection.
 The body is close-delimited (`Connection: close`, no Content-Length, no chunked encoding),
@@ -15,7 +16,10 @@ import socket
 
 from handlers.base import HubHandler, access_log, redact
 from handlers.server import USER_TIMEOUT
+from hub.auth import Claims
+from hub.broker import BrokerUnavailable
 from hub.query import QueryError, parse_topics
+from hub.tickets import TicketRefused, parse_ticket
 from hub.transport import SocketTransport
 
 __all__ = ["EventsHandler"]
@@ -29,14 +33,20 @@ class EventsHandler(HubHandler):
         self.hub.metrics.streams_refused.labels(str(status)).inc()
         super().fail(status, error, **extra)
 
-    def get(self) -> None:
+    async def get(self) -> None:
         if self.hub.stopping:
             self.fail(503, "the hub is shutting down")
             return
-        claims = self.authenticate()
+        ticket = bool(self.get_query_arguments("ticket"))
+        claims = await self._redeem() if ticket else self.authenticate()
         if claims is None:
             return
+        if self.hub.stopping:  # it began while the ticket was looked up
+            self.fail(503, "the hub is shutting down")
+            return
         if self.hub.is_revoked(claims.user, claims.sid, claims.iat):
+            if ticket:
+                self.hub.tickets.reject("revoked")
             self.fail(401, "session logged out: sign in again for a new token")
             return
         refused = self.hub.admit(claims.user)
@@ -103,3 +113,28 @@ class EventsHandler(HubHandler):
             last_event_id=last_id,
             filters=filters,
         )
+
+    async def _redeem(self) -> Claims | None:
+        """The claims of the request's `?ticket=` (spent here, whatever the answer), or None
+        after answering: 400 for a ticket beside a token (Authorization: Bearer or ?token=;
+        the hub_token cookie is ambient and does not count) or for two tickets, 401 for one
+        that is malformed, unknown, used or expired, 503 if the broker cannot answer."""
+        bearer = self.request.headers.get("Authorization", "")[:7].lower() == "bearer "
+        if bearer or self.get_query_arguments("token"):
+            self.fail(400, "a ticket or a token, not both")
+            return None
+        try:
+            ticket = parse_ticket(self.get_query_arguments("ticket"))
+            if ticket is None:  # (the caller saw one)
+                return self.authenticate()
+            return await self.hub.tickets.redeem(ticket)
+        except QueryError as exc:
+            self.fail(400, exc.message, **exc.extra)
+        except TicketRefused as exc:
+            if exc.reason == "malformed":  # (redeem counts the others)
+                self.hub.tickets.reject(exc.reason)
+            self.fail(401, exc.message)
+        except BrokerUnavailable:
+            self.hub.metrics.streams_refused.labels("503").inc()
+            self.fail_retry(503, "the broker cannot look tickets up now: retry", 1.0)
+        return None

@@ -5,17 +5,26 @@ events their ids and makes them reach every node's feed; each node's feed hands 
 its own Hub.deliver. MemoryBroker is the default and serves ONE process: a publish reaches
 only the streams of the process that took it. Past one process, a shared broker (Redis) is
 the second implementation of the same interface.
+
+A broker also holds the one-time stream tickets (hub.tickets): where the events are shared,
+so are the tickets, and a ticket issued by one node is redeemed on any node, once.
 """
 
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from hub.message import Event
 
-__all__ = ["Broker", "BrokerUnavailable", "MemoryBroker", "Node"]
+__all__ = ["MAX_MEMORY_TICKETS", "Broker", "BrokerUnavailable", "MemoryBroker", "Node"]
+
+# Live tickets the memory broker holds at most: past it, a new ticket pushes out the oldest
+# (~400 bytes each: at most ~26 MB). A flood of POST /tickets then costs the tickets older
+# than cap / flood rate, never memory nor a refusal; a page redeems its ticket at once.
+MAX_MEMORY_TICKETS = 65_536
 
 
 class BrokerUnavailable(Exception):
@@ -64,6 +73,17 @@ class Broker(Protocol):
         All or nothing: BrokerUnavailable means none of them was stored."""
         ...
 
+    async def put_ticket(self, key: str, claims: bytes, ttl: float) -> None:
+        """Keep a one-time ticket's claims for `ttl` seconds under `key` (the ticket's
+        SHA-256: never the ticket itself). BrokerUnavailable if it cannot be stored."""
+        ...
+
+    async def take_ticket(self, key: str) -> bytes | None:
+        """The claims stored under `key`, removed in the same step (every node together
+        hands them out once); None when there are none (never stored, taken, expired).
+        BrokerUnavailable if the store cannot answer."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -77,6 +97,11 @@ class MemoryBroker:
         self.floor = (self.boot, 0)
         self.synced = self.ready = True
         self._deliver: Callable[[Event], None] | None = None
+        # key -> (monotonic expiry, claims), oldest first: expired ones are purged from the
+        # front as new ones come (an OrderedDict pops its front in O(1); a dict would scan
+        # the holes its deletions leave).
+        self.tickets: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self.tickets_evicted = 0  # live tickets pushed out at MAX_MEMORY_TICKETS
 
     def start(self, node: Node) -> None:
         self._deliver = node.deliver
@@ -93,6 +118,26 @@ class MemoryBroker:
             ids.append(event.id)
             deliver(event)
         return ids
+
+    async def put_ticket(self, key: str, claims: bytes, ttl: float) -> None:
+        tickets = self.tickets
+        now = time.monotonic()
+        # Lives differ (a ticket never outlives its token), so an expired one may wait behind
+        # a live one: all are gone within --ticket-ttl, and the cap bounds them meanwhile.
+        while tickets:
+            oldest = next(iter(tickets.values()))
+            if oldest[0] > now and len(tickets) < MAX_MEMORY_TICKETS:
+                break
+            if oldest[0] > now:
+                self.tickets_evicted += 1
+            tickets.popitem(last=False)
+        tickets[key] = (now + ttl, claims)
+
+    async def take_ticket(self, key: str) -> bytes | None:
+        found = self.tickets.pop(key, None)
+        if found is None or found[0] <= time.monotonic():
+            return None
+        return found[1]
 
     async def close(self) -> None:
         self._deliver = None

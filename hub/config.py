@@ -64,6 +64,9 @@ class Config:
     internal_port: int | None = None  # serve POST /publish here, unauthenticated, and only here
     internal_host: str = "127.0.0.1"
     revoke_ttl: float = 3600.0  # seconds a logout keeps refusing the tokens issued before it
+    # Seconds a one-time stream ticket (POST /tickets) stays good, at most: never past its
+    # token's exp (hub.tickets).
+    ticket_ttl: float = 30.0
     # Origins whose pages may open streams cross-origin (comma-separated), or "*" for any
     # (then without credentials: no cookie auth across origins).
     cors_origins: str | None = None
@@ -135,6 +138,7 @@ class Config:
             "slow_after",
             "header_timeout",
             "body_timeout",
+            "ticket_ttl",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")

@@ -25,6 +25,7 @@ from hub.history import History, parse_id
 from hub.message import Event, encode_frame
 from hub.metrics import Metrics
 from hub.registry import Reason, Registry, Subscriber
+from hub.tickets import Tickets
 from hub.transport import SocketTransport
 
 __all__ = ["Hub"]
@@ -73,6 +74,8 @@ class Hub:
             on_slow=self._cut_slow,
         )
         self.metrics = Metrics(self)
+        # One-time stream tickets, kept by the broker: shared where it is (hub.tickets).
+        self.tickets = Tickets(self.broker, config.ticket_ttl, self.metrics)
         # (user, sid) -> ms of the logout; sid None = every session of the user.
         self.revoked: dict[tuple[str, str | None], float] = {}
         self.stopping = False

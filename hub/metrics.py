@@ -8,7 +8,7 @@ stream per event.
 from __future__ import annotations
 
 from collections import Counter as Tally
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -27,16 +27,18 @@ from prometheus_client.registry import Collector
 from hub.flusher import LATENCY_BUCKETS
 from hub.message import Event
 from hub.registry import Reason
+from hub.tickets import REJECTIONS
 
 if TYPE_CHECKING:
     from hub.core import Hub
 
-__all__ = ["PUBLISH_REFUSALS", "STREAM_REFUSALS", "Metrics"]
+__all__ = ["PUBLISH_REFUSALS", "STREAM_REFUSALS", "TICKET_REFUSALS", "Metrics"]
 
 # Every label value of a fixed set is exported from the start, at 0: a dashboard's rate() and
 # an alert on a series that appears only after its first event are both wrong until then.
 PUBLISH_REFUSALS = ("400", "401", "403", "413", "415", "422", "503")
 STREAM_REFUSALS = ("400", "401", "403", "429", "503")
+TICKET_REFUSALS = ("401", "503")  # of POST /tickets
 
 # `_created` series double the exposition and no dashboard reads them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -116,6 +118,7 @@ class Metrics:
             self.streams_refused.labels(status)
         for reason in Reason:
             self.disconnects.labels(reason.value)
+        self._ticket_metrics(hub)
         history = Gauge(
             "hub_history_events", "Events the history holds for resume.", registry=self.registry
         )
@@ -133,12 +136,59 @@ class Metrics:
         PlatformCollector(registry=self.registry)
         self.registry.register(_HotPath(hub))
 
+    def _ticket_metrics(self, hub: Hub) -> None:
+        """One-time stream tickets (hub.tickets): issued, redeemed, refused, pushed out."""
+        self.tickets_issued = Counter(
+            "hub_tickets_issued",
+            "One-time stream tickets issued (POST /tickets).",
+            registry=self.registry,
+        )
+        self.ticket_requests_refused = Counter(
+            "hub_ticket_requests_refused",
+            "POST /tickets refused, by HTTP status (401 token, 503 shutting down or broker "
+            "unavailable).",
+            ["status"],
+            registry=self.registry,
+        )
+        for status in TICKET_REFUSALS:
+            self.ticket_requests_refused.labels(status)
+        self.tickets_redeemed = Counter(
+            "hub_tickets_redeemed",
+            "Tickets taken from the store by a stream request (each at most once).",
+            registry=self.registry,
+        )
+        self.tickets_rejected = Counter(
+            "hub_tickets_rejected",
+            "Stream requests whose ticket was refused (401), by why (malformed: not a ticket's "
+            "shape; unknown: never issued, already used or expired; revoked: its session "
+            "logged out since its token was issued).",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in REJECTIONS:
+            self.tickets_rejected.labels(reason)
+        broker = hub.broker
+        self.registry.register(_Evicted(lambda: getattr(broker, "tickets_evicted", 0)))
+
     def count_published(self, events: Iterable[Event]) -> None:
         for name, n in Tally(e.name for e in events).items():
             self.published.labels(name).inc(n)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _Evicted(Collector):
+    def __init__(self, read: Callable[[], int]) -> None:
+        self.read = read
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "hub_tickets_evicted",
+            "Live tickets the memory broker pushed out to stay within its cap (65,536): a "
+            "flood of POST /tickets. Always 0 with Redis, which expires them itself.",
+            value=self.read(),
+        )
 
 
 class _HotPath(Collector):

@@ -136,6 +136,7 @@ class RedisBroker:
         self.url = url
         self.stream = f"{prefix}:events"
         self.keys = [self.stream, f"{prefix}:last", f"{prefix}:revoked"]
+        self.ticket_prefix = f"{prefix}:ticket:"  # + the ticket's SHA-256 (hub.tickets)
         self.history = history
         self.revoke_ttl = revoke_ttl
         self.floor = (0, 0)
@@ -331,6 +332,29 @@ class RedisBroker:
         ms, seq = self.node.history_floor()
         if ms:
             await self.feed.xtrim(self.stream, minid=f"{ms}-{seq + 1}", approximate=True)
+
+    # -- one-time stream tickets (hub.tickets) ----------------------------------------------
+
+    async def put_ticket(self, key: str, claims: bytes, ttl: float) -> None:
+        """SET NX PX: Redis expires it; NX never overwrites one (a 256-bit collision)."""
+        if self.closing:
+            raise BrokerUnavailable("the hub is shutting down")
+        try:
+            await self.client.set(
+                self.ticket_prefix + key, claims, px=max(1, int(ttl * 1000)), nx=True
+            )
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(f"Redis did not take the ticket: {exc}") from None
+
+    async def take_ticket(self, key: str) -> bytes | None:
+        """GETDEL (Redis 6.2+): one atomic step, so of all the nodes one gets it, once."""
+        if self.closing:
+            raise BrokerUnavailable("the hub is shutting down")
+        try:
+            found: Any = await self.client.getdel(self.ticket_prefix + key)
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(f"Redis did not answer for the ticket: {exc}") from None
+        return bytes(found) if found is not None else None
 
     async def close(self) -> None:
         self.closing = True
