@@ -97,6 +97,7 @@ function signIn(user) {
     url: "/events",
     topics: TOPICS,
     token: subscriberToken(user),
+    ticketUrl: "/tickets", // the token buys a one-time ticket per stream: never in a URL
     key: "demo:" + user, // tabs signed in as the same user share one connection
     onReset: (event) => showNotice(
       "The hub's history no longer reaches back to this page's last event " +

@@ -54,6 +54,9 @@ const RESET = "reset";
  * @property {import("./hub/source.js").TokenSource} [token]  a string, or a function returning a
  *   token or a promise of one; a function is asked again when the hub answers 401 or the
  *   token's exp has passed
+ * @property {string | URL} [ticketUrl]  the hub's ticket endpoint (e.g. "/tickets"): each
+ *   stream then opens with a one-time ticket bought with the token just before (POST, token in
+ *   the Authorization header), so the token never sits in a URL. Recommended in browsers.
  * @property {Record<string, unknown>} [params]  extra query parameters, e.g. {level: "warning"}
  * @property {string[]} [events]  extra event names to listen for (the hub's types, as GET /types
  *   lists them, are always included)
@@ -111,6 +114,7 @@ class HubConnection {
         topics,
         params,
         token: options.token ?? null,
+        ticketUrl: options.ticketUrl ? new URL(options.ticketUrl, base) : null,
         events: [...(options.events || [])],
         backoff: { base: 500, max: 30000, ...(options.backoff || {}) },
         withCredentials: !!options.withCredentials,

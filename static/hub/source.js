@@ -1,10 +1,16 @@
 // The leader's EventSource: its token, the event names it listens for, and what happens when
 // it fails (EventSource retries network errors itself; on a refusal, ask the hub why).
+//
+// With a ticket endpoint (`ticketUrl`), every EventSource opens with a one-time ticket that the
+// token buys just before (POST, token in the Authorization header), so the token never sits in
+// a URL. A ticket is good for one request: EventSource's own reconnect would present the spent
+// one, so on any error this closes it and opens a new one, with a new ticket, after the backoff.
 
 import { FALLBACK_TYPES, fetchTypes } from "./types.js";
 import { report, tokenClaims } from "./util.js";
 
 const PROBE_TIMEOUT_MS = 5000;
+const TICKET_TIMEOUT_MS = 5000;
 
 /** @typedef {string | null | undefined | (() => string | null | undefined | Promise<string | null | undefined>)} TokenSource */
 
@@ -24,6 +30,8 @@ const PROBE_TIMEOUT_MS = 5000;
  * @property {string[]} topics
  * @property {Record<string, unknown>} params
  * @property {TokenSource} token
+ * @property {URL | null} ticketUrl  POST here for a one-time ticket per stream (null: the token
+ *   goes in the stream URL)
  * @property {string[]} events  names to listen for besides the hub's types
  * @property {{base: number, max: number}} backoff
  * @property {boolean} withCredentials
@@ -98,14 +106,17 @@ export class Source {
     return new Set([...this._typeNames, "reset", "message", ...this._options.events]);
   }
 
-  /** @param {string | null} token */
-  _streamUrl(token) {
+  /**
+   * @param {"token" | "ticket"} name  how the stream authenticates
+   * @param {string | null} value
+   */
+  _streamUrl(name, value) {
     const u = new URL(this._options.url);
     for (const t of this._options.topics) u.searchParams.append("topic", t);
     for (const [k, v] of Object.entries(this._options.params)) {
       for (const one of Array.isArray(v) ? v : [v]) u.searchParams.append(k, String(one));
     }
-    if (token) u.searchParams.set("token", token);
+    if (value) u.searchParams.set(name, value);
     const lastId = this._hooks.lastId();
     if (lastId) u.searchParams.set("lastEventId", lastId);
     return u;
@@ -124,7 +135,23 @@ export class Source {
       return;
     }
     if (!this._running) return;
-    const url = this._streamUrl(token);
+    let url;
+    const ticketUrl = this._options.ticketUrl;
+    if (ticketUrl) {
+      const { ticket, status, detail } = await requestTicket(
+        ticketUrl,
+        token,
+        this._options.withCredentials,
+      );
+      if (!this._running) return;
+      if (ticket === null) {
+        this._refused(status, detail);
+        return;
+      }
+      url = this._streamUrl("ticket", ticket);
+    } else {
+      url = this._streamUrl("token", token);
+    }
     const es = new EventSource(url, { withCredentials: this._options.withCredentials });
     this._es = es;
     es.onopen = () => {
@@ -139,6 +166,12 @@ export class Source {
     }
     es.onerror = () => {
       if (es !== this._es) return;
+      if (ticketUrl && es.readyState === EventSource.CONNECTING) {
+        // The stream dropped: its ticket is spent, so no EventSource reconnect; a new one.
+        this._close();
+        this._retryLater(this._renewable() && this._tokenExpired());
+        return;
+      }
       if (es.readyState === EventSource.CONNECTING) {
         // A network error: EventSource reconnects by itself, sending Last-Event-ID. Unless the
         // token has expired, in which case that attempt is bound to fail: start over instead.
@@ -162,8 +195,33 @@ export class Source {
       this._retryLater(true);
       return;
     }
+    const ticketUrl = this._options.ticketUrl;
+    if (ticketUrl) {
+      // The refused request spent its ticket: ask why with a new one.
+      const { ticket, status, detail } = await requestTicket(
+        ticketUrl,
+        this._token,
+        this._options.withCredentials,
+      );
+      if (!this._running) return;
+      if (ticket === null) {
+        this._refused(status, detail);
+        return;
+      }
+      url = this._streamUrl("ticket", ticket);
+    }
     const { status, detail } = await probe(url);
     if (!this._running) return;
+    this._refused(status, detail);
+  }
+
+  /**
+   * What to do after the hub (or the ticket endpoint) answered `status`: a 401 with a token
+   * function gets a fresh token; other refusals fail for good; anything else retries later.
+   * @param {number} status  0: no answer
+   * @param {string | null} detail
+   */
+  _refused(status, detail) {
     if (status === 401 && this._renewable()) {
       this._retryLater(true);
     } else if (status === 401 || status === 403 || status === 400 || status === 404) {
@@ -196,6 +254,65 @@ export class Source {
 }
 
 /**
+ * POST the ticket endpoint with the token (or the page's cookies, with withCredentials): a
+ * one-time ticket, or the status (0: no answer, or not a ticket) and the hub's error.
+ * @param {URL} ticketUrl
+ * @param {string | null} token
+ * @param {boolean} withCredentials
+ * @returns {Promise<{ticket: string | null, status: number, detail: string | null}>}
+ */
+async function requestTicket(ticketUrl, token, withCredentials) {
+  const abort = new AbortController();
+  const timer = setTimeout(() => abort.abort(), TICKET_TIMEOUT_MS);
+  try {
+    /** @type {Record<string, string>} */
+    const headers = {};
+    if (token) headers.Authorization = `Bearer ${token}`;
+    const response = await fetch(ticketUrl, {
+      method: "POST",
+      headers,
+      signal: abort.signal,
+      cache: "no-store",
+      credentials: withCredentials ? "include" : "same-origin",
+    });
+    const text = await response.text();
+    if (response.ok) {
+      const ticket = parseJson(text)?.ticket;
+      if (typeof ticket === "string" && ticket) {
+        return { ticket, status: response.status, detail: null };
+      }
+      return { ticket: null, status: 0, detail: "the ticket endpoint answered no ticket" };
+    }
+    return { ticket: null, status: response.status, detail: errorOf(text) };
+  } catch {
+    return { ticket: null, status: 0, detail: null };
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/**
+ * @param {string} text
+ * @returns {any}
+ */
+function parseJson(text) {
+  try {
+    return JSON.parse(text);
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * The hub's error message from an error answer's body (its JSON `error`), or the body itself.
+ * @param {string} text
+ */
+function errorOf(text) {
+  const body = parseJson(text);
+  return body && (body.error || body.message) ? String(body.error || body.message) : text;
+}
+
+/**
  * One request to the stream URL to learn why EventSource gave up: the status and the body.
  * @param {URL} url
  * @returns {Promise<{status: number, detail: string | null}>}
@@ -205,16 +322,7 @@ async function probe(url) {
   const timer = setTimeout(() => abort.abort(), PROBE_TIMEOUT_MS);
   try {
     const response = await fetch(url, { signal: abort.signal, cache: "no-store" });
-    let detail = null;
-    if (!response.ok) {
-      const text = await response.text();
-      try {
-        const body = JSON.parse(text);
-        detail = String(body.error || body.message || text);
-      } catch {
-        detail = text;
-      }
-    }
+    const detail = response.ok ? null : errorOf(await response.text());
     return { status: response.status, detail };
   } catch {
     return { status: 0, detail: null };
