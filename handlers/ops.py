@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from tornado.web import HTTPError, StaticFileHandler
 
 from handlers.base import HubHandler
+from hub.auth import Verifier
+from hub.core import Hub
 
 __all__ = [
     "HealthHandler",
+    "MetricsElsewhereHandler",
     "MetricsHandler",
     "NotFoundHandler",
     "ReadyHandler",
@@ -19,6 +23,15 @@ __all__ = [
 ]
 
 STARTED = time.time()
+
+
+def _restart_clock() -> None:
+    """A forked worker's uptime is its own, not its supervisor's."""
+    global STARTED
+    STARTED = time.time()
+
+
+os.register_at_fork(after_in_child=_restart_clock)
 
 
 class HealthHandler(HubHandler):
@@ -30,6 +43,7 @@ class HealthHandler(HubHandler):
                 "streams": len(self.hub.registry),
                 "history": len(self.hub.history),
                 "uptime_s": round(time.time() - STARTED, 1),
+                "pid": os.getpid(),  # which process answered: with --workers, one of several
             },
         )
 
@@ -51,6 +65,19 @@ class MetricsHandler(HubHandler):
     def get(self) -> None:
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
         self.finish(self.hub.metrics.exposition())
+
+
+class MetricsElsewhereHandler(HubHandler):
+    """/metrics on the public port when it must not answer there (--metrics-port serves
+    them, or several workers share the port): the JSON 404 of an unknown path, saying where
+    the metrics are."""
+
+    def initialize(self, hub: Hub, verifier: Verifier, hint: str = "") -> None:
+        super().initialize(hub, verifier)
+        self.hint = hint
+
+    def prepare(self) -> None:
+        self.fail(404, f"no such endpoint: {self.request.method} {self.request.path}: {self.hint}")
 
 
 class TypesHandler(HubHandler):

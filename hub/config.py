@@ -122,6 +122,13 @@ class Config:
                 f"--workers {self.workers} needs --broker redis://...: with the memory broker "
                 "a publish would reach the streams of the one worker that took it"
             )
+        if self.workers > 1 and 0 in (self.port, self.internal_port):
+            flag = "--port" if self.port == 0 else "--internal-port"
+            raise ConfigError(
+                f"--workers {self.workers} needs a fixed {flag}, not 0: each worker binds it "
+                "with SO_REUSEPORT, and port 0 would give every worker a port of its own"
+            )
+        self._check_metrics_port()
         if not self.redis_prefix or not self.redis_prefix.isprintable():
             raise ConfigError("--redis-prefix must be non-empty printable text")
         if self.shutdown_spread < 0:
@@ -142,6 +149,23 @@ class Config:
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+
+    def _check_metrics_port(self) -> None:
+        """--metrics-port P: worker i listens on P + i, so P .. P + workers - 1 must be ports,
+        and none of them --port or --internal-port."""
+        if self.metrics_port is None:
+            return
+        first, last = self.metrics_port, self.metrics_port + self.workers - 1
+        span = f"{first}" if first == last else f"{first}-{last} (worker i on {first} + i)"
+        if first < 1 or last > 65535:
+            raise ConfigError(
+                f"--metrics-port must be 1 to {65536 - self.workers}"
+                + (f" with --workers {self.workers}" if self.workers > 1 else "")
+                + f", not {first}: a scrape target needs a port of its own, known in advance"
+            )
+        for flag, port in (("--port", self.port), ("--internal-port", self.internal_port)):
+            if port is not None and first <= port <= last:
+                raise ConfigError(f"--metrics-port {span} takes {flag} {port}: choose another")
 
     def connection_limit(self, descriptors: int) -> int:
         """--max-connections, or what the descriptor limit leaves after HEADROOM."""

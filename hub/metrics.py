@@ -170,6 +170,15 @@ class Metrics:
         broker = hub.broker
         self.registry.register(_Evicted(lambda: getattr(broker, "tickets_evicted", 0)))
 
+    def name_worker(self, worker: int, workers: int) -> None:
+        """hub_worker_info{worker, workers}: which of --workers' processes these figures are
+        ("0" of "1" for a single process): each worker is its own scrape target."""
+        Info(
+            "hub_worker",
+            "The worker these figures are of (worker i of --workers serves its own /metrics).",
+            registry=self.registry,
+        ).info({"worker": str(worker), "workers": str(workers)})
+
     def count_published(self, events: Iterable[Event]) -> None:
         for name, n in Tally(e.name for e in events).items():
             self.published.labels(name).inc(n)
