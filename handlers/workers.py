@@ -88,15 +88,18 @@ def supervise(workers: int, run: Callable[[int], None], grace: float) -> int:
                 _stop(alive, signal.Signals(info.si_signo), grace)
                 log.info("workers stopped")
                 return 0
-            for pid, code in _reap():
-                worker = alive.pop(pid, None)
-                if worker is None:
-                    continue
-                if code == EXIT_CANNOT_START:
-                    reason = _read_reasons(reports).get(worker.index, "see the log above")
-                    _stop(alive, signal.SIGTERM, grace)
-                    print(f"hub: error: worker {worker.index}: {reason}", file=sys.stderr)
-                    return 1
+            # Every worker that ended leaves `alive` before anything is signalled: a pid
+            # reaped here is no longer ours to signal or wait for.
+            ended = [(pid, code, alive.pop(pid)) for pid, code in _reap() if pid in alive]
+            failed = [worker for _, code, worker in ended if code == EXIT_CANNOT_START]
+            if failed:
+                reasons = _read_reasons(reports)
+                _stop(alive, signal.SIGTERM, grace)
+                first = min(failed, key=lambda w: w.index)
+                reason = reasons.get(first.index, "see the log above")
+                print(f"hub: error: worker {first.index}: {reason}", file=sys.stderr)
+                return 1
+            for pid, code, worker in ended:
                 lived = time.monotonic() - worker.started
                 quick_deaths = quick_deaths + 1 if lived < QUICK_DEATH else 0
                 if quick_deaths >= MAX_QUICK_DEATHS:
@@ -148,7 +151,8 @@ def _stop(alive: dict[int, _Worker], sig: signal.Signals, grace: float) -> None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             for pid in list(alive):
-                os.waitpid(pid, 0)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
             alive.clear()
             break
         # SIGCHLD wakes this; a second SIGTERM/SIGINT is taken and ignored (already stopping).
