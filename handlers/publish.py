@@ -102,6 +102,10 @@ class PublishHandler(HubHandler):
     def on_connection_close(self) -> None:
         self.deadlines.done(self)
         self.chunks = []  # now, not when the collector gets to this handler
+        # Ends the wait for the rest of the body (Tornado's own version): without it, the
+        # request's task waited for ever, and was cancelled at shutdown, which Tornado logs
+        # as an ERROR 500.
+        super().on_connection_close()
 
     async def post(self) -> None:
         body = b"".join(self.chunks)
