@@ -79,11 +79,12 @@ class HubHandler(RequestHandler):
         body = {"error": error[:MAX_ERROR_LENGTH], **extra}
         self.finish(ujson.dumps(body, escape_forward_slashes=False))
 
-    def fail_retry(self, status: int, error: str, retry_after: float) -> None:
+    def fail_retry(self, status: int, error: str, retry_after: float, **extra: Any) -> None:
         """fail(), telling the client when to come back (429, 503)."""
         self._start_error(status)
         self.set_header("Retry-After", str(max(1, round(retry_after))))
-        self.finish(ujson.dumps({"error": error}, escape_forward_slashes=False))
+        body = {"error": error[:MAX_ERROR_LENGTH], **extra}
+        self.finish(ujson.dumps(body, escape_forward_slashes=False))
 
     def _start_error(self, status: int) -> None:
         self.clear()

@@ -1,8 +1,10 @@
-"""POST /publish: read the body within its limit, decode it whole, hand it to the hub."""
+"""POST /publish: read the body within its limit, decode it whole, hand it to the hub.
+
+The publisher limits (README, Operations) are answered here: a publisher whose rate bucket
+is empty is refused at the request's head, before its body is read; --max-batch and
+--max-event-bytes while the body is decoded; the rate once the batch's size is known."""
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 from tornado.web import stream_request_body
 
@@ -11,13 +13,13 @@ from handlers.server import BodyDeadlines
 from hub.auth import Verifier
 from hub.broker import BrokerUnavailable
 from hub.core import Hub
-from hub.decode import decode_frames, decode_json, decode_ndjson
-from hub.dispatch import TypeTable
-from hub.message import Event, ParseError, Rejected
+from hub.decode import Decoder, decode_frames, decode_json, decode_ndjson
+from hub.limits import INTERNAL, retry_after
+from hub.message import ParseError, Rejected, TooLarge
 
 __all__ = ["DECODERS", "PublishHandler"]
 
-DECODERS: dict[str, Callable[[bytes, TypeTable], list[Event]]] = {
+DECODERS: dict[str, Decoder] = {
     "application/json": decode_json,
     "application/x-ndjson": decode_ndjson,
     "application/jsonl": decode_ndjson,
@@ -44,7 +46,8 @@ class PublishHandler(HubHandler):
         self.authenticated = authenticated
         self.chunks: list[bytes] = []
         self.size = 0
-        self.decoder: Callable[[bytes, TypeTable], list[Event]] = decode_json
+        self.decoder: Decoder = decode_json
+        self.publisher = INTERNAL  # the rate bucket's identity: the token's sub, if any
 
     def refuse(self, status: int, error: str, **extra: object) -> None:
         self.hub.metrics.rejected.labels(str(status)).inc()
@@ -57,8 +60,17 @@ class PublishHandler(HubHandler):
         if self.hub.stopping:
             self.refuse(503, "the hub is shutting down: publish to another instance or retry")
             return
-        if self.authenticated and self.authenticate(publisher=True) is None:
-            self.hub.metrics.rejected.labels(str(self.get_status())).inc()
+        if self.authenticated:
+            claims = self.authenticate(publisher=True)
+            if claims is None:
+                self.hub.metrics.rejected.labels(str(self.get_status())).inc()
+                return
+            self.publisher = claims.user
+        # An empty bucket is refused before the body is read: a throttled publisher costs
+        # the hub a request head, not a body's read and decode.
+        wait = self.hub.publishers.delay(self.publisher, 1, take=False)
+        if wait:
+            self.throttle(wait)
             return
         ctype = self.request.headers.get("Content-Type", "").split(";")[0].strip().lower()
         decoder = DECODERS.get(ctype)
@@ -107,11 +119,49 @@ class PublishHandler(HubHandler):
         # as an ERROR 500.
         super().on_connection_close()
 
+    def throttle(self, wait: float) -> None:
+        """429: the publisher's bucket will hold what it asked for in `wait` seconds."""
+        limiter = self.hub.publishers
+        self.hub.metrics.limited.labels("rate").inc()
+        self.hub.metrics.rejected.labels("429").inc()
+        self.fail_retry(
+            429,
+            f"publish rate over the limit of {limiter.rate:g} events/s (bursts of "
+            f"{limiter.burst}) for this publisher: retry after the time Retry-After says",
+            retry_after(wait),
+            rate=limiter.rate,
+            burst=limiter.burst,
+        )
+
     async def post(self) -> None:
         body = b"".join(self.chunks)
         self.chunks = []
+        config = self.hub.config
+        limiter = self.hub.publishers
+        # With a rate, no batch over the burst can ever pass: a 413 says so, not 429s for ever.
+        max_events = config.max_batch
+        if limiter.enabled:
+            max_events = min(max_events, limiter.burst)
         try:
-            events = self.decoder(body, self.hub.types)
+            events = self.decoder(
+                body,
+                self.hub.types,
+                max_events=max_events,
+                max_event_bytes=config.max_event_bytes,
+            )
+        except TooLarge as exc:
+            self.hub.metrics.limited.labels(exc.what).inc()
+            if exc.what == "event_bytes":
+                message = f"{exc.message} (--max-event-bytes)"
+            elif exc.limit < config.max_batch:
+                message = (
+                    f"{exc.message}: over the publish burst ({exc.limit} events at "
+                    f"{limiter.rate:g}/s), a batch this large can never pass; split it"
+                )
+            else:
+                message = f"{exc.message}: over the limit of {exc.limit} (--max-batch); split it"
+            self.refuse(413, message, limit=exc.limit, index=exc.index)
+            return
         except ParseError as exc:
             extra: dict[str, object] = {"offset": exc.offset}
             if exc.index is not None:
@@ -123,6 +173,10 @@ class PublishHandler(HubHandler):
             if exc.index is not None:
                 extra["index"] = exc.index
             self.refuse(422, exc.message, **extra)
+            return
+        wait = limiter.delay(self.publisher, len(events))
+        if wait:
+            self.throttle(wait)
             return
         try:
             ids = await self.hub.publish(events)

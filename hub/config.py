@@ -42,6 +42,16 @@ class Config:
     # so that the clients of a stopped instance do not all reconnect in the same second.
     shutdown_spread: float = 10.0
     max_body: int = 1024 * 1024  # publish body limit, bytes
+    # Events in one publish, at most (413 past it): one request's work on the event loop,
+    # and no batch larger than the default --history, which a resume could not replay whole.
+    max_batch: int = 10_000
+    # Bytes of one event's encoded body (the JSON of its `data:` line), at most (413).
+    max_event_bytes: int = 64 * 1024
+    # Events a second per publisher (its token's sub; the internal listener's publishers
+    # share one), a token bucket holding at most publish_burst events: past it, a 429 with
+    # Retry-After. 0 = no limit (one publisher may use the hub's whole capacity: README).
+    publish_rate: float = 0.0
+    publish_burst: int = 10_000  # with a rate, also the largest batch that can ever pass
     # How far (bytes of frames) a stream may fall behind the events queued for it before it is
     # cut as slow. What it owes is shared (one copy per audience, not per stream).
     max_pending: int = 16 * 1024 * 1024
@@ -100,7 +110,15 @@ class Config:
             raise ConfigError(f"--jwt-algorithm {self.jwt_algorithm} needs --jwt-public-key")
         if self.loop not in ("asyncio", "uvloop"):
             raise ConfigError("--loop must be asyncio or uvloop")
-        for name in ("history", "history_bytes", "max_body", "max_pending"):
+        for name in (
+            "history",
+            "history_bytes",
+            "max_body",
+            "max_pending",
+            "max_batch",
+            "max_event_bytes",
+            "publish_burst",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.max_body_memory < self.max_body:
@@ -133,6 +151,8 @@ class Config:
             raise ConfigError("--redis-prefix must be non-empty printable text")
         if self.shutdown_spread < 0:
             raise ConfigError("--shutdown-spread must be 0 or more")
+        if not 0 <= self.publish_rate < float("inf"):
+            raise ConfigError("--publish-rate must be 0 (no limit) or a positive number")
         for name in ("max_connections", "max_streams"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be 0 (automatic) or more")

@@ -22,6 +22,7 @@ from hub.config import Config
 from hub.dispatch import DEFAULT_TYPES, EventFilter, TypeTable
 from hub.flusher import Flusher
 from hub.history import History, parse_id
+from hub.limits import PublishLimiter
 from hub.message import Event, encode_frame
 from hub.metrics import Metrics
 from hub.registry import Reason, Registry, Subscriber
@@ -73,6 +74,9 @@ class Hub:
             heartbeat=config.heartbeat,
             on_slow=self._cut_slow,
         )
+        # Token buckets by publisher identity (--publish-rate; the handler asks them).
+        self.publishers = PublishLimiter(config.publish_rate, config.publish_burst)
+        self.publishing = 0  # publishes handed to the broker and not answered yet
         self.metrics = Metrics(self)
         # One-time stream tickets, kept by the broker: shared where it is (hub.tickets).
         self.tickets = Tickets(self.broker, config.ticket_ttl, self.metrics)

@@ -1,18 +1,26 @@
 """Publish bodies -> validated, routed events: one JSON object, a JSON array, NDJSON, or
 concatenated binary frames. A body is taken whole or not at all: the first bad event
-rejects the batch, so nothing partial is ever delivered."""
+rejects the batch, so nothing partial is ever delivered.
+
+Limits (--max-batch, --max-event-bytes) are `max_events` and `max_event_bytes` (0 = none),
+refused with TooLarge (a 413). NDJSON and binary frames count events as they read them and
+stop at the first one past `max_events`, before building it; a JSON array is parsed whole by
+ujson first (a body is at most --max-body, so that costs at most one parse of it) and
+counted before any of its events is built. An event's size is that of its encoded body
+(`Event.body`, the JSON a stream's `data:` line carries), known once it is built."""
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from hub.dispatch import DEFAULT_TYPES, TypeTable
-from hub.message import FRAME_HEADER, Event, ParseError, Rejected, loads
+from hub.message import FRAME_HEADER, Event, ParseError, Rejected, TooLarge, loads
 
 __all__ = [
     "MAX_TS",
     "MAX_USER_LENGTH",
+    "Decoder",
     "build_event",
     "decode_frames",
     "decode_json",
@@ -83,11 +91,46 @@ def build_event(
     return event
 
 
+class Decoder(Protocol):
+    """What decodes one publish body (decode_json, decode_ndjson, decode_frames)."""
+
+    def __call__(
+        self,
+        body: bytes,
+        types: TypeTable = ...,
+        *,
+        max_events: int = ...,
+        max_event_bytes: int = ...,
+    ) -> list[Event]: ...
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def decode_json(body: bytes, types: TypeTable = DEFAULT_TYPES) -> list[Event]:
+def _too_many(limit: int) -> TooLarge:
+    return TooLarge(f"more than {limit} events in one publish", "batch", limit, limit)
+
+
+def _check_size(event: Event, index: int, limit: int) -> None:
+    """TooLarge if the event's encoded body is over `limit` bytes (it is ASCII: ujson
+    escapes every other character)."""
+    if limit and len(event.body) > limit:
+        raise TooLarge(
+            f"event {index} is {len(event.body)} bytes encoded, over the limit of {limit}",
+            "event_bytes",
+            limit,
+            index,
+        )
+
+
+def decode_json(
+    body: bytes,
+    types: TypeTable = DEFAULT_TYPES,
+    *,
+    max_events: int = 0,
+    max_event_bytes: int = 0,
+) -> list[Event]:
     """One event object, or an array of them."""
     if not body.strip():
         raise ParseError("empty body", offset=0)
@@ -95,28 +138,52 @@ def decode_json(body: bytes, types: TypeTable = DEFAULT_TYPES) -> list[Event]:
     if isinstance(value, list):
         if not value:
             raise Rejected("empty batch")
+        if max_events and len(value) > max_events:
+            raise _too_many(max_events)
         now = _now_ms()  # one stamp for the batch: its events are published together
-        return [build_event(obj, i, 0, now=now, types=types) for i, obj in enumerate(value)]
-    return [build_event(value, 0, 0, types=types)]
+        events = [build_event(obj, i, 0, now=now, types=types) for i, obj in enumerate(value)]
+    else:
+        events = [build_event(value, 0, 0, types=types)]
+    if max_event_bytes:
+        for i, event in enumerate(events):
+            _check_size(event, i, max_event_bytes)
+    return events
 
 
-def decode_ndjson(body: bytes, types: TypeTable = DEFAULT_TYPES) -> list[Event]:
+def decode_ndjson(
+    body: bytes,
+    types: TypeTable = DEFAULT_TYPES,
+    *,
+    max_events: int = 0,
+    max_event_bytes: int = 0,
+) -> list[Event]:
     """One event object per line; blank lines are skipped."""
     events: list[Event] = []
     offset = 0
     now = _now_ms()
     for line in body.split(b"\n"):
         if line.strip():
+            index = len(events)
+            if index == max_events and max_events:
+                raise _too_many(max_events)
             # CRLF line ends: the CR is the line end's, not a raw CR in the event's JSON
-            obj = loads(line.removesuffix(b"\r"), base_offset=offset, index=len(events))
-            events.append(build_event(obj, len(events), offset, now=now, types=types))
+            obj = loads(line.removesuffix(b"\r"), base_offset=offset, index=index)
+            event = build_event(obj, index, offset, now=now, types=types)
+            _check_size(event, index, max_event_bytes)
+            events.append(event)
         offset += len(line) + 1
     if not events:
         raise ParseError("empty body", offset=0)
     return events
 
 
-def decode_frames(body: bytes, types: TypeTable = DEFAULT_TYPES) -> list[Event]:
+def decode_frames(
+    body: bytes,
+    types: TypeTable = DEFAULT_TYPES,
+    *,
+    max_events: int = 0,
+    max_event_bytes: int = 0,
+) -> list[Event]:
     """Concatenated binary frames: uint32 type | uint64 ts ms (0 = stamp it) | uint32 length |
     payload (UTF-8 JSON object with user and data)."""
     events: list[Event] = []
@@ -127,6 +194,8 @@ def decode_frames(body: bytes, types: TypeTable = DEFAULT_TYPES) -> list[Event]:
         raise ParseError("empty body", offset=0)
     while offset < size:
         index = len(events)
+        if index == max_events and max_events:
+            raise _too_many(max_events)
         if size - offset < FRAME_HEADER.size:
             raise ParseError(
                 f"truncated frame header at byte {offset}: {size - offset} of "
@@ -145,8 +214,8 @@ def decode_frames(body: bytes, types: TypeTable = DEFAULT_TYPES) -> list[Event]:
             )
         # An empty payload is an event without user or data (a bare broadcast, say).
         obj = loads(body[start : start + length], base_offset=start, index=index) if length else {}
-        events.append(
-            build_event(obj, index, offset, header_type=type_, header_ts=ts or now, types=types)
-        )
+        event = build_event(obj, index, offset, header_type=type_, header_ts=ts or now, types=types)
+        _check_size(event, index, max_event_bytes)
+        events.append(event)
         offset = start + length
     return events

@@ -23,6 +23,7 @@ __all__ = [
     "Event",
     "ParseError",
     "Rejected",
+    "TooLarge",
     "encode_frame",
     "loads",
 ]
@@ -50,6 +51,19 @@ class Rejected(Exception):
     def __init__(self, message: str, index: int | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.index = index
+
+
+class TooLarge(Exception):
+    """A publish over a size limit (413): more events than a batch may have (`what` is
+    "batch"), or an event whose body is over the bytes an event may have ("event_bytes").
+    `index` is the first event past the limit."""
+
+    def __init__(self, message: str, what: str, limit: int, index: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.what = what
+        self.limit = limit
         self.index = index
 
 

@@ -32,11 +32,14 @@ from hub.tickets import REJECTIONS
 if TYPE_CHECKING:
     from hub.core import Hub
 
-__all__ = ["PUBLISH_REFUSALS", "STREAM_REFUSALS", "TICKET_REFUSALS", "Metrics"]
+__all__ = ["PUBLISH_LIMITS", "PUBLISH_REFUSALS", "STREAM_REFUSALS", "TICKET_REFUSALS", "Metrics"]
 
 # Every label value of a fixed set is exported from the start, at 0: a dashboard's rate() and
 # an alert on a series that appears only after its first event are both wrong until then.
-PUBLISH_REFUSALS = ("400", "401", "403", "413", "415", "422", "503")
+PUBLISH_REFUSALS = ("400", "401", "403", "413", "415", "422", "429", "503")
+# Publisher limits (hub.limits, hub.decode): rate is --publish-rate (429), batch --max-batch
+# or a batch over --publish-burst (413), event_bytes --max-event-bytes (413).
+PUBLISH_LIMITS = ("rate", "batch", "event_bytes")
 STREAM_REFUSALS = ("400", "401", "403", "429", "503")
 TICKET_REFUSALS = ("401", "503")  # of POST /tickets
 
@@ -114,6 +117,7 @@ class Metrics:
             self.published.labels(kind.name)
         for status in PUBLISH_REFUSALS:
             self.rejected.labels(status)
+        self._limit_metrics(hub)
         for status in STREAM_REFUSALS:
             self.streams_refused.labels(status)
         for reason in Reason:
@@ -169,6 +173,26 @@ class Metrics:
             self.tickets_rejected.labels(reason)
         broker = hub.broker
         self.registry.register(_Evicted(lambda: getattr(broker, "tickets_evicted", 0)))
+
+    def _limit_metrics(self, hub: Hub) -> None:
+        """Publishes refused by a publisher limit, and the rate buckets held."""
+        self.limited = Counter(
+            "hub_publish_limited",
+            "Publish requests refused by a publisher limit, by which (rate: --publish-rate, "
+            "a 429; batch: --max-batch or a batch over --publish-burst, event_bytes: "
+            "--max-event-bytes, 413s). Also counted in hub_publish_rejected.",
+            ["limit"],
+            registry=self.registry,
+        )
+        for limit in PUBLISH_LIMITS:
+            self.limited.labels(limit)
+        buckets = Gauge(
+            "hub_publish_buckets",
+            "Publishers with a rate bucket held (--publish-rate; at most 10,000, idle full "
+            "ones dropped).",
+            registry=self.registry,
+        )
+        buckets.set_function(lambda: len(hub.publishers))
 
     def name_worker(self, worker: int, workers: int) -> None:
         """hub_worker_info{worker, workers}: which of --workers' processes these figures are

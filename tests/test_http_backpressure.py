@@ -108,7 +108,7 @@ async def test_a_client_that_stops_reading_is_cut_delays_no_one_and_resumes_with
 async def test_one_legal_publish_far_over_a_socket_buffer_cuts_no_reader(hub_server, body, count):
     """One in-limit body used to cut every recipient as slow at once (its frames were copied
     into every outbox and counted against the bound up front). Readers that read get it all."""
-    server = await hub_server(history=20_000)
+    server = await hub_server(history=20_000, max_batch=20_000)
     readers = [await server.stream("r0") for _ in range(3)]
     ids = await server.publish_ok(body)
     assert len(ids) == count
