@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import resource
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -210,12 +212,58 @@ async def serve(config: Config) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    await shut_down(hub, servers, config.shutdown_timeout)
+
+
+async def shut_down(hub: Hub, servers: list[HTTPServer], timeout: float) -> None:
+    """SIGTERM/SIGINT: stop listening; /readyz, new streams and publishes answer 503 on the
+    connections still open; publishes already handed to the broker get their answer; every
+    stream gets what it is owed and a jittered `retry:` (Hub.stop); then the connections
+    left (keep-alive ones, bodies still arriving) are closed. All within `timeout` seconds
+    (--shutdown-timeout): what still hangs then (a client that takes nothing, a broker that
+    does not answer) is cut, with a warning, and the process still exits 0. A watchdog thread
+    ends the process at the deadline if even the event loop's own teardown hangs (a
+    cancelled task that never ends, a DNS lookup in the default executor)."""
     log.info("shutting down: closing %d streams", len(hub.registry))
-    server.stop()
-    if internal is not None:
-        internal.stop()
-    await hub.stop()
-    await asyncio.wait_for(server.close_all_connections(), timeout=5.0)
+    watchdog = threading.Timer(timeout, _exit_now, (timeout,))
+    watchdog.daemon = True
+    watchdog.start()
+    for server in servers:
+        server.stop()
+
+    async def drain() -> None:
+        await hub.stop(publish_wait=timeout / 3)
+        await asyncio.gather(*(server.close_all_connections() for server in servers))
+
+    # The loop's teardown after serve() returns (cancelling what is left) gets the margin.
+    margin = min(1.0, timeout / 4)
+    graceful = asyncio.ensure_future(drain())
+    done, _ = await asyncio.wait({graceful}, timeout=timeout - margin)
+    if done:
+        graceful.result()
+        return
+    graceful.cancel()
+    log.warning(
+        "shutdown took more than --shutdown-timeout (%gs): cutting what still holds it up "
+        "(streams whose clients have not taken what they are owed: %d; other connections: "
+        "%d; publishes the broker has not answered: %d)",
+        timeout,
+        hub.streams_closing(),
+        sum(len(server._connections) for server in servers),
+        hub.publishing,
+    )
+    closing = asyncio.ensure_future(
+        asyncio.gather(*(server.close_all_connections() for server in servers))
+    )
+    await asyncio.wait({closing}, timeout=margin / 2)
+
+
+def _exit_now(timeout: float) -> None:
+    """The watchdog: the deadline passed and the process is still here."""
+    log.warning("still running %gs after the shutdown began: exiting now", timeout)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os._exit(0)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -33,7 +33,10 @@ def access_logger(success_level: int) -> Callable[[RequestHandler], None]:
         status = handler.get_status()
         if status < 400:
             level = success_level
-        elif status < 500:
+        elif status < 500 or (
+            status == 503 and isinstance(handler, HubHandler) and handler.hub.stopping
+        ):
+            # (a 503 while the hub shuts down is the shutdown working: no error to report)
             level = logging.WARNING
         else:
             level = logging.ERROR

@@ -41,6 +41,10 @@ class Config:
     # On shutdown each stream's retry is drawn from [retry, retry + shutdown_spread] seconds,
     # so that the clients of a stopped instance do not all reconnect in the same second.
     shutdown_spread: float = 10.0
+    # Seconds from SIGTERM/SIGINT to the process's exit, at most: streams get what they are
+    # owed (a client slow to take it gets up to 5 s), in-flight publishes their answer, the
+    # broker its close; whatever still hangs then is cut, and the exit is still 0.
+    shutdown_timeout: float = 15.0
     max_body: int = 1024 * 1024  # publish body limit, bytes
     # Events in one publish, at most (413 past it): one request's work on the event loop,
     # and no batch larger than the default --history, which a resume could not replay whole.
@@ -166,6 +170,7 @@ class Config:
             "header_timeout",
             "body_timeout",
             "ticket_ttl",
+            "shutdown_timeout",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")

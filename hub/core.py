@@ -83,6 +83,7 @@ class Hub:
         # (user, sid) -> ms of the logout; sid None = every session of the user.
         self.revoked: dict[tuple[str, str | None], float] = {}
         self.stopping = False
+        self._closing: list[SocketTransport] = []  # the streams stop() ended (streams_closing)
         # Open streams in all past which new ones are refused (serve() sets it from the
         # descriptor limit unless --max-streams does).
         self.stream_limit = config.max_streams or 1_000_000
@@ -96,23 +97,43 @@ class Hub:
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    async def stop(self) -> None:
-        """End every stream after writing what it is owed; refuse new ones."""
+    async def stop(self, publish_wait: float = 5.0) -> None:
+        """Refuse new streams and publishes; let the publishes already handed to the broker
+        finish, for up to `publish_wait` seconds (their events then reach the streams below;
+        a broker that does not answer must not keep the streams from what they are owed);
+        end every stream after writing what it is owed; wait until each has taken it (or
+        had CLOSE_GRACE to), then close the broker. The caller bounds the whole
+        (handlers.app: --shutdown-timeout)."""
         self.stopping = True
         if self._tick_handle is not None:
             self._tick_handle.cancel()
             self._tick_handle = None
+        loop = asyncio.get_running_loop()
+        until = loop.time() + publish_wait
+        while self.publishing and loop.time() < until:
+            await asyncio.sleep(0.01)
         self.flusher.flush_all()
         self.flusher.cancel()
         # Each stream's last bytes are a `retry:` drawn from [retry, retry + spread]: a fleet
         # of clients cut at once then comes back spread out, not in the same second.
         low = int(self.config.retry * 1000)
         high = low + int(self.config.shutdown_spread * 1000)
+        closing = self._closing
         for sub in list(self.registry.all):
             if sub.outbox is not None:
                 sub.outbox.transport.write(b"retry: %d\n\n" % random.randint(low, high))
+                closing.append(sub.outbox.transport)
             self.disconnect(sub, Reason.SHUTDOWN, flush=True)
+        # A stream that still holds bytes closes once the client has taken them, or after
+        # CLOSE_GRACE: the loop must keep running until then, or they would be lost.
+        while self.streams_closing():
+            await asyncio.sleep(0.02)
         await self.broker.close()
+
+    def streams_closing(self) -> int:
+        """Streams ended by stop() whose sockets still hold bytes their clients have not
+        taken."""
+        return sum(transport.socket is not None for transport in self._closing)
 
     @property
     def ready(self) -> bool:
@@ -129,7 +150,11 @@ class Hub:
         accepted = time.time()
         for event in events:
             event.accepted = accepted
-        ids = await self.broker.publish(events)
+        self.publishing += 1
+        try:
+            ids = await self.broker.publish(events)
+        finally:
+            self.publishing -= 1
         self.metrics.count_published(events)
         return ids
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -9,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -271,3 +273,174 @@ def test_a_hostile_run_leaves_no_token_and_no_forged_line_in_the_log(start_hub):
     for line in out.splitlines():
         assert record.match(line) or line.startswith("  | "), line
     assert "forged" in out  # the attempts are in the log, escaped, on their own record's line
+
+
+# -- graceful shutdown ----------------------------------------------------------------------
+
+
+def read_all(sock: socket.socket, timeout: float = 15.0) -> bytes:
+    """What the hub writes on a socket until it closes it."""
+    return read_until(sock, b"never-sent", timeout)
+
+
+def stream_ids_and_retries(raw: bytes) -> tuple[list[str], list[int]]:
+    """The ids of the events (blocks with data) and every `retry:` value of a stream body."""
+    ids, retries = [], []
+    for block in raw.split(b"\r\n\r\n", 1)[-1].split(b"\n\n"):
+        lines = block.split(b"\n")
+        fields = dict(line.split(b": ", 1) for line in lines if b": " in line)
+        if b"data" in fields and b"id" in fields:
+            ids.append(fields[b"id"].decode())
+        retries += [int(line[7:]) for line in lines if line.startswith(b"retry: ")]
+    return ids, retries
+
+
+def drain_output(proc: subprocess.Popen) -> list[str]:
+    """Read the process's output as it comes (a full pipe would block its logging)."""
+    out: list[str] = []
+    thread = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)
+    thread.start()
+    return out
+
+
+@pytest.mark.parametrize("demo", [False, True], ids=["keyed", "demo"])
+def test_sigterm_with_streams_and_publishes_in_flight_exits_0_owing_no_accepted_event(
+    start_hub, demo
+):
+    """Publishers keep publishing through the signal, a body is half sent: every event
+    answered 202 reaches every stream, each stream ends with a `retry:` in [retry, retry +
+    spread], the exit is 0 within --shutdown-timeout, and the log has no error."""
+    port = free_port()
+    args = ["--port", str(port), "--retry", "1", "--shutdown-spread", "2"]
+    args += ["--shutdown-timeout", "8"]
+    proc = start_hub(*args, "--demo", env={}) if demo else start_hub(*args)
+    output = drain_output(proc)
+    wait_until(lambda: healthy(port), what="hub healthy")
+    url = f"http://127.0.0.1:{port}"
+    if demo:  # its own secret: tokens from /demo/token; the streams get its log events too
+        token = get(f"{url}/demo/token?user=u1")[1]["token"]
+        publisher = get(f"{url}/demo/token?role=publisher")[1]["token"]
+    else:
+        exp = int(time.time()) + 60
+        token = jwt.encode({"sub": "u1", "exp": exp, "topics": ["*"]}, SECRET, algorithm="HS256")
+        publisher = jwt.encode({"sub": "svc", "exp": exp, "publish": True}, SECRET, "HS256")
+    streams = []
+    for _ in range(4):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        sock.sendall(
+            b"GET /events?topic=logs HTTP/1.1\r\nHost: x\r\n"
+            + f"Authorization: Bearer {token}\r\n\r\n".encode()
+        )
+        opening = read_until(sock, b": hub stream open")
+        assert b": hub stream open" in opening
+        streams.append((sock, opening))
+
+    accepted: list[str] = []
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {publisher}"}
+    body = json.dumps([{"type": 5, "data": {"n": i}} for i in range(50)]).encode()
+
+    def publish_until_refused() -> None:
+        while True:
+            try:
+                status, answer = post(f"{url}/publish", body, **headers)
+            except OSError:  # the listener is closed: the hub is going
+                return
+            if status == 202:
+                accepted.extend(answer["ids"])
+            elif status != 503:
+                raise AssertionError((status, answer))
+
+    publishers = [threading.Thread(target=publish_until_refused) for _ in range(2)]
+    for thread in publishers:
+        thread.start()
+    wait_until(lambda: len(accepted) >= 500, what="publishes accepted")
+    half = socket.create_connection(("127.0.0.1", port), timeout=5)
+    half.sendall(
+        f"POST /publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {publisher}\r\n"
+        f'Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n[{{"type": 5'.encode()
+    )
+    time.sleep(0.1)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    bodies = [opening + read_all(sock) for sock, opening in streams]
+    assert proc.wait(timeout=10) == 0
+    took = time.monotonic() - started
+    for thread in publishers:
+        thread.join(timeout=10)
+    half.close()
+    for sock, _ in streams:
+        sock.close()
+    assert took < 8, took
+    for raw in bodies:
+        ids, retries = stream_ids_and_retries(raw)
+        assert set(accepted) <= set(ids), len(set(accepted) - set(ids))
+        assert retries[0] == 1000 and 1000 <= retries[-1] <= 3000, retries
+        assert raw.endswith(b"retry: %d\n\n" % retries[-1])  # the last thing it got
+    out = output[0] if output else proc.stdout.read()
+    assert "shutting down: closing 4 streams" in out
+    assert "Traceback" not in out and " ERROR " not in out, out[-3000:]
+
+
+def test_a_client_that_takes_nothing_cannot_hold_the_shutdown_past_its_deadline(start_hub):
+    """A stream owed megabytes whose client reads nothing would hold the close for its grace
+    (5 s): --shutdown-timeout 2 cuts it and the exit is still 0, while a reading stream gets
+    everything. Meanwhile, on a connection opened before the signal, /readyz, a new stream
+    and a publish are 503 at once."""
+    port = free_port()
+    proc = start_hub("--port", str(port), "--shutdown-timeout", "2")
+    output = drain_output(proc)
+    wait_until(lambda: healthy(port), what="hub healthy")
+    exp = int(time.time()) + 60
+    token = jwt.encode({"sub": "u1", "exp": exp}, SECRET, algorithm="HS256")
+    publisher = jwt.encode({"sub": "svc", "exp": exp, "publish": True}, SECRET, "HS256")
+    stuck = socket.socket()
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stuck.connect(("127.0.0.1", port))
+    stuck.sendall(
+        f"GET /events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+    )
+    reader = open_stream(port, token)
+    assert b"retry:" in read_until(reader, b"\n\n")
+    got: list[bytes] = []
+    reading = threading.Thread(target=lambda: got.append(read_all(reader, 20)), daemon=True)
+    reading.start()
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {publisher}"}
+    body = json.dumps([{"type": 5, "data": "x" * 1000}] * 400).encode()
+    ids = []
+    for _ in range(10):  # 4 MB for each stream
+        status, answer = post(f"http://127.0.0.1:{port}/publish", body, **headers)
+        assert status == 202, answer
+        ids += answer["ids"]
+    # connections opened before the signal (the listener closes at once), one a request
+    kept = []
+    for _ in range(3):
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        connection.request("GET", "/healthz")
+        assert connection.getresponse().read()
+        kept.append(connection)
+
+    def on_kept(i: int, method: str, path: str, **extra: str) -> int:
+        payload = b'{"type": 5}' if method == "POST" else None
+        kept[i].request(method, path, body=payload, headers=extra)
+        response = kept[i].getresponse()
+        response.read()
+        return response.status
+
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: on_kept(0, "GET", "/readyz") == 503, 1.0, what="/readyz 503 at once")
+    assert on_kept(1, "GET", "/events", Authorization=f"Bearer {token}") == 503
+    assert on_kept(2, "POST", "/publish", **headers) == 503
+    assert proc.wait(timeout=10) == 0
+    took = time.monotonic() - started
+    reading.join(timeout=10)
+    stuck.close()
+    reader.close()
+    for connection in kept:
+        connection.close()
+    assert 1.0 < took < 3.0, took  # it waited for the stuck client, up to the deadline
+    received, retries = stream_ids_and_retries(got[0])
+    assert received == ids and 3000 <= retries[-1] <= 13000
+    out = output[0] if output else ""
+    assert "shutdown took more than --shutdown-timeout (2s)" in out, out[-2000:]
+    assert "Traceback" not in out and " ERROR " not in out, out[-3000:]
