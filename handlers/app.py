@@ -9,8 +9,10 @@ import logging
 import os
 import resource
 import signal
+import socket
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from handlers.base import access_logger
 from handlers.demo import DemoTokenHandler, start_demo
 from handlers.ops import (
     HealthHandler,
+    MetricsElsewhereHandler,
     MetricsHandler,
     NotFoundHandler,
     ReadyHandler,
@@ -31,13 +34,14 @@ from handlers.publish import PublishHandler
 from handlers.server import BodyDeadlines, HubApplication, accept_within
 from handlers.stream import EventsHandler
 from handlers.tickets import TicketsHandler
+from handlers.workers import CannotStart, supervise
 from hub.auth import Verifier
 from hub.config import HEADROOM, Config, ConfigError, parse_config
 from hub.core import Hub
 from hub.dispatch import DEFAULT_TYPES, TypeTable
 from hub.logs import SafeFormatter
 
-__all__ = ["build_app", "build_internal_app", "main", "static_dir"]
+__all__ = ["build_app", "build_internal_app", "build_metrics_app", "main", "static_dir"]
 
 log = logging.getLogger("hub")
 
@@ -72,7 +76,7 @@ def build_app(
         (r"/tickets", TicketsHandler, deps),
         (r"/healthz", HealthHandler, deps),
         (r"/readyz", ReadyHandler, deps),
-        (r"/metrics", MetricsHandler, deps),
+        _metrics_route(config, deps),
         (r"/types", TypesHandler, deps),
         (r"/()", StaticHandler, {"path": static, "default_filename": "index.html"}),
         (r"/static/(.*)", StaticHandler, {"path": static}),
@@ -118,6 +122,42 @@ def build_internal_app(hub: Hub) -> HubApplication:
     )
 
 
+def build_metrics_app(hub: Hub) -> HubApplication:
+    """/metrics, /healthz and /readyz for --metrics-port: the scrape target of one worker."""
+    verifier = Verifier(hub.config.jwt_algorithm, hub.config.jwt_secret, hub.config.jwt_public_key)
+    deps: dict[str, Any] = {"hub": hub, "verifier": verifier}
+    return HubApplication(
+        [
+            (r"/metrics", MetricsHandler, deps),
+            (r"/healthz", HealthHandler, deps),
+            (r"/readyz", ReadyHandler, deps),
+        ],
+        hub=hub,
+        log_function=access_logger(logging.DEBUG),
+        default_handler_class=NotFoundHandler,
+        default_handler_args=deps,
+    )
+
+
+def _metrics_route(config: Config, deps: dict[str, Any]) -> tuple[str, type, dict[str, Any]]:
+    """The public port's /metrics: the metrics, unless --metrics-port serves them; and never
+    with several workers, where it would show the figures of whichever worker the kernel
+    handed the connection to, as if they were the hub's (README, Metrics)."""
+    if config.metrics_port is not None:
+        where = f"http://{config.internal_host}:{config.metrics_port}/metrics"
+        if config.workers > 1:
+            where += f" (worker i of {config.workers} on {config.metrics_port} + i)"
+        hint = f"metrics are served on --metrics-port: {where}"
+    elif config.workers > 1:
+        hint = (
+            f"with --workers {config.workers} each worker is its own scrape target, and this "
+            "port reaches one of them at random: set --metrics-port P to scrape worker i on P + i"
+        )
+    else:
+        return (r"/metrics", MetricsHandler, deps)
+    return (r"/metrics", MetricsElsewhereHandler, {**deps, "hint": hint})
+
+
 def _body_deadlines(hub: Hub) -> BodyDeadlines:
     """The publish route's deadlines and byte budget (one route per process: public, or
     internal), shown in /metrics as hub_publish_body_bytes."""
@@ -133,7 +173,44 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-async def serve(config: Config) -> None:
+def _listen(
+    port: int, host: str, what: str, reuse_port: bool, backlog: int = 128
+) -> list[socket.socket]:
+    """bind_sockets, or CannotStart saying which listener and why, in one line."""
+    try:
+        return bind_sockets(port, host, backlog=backlog, reuse_port=reuse_port)
+    except OSError as exc:
+        raise CannotStart(
+            f"cannot listen on {host}:{port} ({what}): {exc.strerror or exc}"
+        ) from None
+
+
+def _serve_metrics(
+    hub: Hub,
+    servers: list[HTTPServer],
+    worker: int,
+    limit: int,
+    count_open: Callable[[], int],
+    paused: Callable[[str], None],
+) -> None:
+    """This worker's own scrape target, on --internal-host:--metrics-port + worker: its own
+    port, not shared (README, Metrics: one scrape target per worker)."""
+    config = hub.config
+    assert config.metrics_port is not None
+    port = config.metrics_port + worker
+    metrics = HTTPServer(build_metrics_app(hub), idle_connection_timeout=config.header_timeout)
+    sockets = _listen(port, config.internal_host, "--metrics-port", reuse_port=False)
+    servers.append(metrics)
+    # Within the same count as the internal listener: a scraper is let in past a flood of
+    # the public port, and cannot take the hub to EMFILE.
+    accept_within(metrics, sockets, limit + HEADROOM // 2, count_open, paused, config.slow_after)
+    log.info("metrics on http://%s:%d/metrics", config.internal_host, port)
+
+
+async def serve(config: Config, worker: int | None = None) -> None:
+    """Run the hub until SIGTERM/SIGINT. `worker`: this process is worker `worker` of
+    --workers (handlers.workers): it binds its listeners with SO_REUSEPORT, beside its
+    siblings', and its metrics port is --metrics-port + worker."""
     # Every request leaves reference cycles behind (Tornado's handler and futures), while
     # streams live long. With the default threshold (700) the collector runs every few
     # connects during a reconnect storm; 5,000 measured 3.7 -> 2.5 s for 10,000 connects at
@@ -142,6 +219,8 @@ async def serve(config: Config) -> None:
     gc.set_threshold(GC_THRESHOLD, 10, 10)
     app = build_app(config)
     hub: Hub = app.settings["hub"]
+    hub.metrics.name_worker(worker or 0, config.workers)
+    shared = worker is not None
     # The body limit is enforced by PublishHandler with a JSON 413; Tornado's own limit only
     # has to be above it (Tornado would answer a bare 400 and drop the connection).
     server = HTTPServer(
@@ -151,7 +230,7 @@ async def serve(config: Config) -> None:
     )  # (the body timeout: handlers.server.BodyDeadlines, cheaper than Tornado's)
     # A deep accept queue: thousands of clients reconnecting at once (a deploy, a network
     # blip) must not overflow Tornado's default of 128 and wait out SYN retransmits.
-    sockets = bind_sockets(config.port, config.host, backlog=LISTEN_BACKLOG)
+    sockets = _listen(config.port, config.host, "--port", shared, LISTEN_BACKLOG)
     descriptors = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     limit = config.connection_limit(descriptors)
     hub.stream_limit = config.stream_limit(descriptors)
@@ -187,7 +266,9 @@ async def serve(config: Config) -> None:
             idle_connection_timeout=config.header_timeout,
         )
         servers.append(internal)
-        internal_sockets = bind_sockets(config.internal_port, config.internal_host)
+        internal_sockets = _listen(
+            config.internal_port, config.internal_host, "--internal-port", shared
+        )
         # The same count, and half the headroom beyond the public limit: a flood on the
         # public port never locks internal publishers out, and a leaking internal client
         # cannot take the hub to EMFILE either.
@@ -204,6 +285,8 @@ async def serve(config: Config) -> None:
             config.internal_host,
             internal_sockets[0].getsockname()[1],
         )
+    if config.metrics_port is not None:
+        _serve_metrics(hub, servers, worker or 0, limit, count_open, paused)
     if config.demo:
         start_demo(hub)
 
@@ -276,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
     # Every record, Tornado's included, is written through SafeFormatter: no token and no
     # client-made line break ever reaches the log (hub/logs.py).
     handler = logging.StreamHandler()
-    handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(SafeFormatter(_log_format(None)))
     logging.basicConfig(level=config.log_level.upper(), handlers=[handler])
     logging.captureWarnings(True)  # warnings too: they would go to stderr as they are
     if config.demo:
@@ -286,6 +369,36 @@ def main(argv: list[str] | None = None) -> None:
             "Never expose demo mode to a network you do not trust."
         )
     _raise_fd_limit()
+    if config.workers > 1:
+        if config.metrics_port is None:
+            log.warning(
+                "--workers %d without --metrics-port: /metrics answers 404 (each worker is its "
+                "own scrape target: set --metrics-port P to scrape worker i on P + i)",
+                config.workers,
+            )
+        # The demo secret was made up above (require_key), before the fork: every worker
+        # signs and accepts the same tokens. Each worker bounds its own shutdown; the grace
+        # on top is for a worker whose watchdog could not even run.
+        grace = config.shutdown_timeout + 5.0
+        raise SystemExit(supervise(config.workers, lambda i: _run(config, i), grace))
+    try:
+        _run(config, None)
+    except CannotStart as exc:
+        print(f"hub: error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _log_format(worker: int | None) -> str:
+    """Log lines of worker i carry `worker i`: several workers write to the same output."""
+    mark = "" if worker is None else f"worker {worker} "
+    return f"%(asctime)s %(levelname)s {mark}%(name)s: %(message)s"
+
+
+def _run(config: Config, worker: int | None) -> None:
+    """The hub's event loop, in this process (a worker's, after the fork)."""
+    if worker is not None:
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(SafeFormatter(_log_format(worker)))
     if config.loop == "uvloop":
         try:
             import uvloop
@@ -294,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             uvloop.install()
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, worker))
 
 
 if __name__ == "__main__":
