@@ -33,6 +33,7 @@ import ujson
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+from redis.maint_notifications import MaintNotificationsConfig
 
 from hub.broker import BrokerUnavailable, Node
 from hub.dispatch import Route
@@ -145,11 +146,15 @@ class RedisBroker:
         self.last_id = "0-0"  # the last entry the feed handed over
         self.node: Node | None = None
         # No retries inside redis-py: a publish retried after an ambiguous failure could be
-        # stored twice; the feed retries with its own backoff.
+        # stored twice; the feed retries with its own backoff. Maintenance notifications off:
+        # while they are on ("auto", redis-py 8's default) the pool hands out connections
+        # without checking them, so after a Redis restart the first publish went out on a
+        # connection the server had closed and was refused (503) with Redis up again.
         options: dict[str, Any] = {
             "socket_connect_timeout": 2.0,
             "socket_timeout": 5.0,
             "retry": Retry(NoBackoff(), 0),
+            "maint_notifications_config": MaintNotificationsConfig(enabled=False),
         }
         self.client = aioredis.Redis.from_url(url, **options)
         self.feed = aioredis.Redis.from_url(url, **options)
