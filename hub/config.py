@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import secrets
 from collections.abc import Mapping, Sequence
@@ -81,6 +82,9 @@ class Config:
     # Seconds a one-time stream ticket (POST /tickets) stays good, at most: never past its
     # token's exp (hub.tickets).
     ticket_ttl: float = 30.0
+    # Seconds a publish's Idempotency-Key is remembered: a retry under the same key within it
+    # gets the first answer's ids instead of publishing again (hub.client retries that way).
+    idempotency_window: float = 300.0
     # Origins whose pages may open streams cross-origin (comma-separated), or "*" for any
     # (then without credentials: no cookie auth across origins).
     cors_origins: str | None = None
@@ -101,6 +105,11 @@ class Config:
     log_level: str = "info"
 
     def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            # NaN passes every `< 0` and `<= 0` check below, and inf overflows the timers
+            if type(value) is float and not math.isfinite(value):
+                raise ConfigError(f"--{field.name.replace('_', '-')} must be a finite number")
         if self.jwt_secret is not None and len(self.jwt_secret.encode()) < MIN_SECRET_BYTES:
             raise ConfigError(
                 f"HUB_JWT_SECRET must be at least {MIN_SECRET_BYTES} bytes "
@@ -171,6 +180,8 @@ class Config:
             "body_timeout",
             "ticket_ttl",
             "shutdown_timeout",
+            "idempotency_window",
+            "revoke_ttl",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")

@@ -419,3 +419,20 @@ def test_limits_are_flags_with_environment_variables_and_refuse_nonsense():
         with pytest.raises(ConfigError):
             parse_config(bad, {})
     assert json.dumps(config.max_streams) == "0"
+
+
+def test_every_number_setting_refuses_nan_and_infinity_from_flags_and_variables():
+    # NaN passes `< 0` and `<= 0` alike: a NaN ticket TTL or timeout used to be taken.
+    import dataclasses
+
+    from hub.config import Config, ConfigError, parse_config
+
+    floats = [f.name for f in dataclasses.fields(Config) if "float" in str(f.type)]
+    assert {"ticket_ttl", "shutdown_spread", "heartbeat", "revoke_ttl"} <= set(floats)
+    for name in floats:
+        flag = "--" + name.replace("_", "-")
+        for value in ("nan", "inf", "-inf"):
+            with pytest.raises(ConfigError, match="finite"):
+                parse_config([f"{flag}={value}"], {})
+            with pytest.raises(ConfigError, match="finite"):
+                parse_config([], {"HUB_" + name.upper(): value})
