@@ -6,12 +6,14 @@ is empty is refused at the request's head, before its body is read; --max-batch 
 
 from __future__ import annotations
 
+import hashlib
+
 from tornado.web import stream_request_body
 
 from handlers.base import HubHandler
 from handlers.server import BodyDeadlines
 from hub.auth import Verifier
-from hub.broker import BrokerUnavailable
+from hub.broker import BrokerUnavailable, Idempotency, IdempotencyConflict, Replayed
 from hub.core import Hub
 from hub.decode import Decoder, decode_frames, decode_json, decode_ndjson
 from hub.limits import INTERNAL, retry_after
@@ -25,6 +27,10 @@ DECODERS: dict[str, Decoder] = {
     "application/jsonl": decode_ndjson,
     "application/octet-stream": decode_frames,
 }
+
+
+# An Idempotency-Key longer than this is refused: keys are UUIDs or the like.
+MAX_IDEMPOTENCY_KEY = 255
 
 
 @stream_request_body
@@ -48,6 +54,7 @@ class PublishHandler(HubHandler):
         self.size = 0
         self.decoder: Decoder = decode_json
         self.publisher = INTERNAL  # the rate bucket's identity: the token's sub, if any
+        self.idempotency_key: str | None = None
 
     def refuse(self, status: int, error: str, **extra: object) -> None:
         self.hub.metrics.rejected.labels(str(status)).inc()
@@ -72,6 +79,16 @@ class PublishHandler(HubHandler):
         if wait:
             self.throttle(wait)
             return
+        key = self.request.headers.get("Idempotency-Key")
+        if key is not None:
+            if not 0 < len(key) <= MAX_IDEMPOTENCY_KEY or not (key.isascii() and key.isprintable()):
+                self.refuse(
+                    400,
+                    f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII "
+                    "characters (a UUID, say)",
+                )
+                return
+            self.idempotency_key = key
         ctype = self.request.headers.get("Content-Type", "").split(";")[0].strip().lower()
         decoder = DECODERS.get(ctype)
         if decoder is None:
@@ -178,9 +195,27 @@ class PublishHandler(HubHandler):
         if wait:
             self.throttle(wait)
             return
+        idempotency = None
+        if self.idempotency_key is not None:
+            # Keys are the publisher's own: another publisher's same key is another publish.
+            named = f"{self.publisher}\n{self.idempotency_key}".encode()
+            idempotency = Idempotency(
+                hashlib.sha256(named).hexdigest(),
+                hashlib.sha256(body).hexdigest(),
+                config.idempotency_window,
+            )
         try:
-            ids = await self.hub.publish(events)
+            ids = await self.hub.publish(events, idempotency)
         except BrokerUnavailable as exc:
             self.refuse(503, f"not published: {exc}")
             return
+        except IdempotencyConflict:
+            self.refuse(
+                422,
+                "this Idempotency-Key was used for a different body within "
+                f"{config.idempotency_window:g} s: use a new key for a new publish",
+            )
+            return
+        if isinstance(ids, Replayed):
+            self.set_header("Idempotent-Replayed", "true")
         self.answer(202, {"ids": ids})

@@ -15,16 +15,52 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from hub.message import Event
 
-__all__ = ["MAX_MEMORY_TICKETS", "Broker", "BrokerUnavailable", "MemoryBroker", "Node"]
+__all__ = [
+    "MAX_MEMORY_KEYS",
+    "MAX_MEMORY_TICKETS",
+    "Broker",
+    "BrokerUnavailable",
+    "Idempotency",
+    "IdempotencyConflict",
+    "MemoryBroker",
+    "Node",
+    "Replayed",
+]
 
 # Live tickets the memory broker holds at most: past it, a new ticket pushes out the oldest
 # (~400 bytes each: at most ~26 MB). A flood of POST /tickets then costs the tickets older
 # than cap / flood rate, never memory nor a refusal; a page redeems its ticket at once.
 MAX_MEMORY_TICKETS = 65_536
+
+
+# Idempotency keys the memory broker remembers at most (~200 bytes each): past it the oldest
+# is forgotten (a retry that comes later than cap / key rate publishes again).
+MAX_MEMORY_KEYS = 65_536
+
+
+@dataclass(frozen=True, slots=True)
+class Idempotency:
+    """A publish's `Idempotency-Key`: `key` names it (a hash of the publisher and its key),
+    `body` hashes what was published under it, `window` is how long a repeat is answered with
+    the first answer instead of being published again."""
+
+    key: str
+    body: str
+    window: float
+
+
+class IdempotencyConflict(Exception):
+    """An Idempotency-Key already used, within its window, for a different body (422)."""
+
+
+class Replayed(list[str]):
+    """The ids of a batch published before under the same Idempotency-Key: nothing was
+    published this time."""
 
 
 class BrokerUnavailable(Exception):
@@ -68,9 +104,13 @@ class Broker(Protocol):
         """Begin feeding every published event (from any node) to `node`, in id order."""
         ...
 
-    async def publish(self, events: Sequence[Event]) -> list[str]:
+    async def publish(
+        self, events: Sequence[Event], idempotency: Idempotency | None = None
+    ) -> list[str]:
         """Give the events ids, in order, and send them to every node; return the ids.
-        All or nothing: BrokerUnavailable means none of them was stored."""
+        All or nothing: BrokerUnavailable means none of them was stored. With `idempotency`,
+        a batch already stored under its key is not stored again: its ids come back as
+        Replayed (IdempotencyConflict if that batch had another body)."""
         ...
 
     async def put_ticket(self, key: str, claims: bytes, ttl: float) -> None:
@@ -102,22 +142,51 @@ class MemoryBroker:
         # the holes its deletions leave).
         self.tickets: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
         self.tickets_evicted = 0  # live tickets pushed out at MAX_MEMORY_TICKETS
+        # idempotency key -> (monotonic expiry, body hash, first seq, count), oldest first
+        self.keys: OrderedDict[str, tuple[float, str, int, int]] = OrderedDict()
 
     def start(self, node: Node) -> None:
         self._deliver = node.deliver
 
-    async def publish(self, events: Sequence[Event]) -> list[str]:
+    async def publish(
+        self, events: Sequence[Event], idempotency: Idempotency | None = None
+    ) -> list[str]:
         deliver = self._deliver
         if deliver is None:
             raise BrokerUnavailable("the hub is not running (starting or shutting down)")
         boot = self.boot
+        if idempotency is not None:
+            seen = self._seen(idempotency)
+            if seen is not None:
+                return seen
+        first = self.seq + 1
         ids = []
         for event in events:
             self.seq += 1
             event.assign_id(boot, self.seq)
             ids.append(event.id)
             deliver(event)
+        if idempotency is not None:
+            expires = time.monotonic() + idempotency.window
+            self.keys[idempotency.key] = (expires, idempotency.body, first, len(ids))
         return ids
+
+    def _seen(self, idempotency: Idempotency) -> Replayed | None:
+        """The ids published under this key within its window (forgetting expired keys, and
+        the oldest past MAX_MEMORY_KEYS)."""
+        keys = self.keys
+        now = time.monotonic()
+        while keys:
+            expires = next(iter(keys.values()))[0]
+            if expires > now and len(keys) < MAX_MEMORY_KEYS:
+                break
+            keys.popitem(last=False)
+        seen = keys.get(idempotency.key)
+        if seen is None or seen[0] <= now:
+            return None
+        if seen[1] != idempotency.body:
+            raise IdempotencyConflict()
+        return Replayed(f"{self.boot}-{n}" for n in range(seen[2], seen[2] + seen[3]))
 
     async def put_ticket(self, key: str, claims: bytes, ttl: float) -> None:
         tickets = self.tickets

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import ujson
 
-from hub.broker import Broker, BrokerUnavailable, MemoryBroker
+from hub.broker import Broker, BrokerUnavailable, Idempotency, MemoryBroker, Replayed
 from hub.config import Config
 from hub.dispatch import DEFAULT_TYPES, EventFilter, TypeTable
 from hub.flusher import Flusher
@@ -142,9 +142,13 @@ class Hub:
 
     # -- publishing -----------------------------------------------------------------------
 
-    async def publish(self, events: Sequence[Event]) -> list[str]:
+    async def publish(
+        self, events: Sequence[Event], idempotency: Idempotency | None = None
+    ) -> list[str]:
         """Send validated, routed events (see hub.decode) to every node; return their ids.
-        BrokerUnavailable if they cannot be taken now: nothing of them is published."""
+        BrokerUnavailable if they cannot be taken now: nothing of them is published. A batch
+        repeated under its Idempotency-Key is not published again: its first ids come back
+        (as hub.broker.Replayed)."""
         if self.stopping:
             raise BrokerUnavailable("the hub is shutting down")
         accepted = time.time()
@@ -152,10 +156,13 @@ class Hub:
             event.accepted = accepted
         self.publishing += 1
         try:
-            ids = await self.broker.publish(events)
+            ids = await self.broker.publish(events, idempotency)
         finally:
             self.publishing -= 1
-        self.metrics.count_published(events)
+        if isinstance(ids, Replayed):
+            self.metrics.replayed.inc()
+        else:
+            self.metrics.count_published(events)
         return ids
 
     def deliver(self, event: Event) -> None:

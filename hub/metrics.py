@@ -72,6 +72,12 @@ class Metrics:
             registry=self.registry,
         )
         self.connects = Counter("hub_stream_connects", "Streams opened.", registry=self.registry)
+        self.replayed = Counter(
+            "hub_publish_replayed",
+            "Publishes answered with the ids of an earlier one under the same Idempotency-Key "
+            "(a client's retry): nothing was published again.",
+            registry=self.registry,
+        )
         self.streams_capped = Counter(
             "hub_streams_capped",
             "Streams refused by a cap, by which (per_user: --max-streams-per-user, a 429; "

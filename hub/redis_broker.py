@@ -26,6 +26,7 @@ import random
 import secrets
 import time
 from collections.abc import Sequence
+from itertools import count as count_from
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -35,7 +36,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.maint_notifications import MaintNotificationsConfig
 
-from hub.broker import BrokerUnavailable, Node
+from hub.broker import BrokerUnavailable, Idempotency, IdempotencyConflict, Node, Replayed
 from hub.dispatch import Route
 from hub.history import parse_id
 from hub.message import Event
@@ -45,8 +46,10 @@ __all__ = ["RedisBroker"]
 log = logging.getLogger("hub.broker")
 
 # KEYS: the stream, the last id, the logouts. ARGV: MAXLEN, the logout TTL in ms, the origin
-# (node:batch number of the first batch), then per batch: its event count, its blob, its
-# logout count and that many logout members.
+# (node:batch number of the first batch), how long an idempotency key holds (ms), then per
+# batch: its event count, its blob, its idempotency key ('' for none) and body hash, its
+# logout count and that many logout members. A batch whose key is held is not stored again:
+# its answer is `=<body hash> <first id>` of the batch that was.
 # Ids come from Redis's clock, never going back: a batch's events take <ms>-<seq> .. <ms>-<seq
 # + k - 1>, and the next batch in the same ms goes on from there.
 _PUBLISH = """
@@ -65,22 +68,33 @@ local firsts = {}
 local revoked = false
 local node, n = string.match(ARGV[3], '^(.*):(%d+)$')
 n = tonumber(n)
-local i = 4
+local i = 5
 while i <= #ARGV do
   local k = tonumber(ARGV[i])
-  local r = tonumber(ARGV[i + 2])
-  for j = 1, r do
-    redis.call('ZADD', KEYS[3], ms, ARGV[i + 2 + j])
-    revoked = true
+  local key = ARGV[i + 2]
+  local r = tonumber(ARGV[i + 4])
+  local seen = false
+  if key ~= '' then seen = redis.call('GET', key) end
+  if seen then
+    firsts[#firsts + 1] = '=' .. seen
+  else
+    for j = 1, r do
+      redis.call('ZADD', KEYS[3], ms, ARGV[i + 4 + j])
+      revoked = true
+    end
+    local id = string.format('%d-%d', ms, seq + k - 1)
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], id, 'p', prev, 'e', ARGV[i + 1],
+      'o', string.format('%s:%d', node, n))
+    local first = string.format('%d-%d', ms, seq)
+    firsts[#firsts + 1] = first
+    if key ~= '' then
+      redis.call('SET', key, ARGV[i + 3] .. ' ' .. first, 'PX', ARGV[4])
+    end
+    prev = id
+    seq = seq + k
   end
-  local id = string.format('%d-%d', ms, seq + k - 1)
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], id, 'p', prev, 'e', ARGV[i + 1],
-    'o', string.format('%s:%d', node, n))
   n = n + 1
-  firsts[#firsts + 1] = string.format('%d-%d', ms, seq)
-  prev = id
-  seq = seq + k
-  i = i + 3 + r
+  i = i + 5 + r
 end
 redis.call('SET', KEYS[2], prev)
 if revoked then
@@ -137,6 +151,7 @@ class RedisBroker:
         self.url = url
         self.stream = f"{prefix}:events"
         self.keys = [self.stream, f"{prefix}:last", f"{prefix}:revoked"]
+        self.idempotency_prefix = f"{prefix}:idempotency:"  # + the key's SHA-256
         self.ticket_prefix = f"{prefix}:ticket:"  # + the ticket's SHA-256 (hub.tickets)
         self.history = history
         self.revoke_ttl = revoke_ttl
@@ -159,7 +174,9 @@ class RedisBroker:
         self.client = aioredis.Redis.from_url(url, **options)
         self.feed = aioredis.Redis.from_url(url, **options)
         self.script = self.client.register_script(_PUBLISH)
-        self.queue: list[tuple[Sequence[Event], str, list[str], asyncio.Future[str]]] = []
+        self.queue: list[
+            tuple[Sequence[Event], str, list[str], Idempotency | None, asyncio.Future[str]]
+        ] = []
         self.sender: asyncio.Task[None] | None = None
         self.follower: asyncio.Task[None] | None = None
         self.closing = False
@@ -175,19 +192,28 @@ class RedisBroker:
 
     # -- publishing -------------------------------------------------------------------------
 
-    async def publish(self, events: Sequence[Event]) -> list[str]:
+    async def publish(
+        self, events: Sequence[Event], idempotency: Idempotency | None = None
+    ) -> list[str]:
         if self.closing:
             raise BrokerUnavailable("the hub is shutting down")
         revoked = [
             ujson.dumps(e.route.ends) for e in events if e.route is not None and e.route.ends
         ]
         done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self.queue.append((events, _encode(events), revoked, done))
+        self.queue.append((events, _encode(events), revoked, idempotency, done))
         if self.sender is None:
             self.sender = asyncio.get_running_loop().create_task(self._send())
         first = await done
+        replayed = first.startswith("=")
+        if replayed:
+            body, _, first = first[1:].partition(" ")
+            assert idempotency is not None
+            if body != idempotency.body:
+                raise IdempotencyConflict()
         ms, seq = first.split("-")
-        return [f"{ms}-{n}" for n in range(int(seq), int(seq) + len(events))]
+        ids = [f"{ms}-{n}" for n in range(int(seq), int(seq) + len(events))]
+        return Replayed(ids) if replayed else ids
 
     async def _send(self) -> None:
         """Send what is queued, in as few script calls as its size allows, one at a time:
@@ -196,7 +222,7 @@ class RedisBroker:
             while self.queue:
                 size = 0
                 count = 0
-                for _, blob, _, _ in self.queue:
+                for _, blob, *_ in self.queue:
                     if count and size + len(blob) > SEND_BYTES:
                         break
                     size += len(blob)
@@ -204,13 +230,18 @@ class RedisBroker:
                 group, self.queue = self.queue[:count], self.queue[count:]
                 first = self.sent
                 self.sent += len(group)
+                window = max((i.window for *_, i, _ in group if i is not None), default=0.0)
                 args: list[Any] = [
                     self.history,
                     int(self.revoke_ttl * 1000),
                     f"{self.origin}:{first}",
+                    max(1, int(window * 1000)),
                 ]
-                for n, (events, blob, revoked, _) in enumerate(group, first):
-                    args += [len(events), blob, len(revoked), *revoked]
+                for n, (events, blob, revoked, idempotency, _) in enumerate(group, first):
+                    key, body = ("", "")
+                    if idempotency is not None:
+                        key, body = self.idempotency_prefix + idempotency.key, idempotency.body
+                    args += [len(events), blob, key, body, len(revoked), *revoked]
                     self.own[n] = events
                 try:
                     firsts = await self.script(keys=self.keys, args=args)
@@ -221,9 +252,12 @@ class RedisBroker:
                         if not done.done():
                             done.set_exception(BrokerUnavailable(f"Redis did not take it: {exc}"))
                     continue
-                for (*_, done), first in zip(group, firsts, strict=True):
+                for n, (*_, done), answer in zip(count_from(first), group, firsts, strict=False):
+                    text = answer.decode()
+                    if text.startswith("="):
+                        self.own.pop(n, None)  # stored before: nothing comes back for it
                     if not done.done():
-                        done.set_result(first.decode())
+                        done.set_result(text)
         finally:
             self.sender = None
 
