@@ -20,6 +20,7 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 from handlers.base import access_logger
+from handlers.commands import publish_main, token_main
 from handlers.demo import DemoTokenHandler, start_demo
 from handlers.ops import (
     HealthHandler,
@@ -350,6 +351,10 @@ def _exit_now(timeout: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in COMMANDS:
+        COMMANDS[args[0]](args[1:])
+        return
     try:
         config = parse_config(argv)
         config.require_key()
@@ -386,6 +391,10 @@ def main(argv: list[str] | None = None) -> None:
     except CannotStart as exc:
         print(f"hub: error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+# `hub token ...` and `hub publish ...`: the server's flags all start with "--".
+COMMANDS = {"token": token_main, "publish": publish_main}
 
 
 def _log_format(worker: int | None) -> str:
