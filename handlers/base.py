@@ -33,10 +33,10 @@ def access_logger(success_level: int) -> Callable[[RequestHandler], None]:
         status = handler.get_status()
         if status < 400:
             level = success_level
-        elif status < 500 or (
-            status == 503 and isinstance(handler, HubHandler) and handler.hub.stopping
-        ):
-            # (a 503 while the hub shuts down is the shutdown working: no error to report)
+        elif status < 500 or status == 503:
+            # A 503 is always the hub's own answer (shutting down, Redis out of reach, the
+            # shared history not loaded yet, the body budget full): a state to watch, not an
+            # error of the hub's. What breaks is a 500.
             level = logging.WARNING
         else:
             level = logging.ERROR
