@@ -304,8 +304,9 @@ def test_a_stalled_node_does_not_slow_the_other_and_its_streams_get_reset(redis_
     """B is stopped (SIGSTOP) while A takes far more than --history (50) events, in more
     entries than Redis keeps; A's stream gets all of them meanwhile; B, continued, tells its
     streams to reset, and goes on from what Redis still holds. (A's requests go 10 at a time:
-    a burst of more entries than --history in one script call would trim entries that even
-    A's own feed had not read yet, see the report in the commit message.)"""
+    XADD's MAXLEN ~ --history counts entries, so a burst of more entries than --history
+    between two reads of A's own feed would trim entries that feed had not read yet, and A's
+    streams would be reset too.)"""
     a = hubs(redis_url, "--history", "50")
     b = hubs(redis_url, "--history", "50")
     client = redis_url.client()
