@@ -154,6 +154,10 @@ class RedisBroker:
         self.idempotency_prefix = f"{prefix}:idempotency:"  # + the key's SHA-256
         self.ticket_prefix = f"{prefix}:ticket:"  # + the ticket's SHA-256 (hub.tickets)
         self.history = history
+        # MAXLEN bounds the stream between the nodes' trims to their history floors (each
+        # second): it must also hold a burst that a healthy node has not read yet, or that
+        # node would be told to reset for events it was about to read.
+        self.maxlen = 2 * max(history, 1000)
         self.revoke_ttl = revoke_ttl
         self.floor = (0, 0)
         self.synced = False
@@ -232,7 +236,7 @@ class RedisBroker:
                 self.sent += len(group)
                 window = max((i.window for *_, i, _ in group if i is not None), default=0.0)
                 args: list[Any] = [
-                    self.history,
+                    self.maxlen,
                     int(self.revoke_ttl * 1000),
                     f"{self.origin}:{first}",
                     max(1, int(window * 1000)),
@@ -311,14 +315,14 @@ class RedisBroker:
 
     async def _read(self, was_failing: bool) -> None:
         trimmed = time.monotonic()
+        await self.feed.ping()  # ready now, not when the first blocking read returns
+        self.ready = True
+        if was_failing:
+            log.info("Redis broker reachable again: following from %s", self.last_id)
         while not self.closing:
             reply: Any = await self.feed.xread(
                 {self.stream: self.last_id}, count=READ_COUNT, block=READ_BLOCK_MS
             )
-            if not self.ready:
-                self.ready = True
-                if was_failing:
-                    log.info("Redis broker reachable again: following from %s", self.last_id)
             if reply:
                 self._hand_over(reply[0][1])
             if time.monotonic() - trimmed > TRIM_EVERY:

@@ -269,3 +269,23 @@ def test_a_follower_that_missed_entries_resyncs_and_its_streams_get_reset(redis_
             await follower.stop()
 
     run(scenario)
+
+
+def test_a_burst_of_more_batches_than_the_history_between_two_reads_resets_no_one(redis_url):
+    # The stream's MAXLEN counts entries (batches): at --history it trimmed a burst that
+    # arrived between two reads of a node's feed, and that node told its streams to reset
+    # for events it was about to read. 300 batches in one script call, history 20.
+    async def scenario() -> None:
+        hub = await started(redis_url, history=20)
+        peer = Peer()
+        hub.subscribe(peer.transport, "u1")
+        ids = await asyncio.gather(*(publish(hub, broadcasts(n)) for n in range(300)))
+        assert len({i for batch in ids for i in batch}) == 300
+        await until(lambda: len(peer.events()) >= 300, 10, "every event on the stream")
+        try:
+            assert [name for _, name in peer.events()] == ["broadcast"] * 300  # no reset
+        finally:
+            await hub.stop()
+            peer.client.close()
+
+    run(scenario)
