@@ -12,7 +12,9 @@
 // every event to the other tabs over a BroadcastChannel (hub/relay.js). When the leader tab
 // goes away another tab takes over and resumes from the last event id it has seen. Every tab
 // delivers an event id at most once, so a handover, a replay or a stale leader never doubles
-// an event.
+// an event. When the hub ends the stream for good (a logout, a refused token or topic), every
+// tab closes with the reason; when one of them connects again with the same key (signs in
+// again), the others follow it rather than staying closed (unless they called close()).
 
 import { elect } from "./hub/election.js";
 import { Dedupe, Relay } from "./hub/relay.js";
@@ -25,6 +27,14 @@ export { tokenClaims } from "./hub/util.js";
 export const STATUSES = Object.freeze(["connecting", "open", "reconnecting", "closed"]);
 
 const RESET = "reset";
+
+/**
+ * This page's handles that the hub closed for good (not by close()): each follows the next
+ * connect() of its key in another tab. A new connect() in this page supersedes them instead, so
+ * that a page that signs in again without close() does not end up with two live handles.
+ * @type {Set<HubConnection>}
+ */
+const failed = new Set();
 
 /** @typedef {import("./hub/relay.js").Status} Status */
 /** @typedef {import("./hub/relay.js").Relayed} Relayed */
@@ -103,6 +113,8 @@ class HubConnection {
     /** @type {Role | null} */
     this._role = null;
     this._closed = false;
+    /** closed by the hub for good (see `failed`) */
+    this._failed = false;
     this._everOpen = false;
     /** @type {{status: Status, error: string | null, role: Role | null} | null} */
     this._notified = null;
@@ -132,21 +144,26 @@ class HubConnection {
 
     const key =
       options.key || [url.href, [...topics].sort().join(","), JSON.stringify(params)].join("|");
-    const channelName = "hubjs:" + key;
+    this._channelName = "hubjs:" + key;
+    for (const old of failed) if (old._channelName === this._channelName) old.close();
     /** @type {Relay | null} */
     this._relay = null;
     /** @type {Election | null} */
     this._election = null;
     if (options.share !== false && typeof BroadcastChannel === "function") {
-      this._relay = new Relay(channelName, this._channelHandlers());
-      this._election = elect(channelName, {
-        lead: () => this._becomeLeader(),
-        follow: () => this._becomeFollower(),
-        leaving: () => this._post({ t: "resign" }),
-      });
+      this._relay = new Relay(this._channelName, this._channelHandlers());
+      this._elect();
     }
     // Nothing to share or elect with: this tab keeps its own connection.
     if (!this._election) this._becomeLeader();
+  }
+
+  _elect() {
+    this._election = elect(this._channelName, {
+      lead: () => this._becomeLeader(),
+      follow: () => this._becomeFollower(),
+      leaving: () => this._post({ t: "resign" }),
+    });
   }
 
   // ---- public API -------------------------------------------------------------------------
@@ -195,6 +212,8 @@ class HubConnection {
   }
 
   close() {
+    failed.delete(this);
+    this._failed = false;
     this._shutdown(null);
     this._letGo();
   }
@@ -219,7 +238,8 @@ class HubConnection {
   }
 
   /**
-   * End this handle. A leader that ends normally tells the others to take over at once.
+   * End this handle. A leader that ends normally tells the others to take over at once. One
+   * that the hub ended (`error`) keeps its channel, to follow a new connect() in another tab.
    * @param {string | null} error
    */
   _shutdown(error) {
@@ -228,8 +248,30 @@ class HubConnection {
     this._closed = true;
     this._source.stop();
     if (this._election) this._election.stop();
-    if (this._role !== "leader" || error === null) this._letGo();
+    if (error === null) this._letGo();
+    else {
+      if (this._role !== "leader" && this._election) this._election.release();
+      if (this._relay) {
+        this._failed = true;
+        failed.add(this);
+      }
+    }
     this._setStatus("closed", error, false);
+  }
+
+  /**
+   * Another tab connected with this key after the hub ended the stream (it signed in again):
+   * take part again, as a new connect() would, with a fresh token from the token function.
+   */
+  _rejoin() {
+    failed.delete(this);
+    this._failed = false;
+    if (this._election) this._election.release(); // a failed leader's lock goes to the newcomer
+    this._closed = false;
+    this._everOpen = false;
+    this._role = null;
+    this._source.forgetToken();
+    this._elect();
   }
 
   /** Release the election and the channel. */
@@ -333,7 +375,8 @@ class HubConnection {
   _channelHandlers() {
     return {
       hello: () => {
-        if (this._closed) this._letGo(); // a failed leader makes way for a new connect()
+        if (this._failed) this._rejoin(); // a new connect() elsewhere: follow its sign-in
+        else if (this._closed) this._letGo();
         else if (this._role === "leader") {
           this._post({ t: "status", status: this._status, error: this._error });
         }

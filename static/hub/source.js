@@ -73,6 +73,11 @@ export class Source {
     this._close();
   }
 
+  /** The next start() asks the token function again (the last token was refused for good). */
+  forgetToken() {
+    this._token = null;
+  }
+
   /** @param {boolean} fresh */
   async _getToken(fresh) {
     const src = this._options.token;
