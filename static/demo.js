@@ -47,8 +47,11 @@ const state = {
   hub: null,
   /** @type {readonly EventType[]} the hub's types, in its order */
   types: FALLBACK_TYPES,
-  total: 0,
-  /** @type {Map<number, number>} events received, by type number */
+  /** events listed in the table since the page opened or its last Clear (the first card) */
+  listed: 0,
+  /** log events received meanwhile but not listed ("log events" unticked) */
+  unlisted: 0,
+  /** @type {Map<number, number>} events received, by type number (one card each) */
   counts: new Map(),
   /** @type {number[]} */
   latencies: [],
@@ -166,7 +169,6 @@ function flush() {
   const newRows = [];
   let newLogs = 0;
   for (const event of batch) {
-    state.total += 1;
     if (event.type !== null) {
       if (!state.counts.has(event.type)) addCounter({ type: event.type, name: event.name });
       state.counts.set(event.type, (state.counts.get(event.type) ?? 0) + 1);
@@ -176,8 +178,12 @@ function flush() {
     if (event.name === "log") {
       state.logs.push(event);
       newLogs += 1;
-      if (!state.showLogs) continue;
+      if (!state.showLogs) {
+        state.unlisted += 1;
+        continue;
+      }
     }
+    state.listed += 1;
     newRows.push([event, latency]);
     trackBurst(event);
   }
@@ -274,7 +280,7 @@ function renderRows(rows) {
     tr.dataset.id = event.id || "";
     tr.dataset.type = String(event.type);
     tr.append(el("td", "time", timeOf(event.ts || Date.now())));
-    const typeCell = el("td");
+    const typeCell = el("td", "type-cell");
     typeCell.append(typeBadge(event));
     tr.append(typeCell);
     tr.append(el("td", "user", event.user || "—"));
@@ -294,7 +300,14 @@ function renderRows(rows) {
 
 /** @param {boolean} changed */
 function renderCounters(changed) {
-  const counts = [["total", state.total], ...state.counts];
+  const note = [];
+  if (state.listed > MAX_ROWS) note.push(`the newest ${MAX_ROWS} kept`);
+  if (state.unlisted) {
+    const n = state.unlisted;
+    note.push(`${n.toLocaleString("en-US")} log event${n === 1 ? "" : "s"} not listed`);
+  }
+  $("count-total-note").textContent = note.join(" · ");
+  const counts = [["total", state.listed], ...state.counts];
   for (const [key, count] of counts) {
     const node = $("count-" + key);
     const text = count.toLocaleString("en-US");
@@ -579,6 +592,27 @@ function setupLevels() {
   }
 }
 
+/**
+ * The empty table's hint when the page has no stream (and no publish panel).
+ * @param {boolean} demoOff
+ * @returns {Node[]}
+ */
+function noStreamHint(demoOff) {
+  if (!demoOff) return [document.createTextNode("No stream: the page could not sign in.")];
+  const text = (/** @type {string} */ t) => document.createTextNode(t);
+  return [
+    text("No stream: this page signs in only in demo mode ("),
+    el("code", "", "hub --demo"),
+    text("). Without it, publish with "),
+    el("code", "", "hub publish"),
+    text(" or "),
+    el("code", "", "POST /publish"),
+    text(" and a token from "),
+    el("code", "", "hub token --sub NAME --publish"),
+    text(" (README: First steps)."),
+  ];
+}
+
 async function main() {
   const initial = new URLSearchParams(location.search).get("user") ||
     localStorage.getItem("hub-demo-user") || "alice";
@@ -593,6 +627,9 @@ async function main() {
   $("clear").addEventListener("click", () => {
     $("events").replaceChildren();
     $("events-empty").hidden = false;
+    state.listed = 0;
+    state.unlisted = 0;
+    renderCounters(false);
   });
   $("burst").addEventListener("click", burst);
 
@@ -611,6 +648,7 @@ async function main() {
     $("conn").dataset.status = "closed";
     $("status").textContent = STATUS_TEXT.closed;
     $("publisher").hidden = true;
+    $("events-empty").replaceChildren(...noStreamHint(e instanceof DemoOff));
     return;
   }
   signIn(initial);
