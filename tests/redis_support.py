@@ -89,7 +89,8 @@ def redis_url() -> Iterator[RedisTarget]:
 
 class PrivateRedis:
     """A `redis-server` of this test's own on a free loopback port. `stop()` and `start()`
-    keep the port and the data; `kill()` is a SIGKILL; `close()` ends it for good."""
+    keep the port and the data; `kill()` is a SIGKILL; `pause()` and `resume()` are SIGSTOP
+    and SIGCONT; `close()` ends it for good."""
 
     def __init__(self, workdir: Path) -> None:
         if not Path(REDIS_SERVER).exists():
@@ -182,6 +183,17 @@ class PrivateRedis:
 
     def kill(self) -> None:
         self._signal(signal.SIGKILL)
+
+    def pause(self) -> None:
+        """SIGSTOP: the server keeps its sockets and answers nothing (what clients send waits
+        unread in them) until resume(). Resume in a `finally`."""
+        assert self.proc is not None and self.running, "not running"
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after pause(): it reads and answers what waited."""
+        if self.proc is not None and self.running:
+            os.kill(self.proc.pid, signal.SIGCONT)
 
     def close(self) -> None:
         if self.running:

@@ -1,6 +1,8 @@
 """One-time stream tickets over real sockets: POST /tickets trades a subscriber token for a
 ticket, GET /events?ticket= opens one stream with it, bound to the token's user, session,
-topics and expiry. Replays, expiry, logouts, garbage, CORS, metrics and logs."""
+topics and expiry. Replays, expiry, logouts, garbage, CORS, metrics and logs. Where Redis
+must count lookups, fail or hang, the hub runs on the Redis broker against a private
+`redis-server` that the test stops or freezes (SIGSTOP)."""
 
 from __future__ import annotations
 
@@ -12,12 +14,15 @@ from collections.abc import Iterable
 from typing import Any
 
 import pytest
+import redis_support
 from prometheus_client.parser import text_string_to_metric_families
+from redis_support import PrivateRedis
 from sse import SSEClient, wait_for
 
-from hub.broker import BrokerUnavailable
 from hub.metrics import TICKET_REFUSALS
 from hub.tickets import REJECTIONS, TICKET_LENGTH, ticket_key
+
+private_redis = redis_support.private_redis
 
 
 def error_of(client_or_response: Any) -> str:
@@ -69,6 +74,64 @@ async def scrape(server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]
         for family in text_string_to_metric_families(response.body.decode())
         for sample in family.samples
     }
+
+
+async def hub_on_redis(hub_server, redis: PrivateRedis, **config: Any):
+    """A hub on the Redis broker, on `redis` under a prefix of its own, once it has loaded the
+    shared history: from then on its ticket routes depend on that Redis alone."""
+    url, prefix = redis.target()
+    server = await hub_server(broker=url, redis_prefix=prefix, **config)
+    assert await wait_for(lambda: server.hub.broker.synced, 10), "the hub never synced"
+    return server
+
+
+def getdel_calls(redis: PrivateRedis) -> int:
+    """GETDEL commands (ticket lookups) the server has run since its stats were last reset."""
+    client = redis.client()
+    try:
+        stats: Any = client.info("commandstats")
+    finally:
+        client.close()
+    return int(stats.get("cmdstat_getdel", {}).get("calls", 0))
+
+
+def client_ports(redis: PrivateRedis, last_command: str | None = None) -> set[int]:
+    """The client ports of the server's connections (those whose last command was
+    `last_command`, if given), this query's own included."""
+    client = redis.client()
+    try:
+        clients: Any = client.client_list()
+    finally:
+        client.close()
+    return {
+        int(c["addr"].rpartition(":")[2])
+        for c in clients
+        if last_command is None or c["cmd"] == last_command
+    }
+
+
+ESTABLISHED, TIME_WAIT = "01", "06"
+
+
+def tcp_sockets() -> list[tuple[int, int, str, int]]:
+    """This host's IPv4 TCP sockets, as the kernel lists them (Linux's /proc/net/tcp): local
+    port, remote port, state, and the bytes received that the owner has not read yet."""
+    with open("/proc/net/tcp") as table:
+        rows = [line.split()[1:5] for line in table.readlines()[1:]]
+    return [
+        (int(local[-4:], 16), int(remote[-4:], 16), state, int(queues.split(":")[1], 16))
+        for local, remote, state, queues in rows
+    ]
+
+
+def unread_by_redis(port: int, besides: set[int]) -> int:
+    """Bytes clients have sent to the Redis on `port` that it has not read yet (a paused one
+    reads none), on its connections but those from the client ports `besides`."""
+    return sum(
+        unread
+        for local, remote, state, unread in tcp_sockets()
+        if local == port and state == ESTABLISHED and remote not in besides
+    )
 
 
 # -- issuing --------------------------------------------------------------------------------
@@ -252,23 +315,29 @@ async def test_a_logout_refuses_the_tickets_of_its_session_and_ends_their_stream
     ids=["empty", "short", "bad-chars", "one-too-long", "60k", "non-ascii"],
 )
 @pytest.mark.gen_test(timeout=10)
-async def test_a_malformed_ticket_is_401_without_a_lookup(hub_server, value):
-    server = await hub_server()
-    looked_up: list[str] = []
-    take = server.hub.broker.take_ticket
-
-    async def counting(key: str) -> bytes | None:
-        looked_up.append(key)
-        return await take(key)
-
-    server.hub.broker.take_ticket = counting
+async def test_a_malformed_ticket_is_401_without_a_lookup(hub_server, private_redis, value):
+    """Redis counts the lookups (GETDEL) it runs: none for a malformed ticket, then one for
+    a ticket of the right shape (so the count would have seen one)."""
+    server = await hub_on_redis(hub_server, private_redis)
+    client = private_redis.client()
+    try:
+        client.config_resetstat()
+    finally:
+        client.close()
     started = time.monotonic()
     refused = await with_ticket(server, value)
     assert refused.status == 401, refused.raw_body
     assert "ticket invalid" in error_of(refused)
     assert time.monotonic() - started < 2
-    assert looked_up == []
-    assert (await scrape(server))[("hub_tickets_rejected_total", (("reason", "malformed"),))] == 1
+    assert getdel_calls(private_redis) == 0, "a malformed ticket was looked up"
+    samples = await scrape(server)
+    assert samples[("hub_tickets_rejected_total", (("reason", "malformed"),))] == 1
+    assert samples[("hub_tickets_rejected_total", (("reason", "unknown"),))] == 0
+    assert samples[("hub_tickets_redeemed_total", ())] == 0
+
+    unknown = await with_ticket(server, "A" * TICKET_LENGTH)
+    assert unknown.status == 401, unknown.raw_body
+    assert getdel_calls(private_redis) == 1
 
 
 @pytest.mark.gen_test(timeout=10)
@@ -302,16 +371,13 @@ async def test_a_ticket_with_a_token_or_two_tickets_is_400_and_spends_nothing(hu
 
 
 @pytest.mark.gen_test(timeout=10)
-async def test_a_broker_that_cannot_answer_is_a_503_for_both_routes(hub_server):
-    server = await hub_server()
+async def test_a_broker_that_cannot_answer_is_a_503_for_both_routes(hub_server, private_redis):
+    """The hub's Redis is stopped once the hub has synced and issued a ticket."""
+    server = await hub_on_redis(hub_server, private_redis)
     token = server.token("alice")
     ticket = await ticket_of(server, token)
+    private_redis.stop()  # returns once it refuses connections
 
-    async def down(*args: object) -> None:
-        raise BrokerUnavailable("Redis is down")
-
-    server.hub.broker.put_ticket = down
-    server.hub.broker.take_ticket = down
     issue = await post_ticket(server, token)
     assert issue.code == 503, issue.body
     assert "Retry-After" in issue.headers
@@ -387,12 +453,15 @@ async def test_ticket_metrics_start_at_zero_and_count_issues_redeems_and_refusal
     assert samples[("hub_streams_refused_total", (("status", "401"),))] == 1
 
 
-@pytest.mark.gen_test(timeout=15)
-async def test_no_ticket_ever_appears_in_a_log_record(hub_server, caplog):
+@pytest.mark.gen_test(timeout=20)
+async def test_no_ticket_ever_appears_in_a_log_record(hub_server, private_redis, caplog):
+    """Issues, a ticket stream, a replay, a malformed ticket, and a lookup refused (503)
+    because the hub's Redis was stopped: no record holds a ticket or its hash."""
     caplog.set_level(logging.DEBUG)
-    for name in ("tornado.access", "tornado.application", "tornado.general", "hub"):
+    for name in ("tornado.access", "tornado.application", "tornado.general", "hub", "redis"):
         caplog.set_level(logging.DEBUG, logger=name)
-    server = await hub_server(demo=True)  # demo mode logs successful requests at INFO
+    # demo mode logs successful requests at INFO
+    server = await hub_on_redis(hub_server, private_redis, demo=True)
     token = server.sign(server.claims("alice"), secret=server.config.jwt_secret)
     tickets = [await ticket_of(server, token) for _ in range(3)]
 
@@ -401,17 +470,22 @@ async def test_no_ticket_ever_appears_in_a_log_record(hub_server, caplog):
     assert (await with_ticket(server, tickets[0])).status == 401  # a replay
     assert (await with_ticket(server, tickets[1] + "x")).status == 401  # malformed
 
-    async def down(key: str) -> None:
-        raise BrokerUnavailable("Redis is down")
-
-    server.hub.broker.take_ticket = down
-    assert (await with_ticket(server, tickets[2])).status == 503  # an ERROR access line
+    private_redis.stop()
+    # the broker has seen its Redis go (and logged it) before the lookup fails
+    assert await wait_for(lambda: not server.hub.broker.ready, 10), "the broker missed it"
+    assert (await with_ticket(server, tickets[2])).status == 503
     stream.close()
     assert await wait_for(lambda: not server.hub.registry.all, 5)
 
     records = caplog.records
-    assert any(r.levelno >= logging.ERROR for r in records), "the 503 is logged"
     assert any("stream open" in r.getMessage() for r in records)
+    refusals = [
+        r.getMessage()
+        for r in records
+        if r.levelno >= logging.WARNING and r.name == "tornado.access"
+    ]
+    assert len([m for m in refusals if m.startswith("401 GET /events")]) == 2, refusals
+    assert len([m for m in refusals if m.startswith("503 GET /events")]) == 1, refusals
     secrets = [*tickets, tickets[1] + "x", *(ticket_key(t) for t in tickets)]
     for record in records:
         text = " ".join(
@@ -421,26 +495,36 @@ async def test_no_ticket_ever_appears_in_a_log_record(hub_server, caplog):
             assert secret not in text, f"ticket in log record {record.name}: {text}"
 
 
-@pytest.mark.gen_test(timeout=10)
-async def test_a_client_gone_while_its_ticket_is_looked_up_leaves_no_stream(hub_server):
-    server = await hub_server()
+@pytest.mark.gen_test(timeout=15)
+async def test_a_client_gone_while_its_ticket_is_looked_up_leaves_no_stream(
+    hub_server, private_redis, caplog
+):
+    """The lookup hangs on the hub's Redis, frozen by SIGSTOP; the client leaves meanwhile;
+    Redis resumes and hands the ticket over (spent); the hub opens no stream for the gone
+    client, and does not fail on its closed socket."""
+    server = await hub_on_redis(hub_server, private_redis)
     ticket = await ticket_of(server, server.token("alice"))
-    take = server.hub.broker.take_ticket
-    gate = asyncio.Event()
-    asked = asyncio.Event()
-
-    async def slow(key: str) -> bytes | None:
-        asked.set()
-        await gate.wait()
-        return await take(key)
-
-    server.hub.broker.take_ticket = slow
+    # the connections but the one that stored the ticket (the feed's, these queries' own):
+    # the lookup goes out on that one (or on a new one)
+    others = client_ports(private_redis) - client_ports(private_redis, "set")
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-    writer.write(f"GET /events?ticket={ticket} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-    await asyncio.wait_for(asked.wait(), 5)
-    writer.close()
-    assert await asyncio.wait_for(reader.read(), 5) == b""
-    gate.set()
+    private_redis.pause()
+    try:
+        writer.write(f"GET /events?ticket={ticket} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        asked = await wait_for(lambda: unread_by_redis(private_redis.port, others) > 0, 3)
+        assert asked, "the hub sent no lookup to Redis"
+        assert server.hub.metrics.tickets_redeemed._value.get() == 0
+        port = writer.get_extra_info("sockname")[1]
+        writer.close()
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        # the hub has seen the client go, and closed its end, before the lookup returns
+        hub_closed = (port, server.port, TIME_WAIT)
+        closed = await wait_for(lambda: hub_closed in [s[:3] for s in tcp_sockets()], 5)
+        assert closed, "the hub kept its end of the gone client's connection open"
+    finally:
+        private_redis.resume()
     assert await wait_for(lambda: server.hub.metrics.tickets_redeemed._value.get() == 1, 5)
     assert not server.hub.registry.all
     assert (await server.get_json("/healthz"))["streams"] == 0
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, errors
