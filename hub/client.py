@@ -70,6 +70,34 @@ class _Retry:
             return min(self.cap, float(retry_after))
         return float(min(self.cap, self.first * 2**attempt) * random.uniform(0.5, 1.0))
 
+    def wait(self, attempt: int, status: int | None, retry_after: str | None = None) -> float:
+        """Seconds to wait before attempt `attempt + 1` (status None: the connection failed),
+        or -1: answer as it is (success, a refusal, or no attempt left)."""
+        if attempt + 1 >= self.attempts or (status is not None and status not in RETRY_STATUSES):
+            return -1
+        return self.delay(attempt, retry_after)
+
+
+def _publish_request(
+    events: Iterable[Mapping[str, Any]], token: str | None
+) -> tuple[bytes, dict[str, str]]:
+    """A publish's body and headers; its Idempotency-Key stays the same for every retry."""
+    body = json.dumps(list(events), separators=(",", ":")).encode()
+    headers = {
+        "Content-Type": "application/json",
+        "Content-Length": str(len(body)),
+        "Idempotency-Key": uuid.uuid4().hex,
+    }
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    return body, headers
+
+
+def _ids(status: int, answer: Any) -> list[str]:
+    if status != 202:
+        raise HubError(status, answer)
+    return list(answer["ids"])
+
 
 def _target(base_url: str) -> tuple[str, str, int, str]:
     parts = urlsplit(base_url)
@@ -111,31 +139,22 @@ class Publisher:
 
     def publish_many(self, events: Iterable[Mapping[str, Any]]) -> list[str]:
         """Publish a batch, all or nothing; the ids, in order."""
-        body = json.dumps(list(events), separators=(",", ":")).encode()
-        headers = {
-            "Content-Type": "application/json",
-            "Idempotency-Key": uuid.uuid4().hex,
-        }
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
+        body, headers = _publish_request(events, self.token)
         attempt = 0
         while True:
             try:
                 status, answer, retry_after = self._post(body, headers)
             except (OSError, http.client.HTTPException):
                 self.close()
-                if attempt + 1 >= self.retry.attempts:
+                wait = self.retry.wait(attempt, None)
+                if wait < 0:
                     raise
-                time.sleep(self.retry.delay(attempt))
-                attempt += 1
-                continue
-            if status in RETRY_STATUSES and attempt + 1 < self.retry.attempts:
-                time.sleep(self.retry.delay(attempt, retry_after))
-                attempt += 1
-                continue
-            if status != 202:
-                raise HubError(status, answer)
-            return list(answer["ids"])
+            else:
+                wait = self.retry.wait(attempt, status, retry_after)
+                if wait < 0:
+                    return _ids(status, answer)
+            time.sleep(wait)
+            attempt += 1
 
     def _post(self, body: bytes, headers: dict[str, str]) -> tuple[int, Any, str | None]:
         if self._conn is None:
@@ -250,14 +269,7 @@ class AsyncPublisher:
         return (await self.publish_many([_event(type, user, data)]))[0]
 
     async def publish_many(self, events: Iterable[Mapping[str, Any]]) -> list[str]:
-        body = json.dumps(list(events), separators=(",", ":")).encode()
-        headers = {
-            "Content-Type": "application/json",
-            "Content-Length": str(len(body)),
-            "Idempotency-Key": uuid.uuid4().hex,
-        }
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
+        body, headers = _publish_request(events, self.token)
         async with self._lock:
             attempt = 0
             while True:
@@ -265,20 +277,15 @@ class AsyncPublisher:
                     status, answer, answer_headers = await self._post(body, headers)
                 except (OSError, asyncio.IncompleteReadError, TimeoutError):
                     await self._conn.close()
-                    if attempt + 1 >= self.retry.attempts:
+                    wait = self.retry.wait(attempt, None)
+                    if wait < 0:
                         raise
-                    await asyncio.sleep(self.retry.delay(attempt))
-                    attempt += 1
-                    continue
-                if status in RETRY_STATUSES and attempt + 1 < self.retry.attempts:
-                    await asyncio.sleep(
-                        self.retry.delay(attempt, answer_headers.get("retry-after"))
-                    )
-                    attempt += 1
-                    continue
-                if status != 202:
-                    raise HubError(status, answer)
-                return list(answer["ids"])
+                else:
+                    wait = self.retry.wait(attempt, status, answer_headers.get("retry-after"))
+                    if wait < 0:
+                        return _ids(status, answer)
+                await asyncio.sleep(wait)
+                attempt += 1
 
     async def _post(
         self, body: bytes, headers: Mapping[str, str]

@@ -21,6 +21,7 @@ import pytest
 import tornado.httpclient
 import tornado.httpserver
 import tornado.testing
+from prometheus_client.parser import text_string_to_metric_families
 from sse import SSEClient, SSEEvent, http_request
 
 SECRET = "test-secret-".ljust(64, "x")  # 64 bytes: enough for HS512 too
@@ -162,6 +163,16 @@ class HubServer:
             follow_redirects=False,
             allow_nonstandard_methods=True,
         )
+
+    async def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """/metrics as Prometheus reads it: (sample name, sorted labels) -> value."""
+        response = await self.fetch("/metrics")
+        assert response.code == 200
+        samples = {}
+        for family in text_string_to_metric_families(response.body.decode()):
+            for sample in family.samples:
+                samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+        return samples
 
     async def get_json(self, path: str) -> Any:
         response = await self.fetch(path)

@@ -7,20 +7,13 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from hub.metrics import PUBLISH_REFUSALS, STREAM_REFUSALS
 from hub.registry import Reason
 
 
 async def scrape(server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    response = await server.fetch("/metrics")
-    assert response.code == 200
-    samples = {}
-    for family in text_string_to_metric_families(response.body.decode()):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
+    return await server.metrics()
 
 
 @pytest.mark.gen_test(timeout=10)

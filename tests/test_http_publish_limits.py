@@ -13,7 +13,6 @@ import time
 import pytest
 import tornado.httpserver
 import tornado.testing
-from prometheus_client.parser import text_string_to_metric_families
 
 from handlers.app import build_internal_app
 from hub.message import Event
@@ -21,13 +20,7 @@ from hub.metrics import PUBLISH_LIMITS
 
 
 async def scrape(server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    response = await server.fetch("/metrics")
-    assert response.code == 200
-    samples = {}
-    for family in text_string_to_metric_families(response.body.decode()):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
+    return await server.metrics()
 
 
 def limited(samples, limit: str) -> float:

@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 import redis_support
-from prometheus_client.parser import text_string_to_metric_families
 from redis_support import PrivateRedis
 from sse import SSEClient, wait_for
 
@@ -67,13 +66,7 @@ async def with_ticket(
 
 
 async def scrape(server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    response = await server.fetch("/metrics")
-    assert response.code == 200
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(response.body.decode())
-        for sample in family.samples
-    }
+    return await server.metrics()
 
 
 async def hub_on_redis(hub_server, redis: PrivateRedis, **config: Any):
