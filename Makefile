@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# `make run PORT=9000`, or `HUB_PORT=9000 make run`; 8080 otherwise.
+PORT ?= $(or $(HUB_PORT),8080)
 
 .PHONY: run test bench lint
 
@@ -18,7 +20,7 @@ node_modules/.installed: package.json package-lock.json
 	touch $@
 
 run: $(BIN)/.installed
-	$(BIN)/hub --host 127.0.0.1 --port 8080 --demo
+	$(BIN)/hub --host 127.0.0.1 --port $(PORT) --demo
 
 lint: $(BIN)/.installed node_modules/.installed
 	$(BIN)/ruff check hub handlers tests bench

@@ -12,7 +12,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -218,78 +218,79 @@ async def serve(config: Config, worker: int | None = None) -> None:
     # 5,000/s, for ~1 KB more per stream of garbage awaiting collection
     # (python -m bench --only idle).
     gc.set_threshold(GC_THRESHOLD, 10, 10)
-    app = build_app(config)
-    hub: Hub = app.settings["hub"]
-    hub.metrics.name_worker(worker or 0, config.workers)
-    shared = worker is not None
-    # The body limit is enforced by PublishHandler with a JSON 413; Tornado's own limit only
-    # has to be above it (Tornado would answer a bare 400 and drop the connection).
-    server = HTTPServer(
-        app,
-        max_body_size=config.max_body * 2 + 65536,
-        idle_connection_timeout=config.header_timeout,  # Tornado's header timeout too
-    )  # (the body timeout: handlers.server.BodyDeadlines, cheaper than Tornado's)
-    # A deep accept queue: thousands of clients reconnecting at once (a deploy, a network
-    # blip) must not overflow Tornado's default of 128 and wait out SYN retransmits.
-    sockets = _listen(config.port, config.host, "--port", shared, LISTEN_BACKLOG)
-    descriptors = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    limit = config.connection_limit(descriptors)
-    hub.stream_limit = config.stream_limit(descriptors)
-    servers = [server]
-
-    def count_open() -> int:
-        """Every connection holds a descriptor: streams are detached from Tornado (each a
-        SocketTransport), so they are counted by the registry."""
-        return sum(len(s._connections) for s in servers) + len(hub.registry)
-
-    def paused(why: str) -> None:
-        hub.metrics.accept_paused.labels(why).inc()
-
-    hub.metrics.connections.set_function(count_open)
-    # A client that stops taking answers is cut after --slow-after, like a stream that stops
-    # draining (handlers.server).
-    accept_within(server, sockets, limit, count_open, paused, config.slow_after)
-    port = sockets[0].getsockname()[1]
-    log.info(
-        "listening on http://%s:%d%s (at most %d connections, %d streams, %d per user)",
-        config.host,
-        port,
-        " (demo mode)" if config.demo else "",
-        limit,
-        hub.stream_limit,
-        config.max_streams_per_user,
-    )
-    internal = None
-    if config.internal_port is not None:
-        internal = HTTPServer(
-            build_internal_app(hub),
+    with _starting():  # any error from here on is one line (CannotStart), no traceback
+        app = build_app(config)
+        hub: Hub = app.settings["hub"]
+        hub.metrics.name_worker(worker or 0, config.workers)
+        shared = worker is not None
+        # The body limit is enforced by PublishHandler with a JSON 413; Tornado's own limit only
+        # has to be above it (Tornado would answer a bare 400 and drop the connection).
+        server = HTTPServer(
+            app,
             max_body_size=config.max_body * 2 + 65536,
-            idle_connection_timeout=config.header_timeout,
-        )
-        servers.append(internal)
-        internal_sockets = _listen(
-            config.internal_port, config.internal_host, "--internal-port", shared
-        )
-        # The same count, and half the headroom beyond the public limit: a flood on the
-        # public port never locks internal publishers out, and a leaking internal client
-        # cannot take the hub to EMFILE either.
-        accept_within(
-            internal,
-            internal_sockets,
-            limit + HEADROOM // 2,
-            count_open,
-            paused,
-            config.slow_after,
-        )
+            idle_connection_timeout=config.header_timeout,  # Tornado's header timeout too
+        )  # (the body timeout: handlers.server.BodyDeadlines, cheaper than Tornado's)
+        # A deep accept queue: thousands of clients reconnecting at once (a deploy, a network
+        # blip) must not overflow Tornado's default of 128 and wait out SYN retransmits.
+        sockets = _listen(config.port, config.host, "--port", shared, LISTEN_BACKLOG)
+        descriptors = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        limit = config.connection_limit(descriptors)
+        hub.stream_limit = config.stream_limit(descriptors)
+        servers = [server]
+
+        def count_open() -> int:
+            """Every connection holds a descriptor: streams are detached from Tornado (each a
+            SocketTransport), so they are counted by the registry."""
+            return sum(len(s._connections) for s in servers) + len(hub.registry)
+
+        def paused(why: str) -> None:
+            hub.metrics.accept_paused.labels(why).inc()
+
+        hub.metrics.connections.set_function(count_open)
+        # A client that stops taking answers is cut after --slow-after, like a stream that stops
+        # draining (handlers.server).
+        accept_within(server, sockets, limit, count_open, paused, config.slow_after)
+        port = sockets[0].getsockname()[1]
         log.info(
-            "publishing on http://%s:%d/publish (internal, no token)",
-            config.internal_host,
-            internal_sockets[0].getsockname()[1],
+            "listening on http://%s:%d%s (at most %d connections, %d streams, %d per user)",
+            config.host,
+            port,
+            " (demo mode)" if config.demo else "",
+            limit,
+            hub.stream_limit,
+            config.max_streams_per_user,
         )
-    if config.metrics_port is not None:
-        _serve_metrics(hub, servers, worker or 0, limit, count_open, paused)
-    if config.demo:
-        start_demo(hub)
+        internal = None
+        if config.internal_port is not None:
+            internal = HTTPServer(
+                build_internal_app(hub),
+                max_body_size=config.max_body * 2 + 65536,
+                idle_connection_timeout=config.header_timeout,
+            )
+            servers.append(internal)
+            internal_sockets = _listen(
+                config.internal_port, config.internal_host, "--internal-port", shared
+            )
+            # The same count, and half the headroom beyond the public limit: a flood on the
+            # public port never locks internal publishers out, and a leaking internal client
+            # cannot take the hub to EMFILE either.
+            accept_within(
+                internal,
+                internal_sockets,
+                limit + HEADROOM // 2,
+                count_open,
+                paused,
+                config.slow_after,
+            )
+            log.info(
+                "publishing on http://%s:%d/publish (internal, no token)",
+                config.internal_host,
+                internal_sockets[0].getsockname()[1],
+            )
+        if config.metrics_port is not None:
+            _serve_metrics(hub, servers, worker or 0, limit, count_open, paused)
+        if config.demo:
+            start_demo(hub)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -297,6 +298,20 @@ async def serve(config: Config, worker: int | None = None) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await shut_down(hub, servers, config.shutdown_timeout)
+
+
+@contextlib.contextmanager
+def _starting() -> Iterator[None]:
+    """Whatever fails while the hub starts (a listener, a file, the broker's set-up) ends it
+    with one line saying what, and exit code 1, as CannotStart does; the traceback is logged
+    at DEBUG (--log-level debug) for a bug."""
+    try:
+        yield
+    except CannotStart:
+        raise
+    except Exception as exc:
+        log.debug("start-up failed", exc_info=True)
+        raise CannotStart(f"cannot start: {type(exc).__name__}: {exc}") from None
 
 
 async def shut_down(hub: Hub, servers: list[HTTPServer], timeout: float) -> None:

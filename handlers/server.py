@@ -2,7 +2,8 @@
 
 Here: the accept gate (`accept_within`), the kernel's write timeout on every connection,
 publish bodies' deadlines and byte budget (`BodyDeadlines`), and an Application that reads
-no body on a route that takes none (`HubApplication`).
+no body on a route that takes none (`HubApplication`), and the client's address behind a
+trusted reverse proxy (`client_address`).
 
 Tornado's accept loop, at the descriptor limit, gets EMFILE on every `accept()` while the
 listening socket stays readable: the loop spins at 100% CPU writing a traceback each turn (one
@@ -27,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
+import ipaddress
 import logging
 import socket
 import time
@@ -34,7 +36,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import ujson
-from tornado.httputil import HTTPServerRequest
+from tornado.httputil import HTTPHeaders, HTTPServerRequest
 from tornado.ioloop import IOLoop
 from tornado.tcpserver import TCPServer
 from tornado.web import (
@@ -44,6 +46,8 @@ from tornado.web import (
     _has_stream_request_body,
     stream_request_body,
 )
+
+from hub.config import Network
 
 __all__ = ["BodyDeadlines", "HubApplication", "accept_within"]
 
@@ -226,7 +230,15 @@ class HubApplication(Application):
     Tornado reads such a body in full before the handler runs, up to the server's
     max_body_size and with no timeout: a stranger sending `GET /healthz` with
     `Content-Length: 2000000` and most of the bytes held 2 MB per connection for ever, no
-    token needed."""
+    token needed.
+
+    Behind --trusted-proxies, `request.remote_ip` is the client's address that a trusted
+    proxy forwarded (client_address), for the access log and anything else that reads it."""
+
+    @functools.cached_property
+    def trusted_proxies(self) -> tuple[Network, ...]:
+        hub = self.settings.get("hub")
+        return () if hub is None else hub.config.trusted_networks()
 
     def get_handler_delegate(
         self,
@@ -237,6 +249,9 @@ class HubApplication(Application):
         path_kwargs: dict[str, bytes] | None = None,
     ) -> _HandlerDelegate:
         headers = request.headers
+        proxies = self.trusted_proxies
+        if proxies and request.remote_ip:
+            request.remote_ip = client_address(request.remote_ip, headers, proxies)
         if not _has_stream_request_body(target_class) and (
             headers.get("Content-Length", "0") != "0" or "Transfer-Encoding" in headers
         ):
@@ -246,6 +261,46 @@ class HubApplication(Application):
         return super().get_handler_delegate(
             request, target_class, target_kwargs, path_args, path_kwargs
         )
+
+
+def client_address(peer: str, headers: HTTPHeaders, proxies: tuple[Network, ...]) -> str:
+    """The client's address: the peer's, unless the peer is one of `proxies` (--trusted-proxies);
+    then the nearest address of X-Forwarded-For that is not a trusted proxy (read from the
+    right: each proxy appends the address it got the request from, and what a client wrote
+    itself is on the left), else X-Real-IP. Tornado's `xheaders=True` believes these headers
+    from any peer, so that any client could write its own address into the logs."""
+    if not _within(peer, proxies):
+        return peer
+    forwarded = headers.get("X-Forwarded-For")
+    if forwarded:
+        nearest = peer
+        for hop in reversed(forwarded.split(",")):
+            if not _is_address(hop.strip()):
+                break  # garbage from here on leftwards: the last good hop is the client
+            nearest = hop.strip()
+            if not _within(nearest, proxies):
+                break
+        return nearest
+    real = headers.get("X-Real-IP", "").strip()
+    return real if _is_address(real) else peer
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _within(address: str, networks: tuple[Network, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return any(ip in network for network in networks)
 
 
 def _ignore_chunk(handler: RequestHandler, chunk: bytes) -> None:

@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import math
 import os
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-__all__ = ["HEADROOM", "Config", "ConfigError", "parse_config"]
+__all__ = ["HEADROOM", "HELP", "LOG_LEVELS", "Config", "ConfigError", "parse_config"]
 
 MIN_SECRET_BYTES = 32
 # Descriptors kept free of connections: listening sockets, log files, the broker's, a few
 # for whatever the process opens, so the hub never meets EMFILE on its own accept.
 HEADROOM = 64
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+JWT_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "ES256")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class ConfigError(Exception):
@@ -103,6 +109,9 @@ class Config:
     # --workers on metrics_port + i: each worker is its own scrape target (README, Metrics).
     metrics_port: int | None = None
     log_level: str = "info"
+    # Peers (addresses or CIDR networks, comma-separated) whose X-Forwarded-For / X-Real-IP
+    # name the client: the reverse proxies in front of the hub. Nobody else's are believed.
+    trusted_proxies: str | None = None
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -115,14 +124,30 @@ class Config:
                 f"HUB_JWT_SECRET must be at least {MIN_SECRET_BYTES} bytes "
                 f"(it has {len(self.jwt_secret.encode())})"
             )
-        if self.jwt_algorithm not in ("HS256", "HS384", "HS512", "RS256", "ES256"):
-            raise ConfigError(f"unsupported JWT algorithm {self.jwt_algorithm}")
+        if self.jwt_algorithm not in JWT_ALGORITHMS:
+            raise ConfigError(
+                f"--jwt-algorithm must be one of {', '.join(JWT_ALGORITHMS)}, "
+                f"not {self.jwt_algorithm[:32]!r}"
+            )
         if self.jwt_algorithm.startswith("HS") and self.jwt_public_key:
             raise ConfigError("--jwt-public-key needs --jwt-algorithm RS256 or ES256")
         if not self.jwt_algorithm.startswith("HS") and not self.jwt_public_key:
             raise ConfigError(f"--jwt-algorithm {self.jwt_algorithm} needs --jwt-public-key")
         if self.loop not in ("asyncio", "uvloop"):
             raise ConfigError("--loop must be asyncio or uvloop")
+        if self.log_level.lower() not in LOG_LEVELS:
+            raise ConfigError(
+                f"--log-level must be one of {', '.join(LOG_LEVELS)}, not {self.log_level[:32]!r}"
+            )
+        for flag, port in (
+            ("--port", self.port),
+            ("--internal-port", self.internal_port),
+        ):
+            if port is not None and not 0 <= port <= 65535:
+                raise ConfigError(f"{flag} must be 0 to 65535, not {port}")
+        self._check_public_key()
+        self._check_static_dir()
+        self.trusted_networks()  # raises ConfigError for an address that is none
         for name in (
             "history",
             "history_bytes",
@@ -146,6 +171,7 @@ class Config:
                 f"--broker must be memory or a Redis URL (redis://host:port/db), "
                 f"not {self.broker[:64]!r}"
             )
+        self._check_broker_url()
         if self.workers < 1:
             raise ConfigError("--workers must be at least 1")
         if self.workers > 1 and self.broker == "memory":
@@ -203,6 +229,67 @@ class Config:
             if port is not None and first <= port <= last:
                 raise ConfigError(f"--metrics-port {span} takes {flag} {port}: choose another")
 
+    def _check_public_key(self) -> None:
+        """The key file is read and parsed now: a missing file or a key that is none would
+        otherwise surface as a traceback at start, or as a 401 for every token."""
+        if not self.jwt_public_key:
+            return
+        import jwt
+
+        path = self.jwt_public_key
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            reason = exc.strerror or exc
+            raise ConfigError(f"--jwt-public-key {path}: cannot read it ({reason})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"--jwt-public-key {path}: not a PEM file (binary)") from None
+        try:
+            jwt.algorithms.get_default_algorithms()[self.jwt_algorithm].prepare_key(text)
+        except (jwt.InvalidKeyError, ValueError, TypeError):
+            raise ConfigError(
+                f"--jwt-public-key {path}: not a PEM public key for {self.jwt_algorithm}"
+            ) from None
+
+    def _check_static_dir(self) -> None:
+        if self.static_dir is None:
+            return
+        path = self.static_dir
+        if not os.path.exists(path):
+            raise ConfigError(f"--static-dir {path}: no such directory")
+        if not os.path.isdir(path):
+            raise ConfigError(f"--static-dir {path}: not a directory")
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise ConfigError(f"--static-dir {path}: not readable by this process")
+
+    def _check_broker_url(self) -> None:
+        """What redis-py cannot parse is refused now, not on the first connection attempt."""
+        if self.broker == "memory":
+            return
+        try:
+            from redis.connection import parse_url
+        except ImportError:  # pragma: no cover (a dependency of the package)
+            return
+        try:
+            parse_url(self.broker)  # type: ignore[no-untyped-call]
+        except ValueError as exc:
+            raise ConfigError(f"--broker {self.broker[:64]!r} is not a Redis URL: {exc}") from None
+
+    def trusted_networks(self) -> tuple[Network, ...]:
+        """--trusted-proxies as networks (an address is a network of one)."""
+        networks = []
+        for item in (self.trusted_proxies or "").split(","):
+            if not item.strip():
+                continue
+            try:
+                networks.append(ipaddress.ip_network(item.strip(), strict=False))
+            except ValueError:
+                raise ConfigError(
+                    f"--trusted-proxies: {item.strip()[:64]!r} is not an IP address or a "
+                    "CIDR network (e.g. 10.0.0.0/8)"
+                ) from None
+        return tuple(networks)
+
     def connection_limit(self, descriptors: int) -> int:
         """--max-connections, or what the descriptor limit leaves after HEADROOM."""
         return self.max_connections or max(16, descriptors - HEADROOM)
@@ -238,6 +325,75 @@ class Config:
             self.jwt_secret = self.__dict__["_demo_secret"] = secrets.token_urlsafe(48)
 
 
+# `hub --help`, one line per setting: what it does, its unit, the values it takes. The
+# default and the variable are added from the field (parse_config); the README's
+# Configuration table says the same (tests/test_startup.py compares them).
+HELP: dict[str, str] = {
+    "host": "address to listen on (0.0.0.0: every interface)",
+    "port": "port to listen on, 0 to 65535 (0: any free port, logged)",
+    "demo": "demo mode: tokens at /demo/token for anyone, signed with a secret made up for "
+    "the run (refuses to start with a configured key)",
+    "jwt_secret": "HMAC secret, 32+ bytes (HUB_JWT_SECRET only: a flag would show in ps)",
+    "jwt_algorithm": "the one JWT algorithm accepted: " + ", ".join(JWT_ALGORITHMS),
+    "jwt_public_key": "path to a PEM public key, for RS256 / ES256",
+    "history": "events kept for Last-Event-ID resume (at least 1)",
+    "history_bytes": "bytes the kept events may take, at most (at least 1)",
+    "heartbeat": "seconds between heartbeat comments on a quiet stream",
+    "retry": "seconds, sent as the stream's retry: field",
+    "shutdown_spread": "seconds: on shutdown each stream's retry: is drawn from "
+    "[retry, retry + this], so clients do not all reconnect at once (0 or more)",
+    "shutdown_timeout": "seconds from SIGTERM/SIGINT to the exit (code 0), at most",
+    "max_body": "bytes of one publish body, at most (413 past it)",
+    "max_batch": "events in one publish, at most (413 past it)",
+    "max_event_bytes": "bytes of one event's encoded body, at most (413 past it)",
+    "publish_rate": "events per second per publisher (a token bucket; 429 past it); 0: no limit",
+    "publish_burst": "events a publisher's bucket holds: the largest burst, and with a rate "
+    "the largest batch that can pass",
+    "max_pending": "bytes of frames a stream may fall behind before it is cut as slow",
+    "slow_after": "seconds a stream's socket may take nothing before it is cut as slow",
+    "header_timeout": "seconds to wait for a request's head (and on an idle keep-alive connection)",
+    "body_timeout": "seconds a publish body may take to arrive in full",
+    "max_body_memory": "bytes all publish bodies still arriving may hold together (503 past "
+    "it); at least --max-body",
+    "max_connections": "open connections past which the hub stops accepting; 0: the "
+    "descriptor limit less 64",
+    "max_streams": "open streams in all (503 past it); 0: --max-connections less a tenth "
+    "(8 to 1,024)",
+    "max_streams_per_user": "streams of one user, at most (429 past it)",
+    "flush_interval": "seconds a flush pass waits for more events to coalesce",
+    "internal_port": "port of an unauthenticated POST /publish listener (then the only "
+    "place to publish), 0 to 65535",
+    "internal_host": "address of the --internal-port and --metrics-port listeners",
+    "revoke_ttl": "seconds a logout keeps refusing the tokens issued before it",
+    "ticket_ttl": "seconds a one-time stream ticket (POST /tickets) stays good, at most",
+    "idempotency_window": "seconds a publish's Idempotency-Key is remembered (a retry gets "
+    "the first answer's ids)",
+    "cors_origins": "origins whose pages may open streams cross-origin, comma-separated, "
+    "or * for any (without credentials)",
+    "static_dir": "directory of the demo page's files; none: static/ of the checkout, "
+    "else the installed copy",
+    "loop": "event loop: uvloop or asyncio",
+    "broker": "memory (one process) or a Redis URL (redis://host:port/db, rediss://, unix://)",
+    "redis_prefix": "prefix of the Redis keys: hubs with different prefixes are separate",
+    "workers": "processes sharing the port (SO_REUSEPORT), at least 1; more than 1 needs "
+    "--broker redis://... (WEB_CONCURRENCY when HUB_WORKERS is not set)",
+    "metrics_port": "serve /metrics, /healthz, /readyz on --internal-host:this port "
+    "(worker i on this + i)",
+    "log_level": "one of " + ", ".join(LOG_LEVELS),
+    "trusted_proxies": "reverse proxies (addresses or CIDR networks, comma-separated) whose "
+    "X-Forwarded-For / X-Real-IP name the client; none: the peer's address is the client's",
+}
+
+
+def shown_default(value: object) -> str:
+    """A default as `hub --help` and the README show it."""
+    if value is None:
+        return "none"
+    if value is False:
+        return "off"
+    return str(value)
+
+
 def _flag_type(field: dataclasses.Field[object]) -> type:
     text = str(field.type)
     if "int" in text:
@@ -260,12 +416,11 @@ def parse_config(
             continue
         flag = "--" + field.name.replace("_", "-")
         var = "HUB_" + field.name.upper()
+        text = f"{HELP[field.name]} (${var}; default: {shown_default(field.default)})"
         if field.type in ("bool", bool):
-            parser.add_argument(flag, action="store_true", default=None, help=f"(${var})")
+            parser.add_argument(flag, action="store_true", default=None, help=text)
         else:
-            parser.add_argument(
-                flag, type=_flag_type(field), default=None, help=f"(${var}, {field.default})"
-            )
+            parser.add_argument(flag, type=_flag_type(field), default=None, help=text)
     args = parser.parse_args(argv)
     values: dict[str, object] = {}
     for field in dataclasses.fields(Config):

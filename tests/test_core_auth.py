@@ -170,7 +170,11 @@ def test_a_whole_second_iat_in_the_logouts_second_is_not_revoked_an_earlier_one_
     [{"HUB_JWT_SECRET": SECRET}, {"HUB_JWT_ALGORITHM": "RS256", "HUB_JWT_PUBLIC_KEY": "k.pem"}],
     ids=["secret", "public-key"],
 )
-def test_demo_mode_refuses_to_run_with_a_configured_key(environ):
+def test_demo_mode_refuses_to_run_with_a_configured_key(tmp_path: Path, environ):
     """/demo/token signs tokens for anyone: with the real key it would hand out real ones."""
+    if "HUB_JWT_PUBLIC_KEY" in environ:  # the key file is read at start: a real one
+        key_file = tmp_path / "k.pem"
+        key_file.write_bytes(public_pem(rsa.generate_private_key(65537, 2048)))
+        environ = {**environ, "HUB_JWT_PUBLIC_KEY": str(key_file)}
     with pytest.raises(ConfigError, match="never signs with a configured key"):
         parse_config(["--demo"], environ).require_key()
