@@ -21,6 +21,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -305,3 +306,39 @@ def wait_for_tags(page: Any, tags: list[str], timeout: float = 15.0) -> None:
 def broadcasts(tags: list[str]) -> list[dict[str, Any]]:
     """One broadcast event per tag (broadcasts reach every stream, whatever its topics)."""
     return [{"type": "broadcast", "data": {"tag": tag}} for tag in tags]
+
+
+def tags(page: Any) -> list[str]:
+    """The `data.tag` of each event a hub.js test page has received, in order."""
+    return list(page.evaluate("() => h.events.map((e) => e.data && e.data.tag).filter(Boolean)"))
+
+
+def wait_tags(page: Any, wanted: list[str]) -> None:
+    page.wait_for_function(
+        "(wanted) => wanted.every((t) => h.events.some((e) => e.data && e.data.tag === t))",
+        arg=wanted,
+    )
+
+
+def assert_each_once(page: Any, wanted: list[str]) -> None:
+    counts = Counter(tags(page))
+    assert {t: counts[t] for t in wanted} == dict.fromkeys(wanted, 1)
+
+
+def publish_across_renewal(page: Any, hub: HubProcess) -> list[str]:
+    """Publish a broadcast every 50 ms from before the page's first token expires until a
+    second after it has asked for the next one (h.tokenCalls reaching 2); the tags sent."""
+    sent: list[str] = []
+    renewed_at = None
+    deadline = time.monotonic() + 15  # a bound on the loop, far past the expiry
+    pace = threading.Event()  # never set: its timed wait paces the publisher
+    while time.monotonic() < deadline:
+        sent.append(f"e{len(sent)}")
+        hub.publish(broadcasts(sent[-1:]))
+        if renewed_at is None and page.evaluate("h.tokenCalls") == 2:
+            renewed_at = time.monotonic()
+        if renewed_at is not None and time.monotonic() - renewed_at > 1.0:
+            break
+        pace.wait(0.05)
+    assert renewed_at is not None, "the first token was never renewed"
+    return sent

@@ -4,15 +4,22 @@ missing. Each page is a blank document on the hub's origin that imports /static/
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import jwt
 import pytest
-from browser_support import SECRET, HubProcess, broadcasts, wait_until
+from browser_support import (
+    SECRET,
+    HubProcess,
+    assert_each_once,
+    broadcasts,
+    publish_across_renewal,
+    tags,
+    wait_tags,
+    wait_until,
+)
 
 pytestmark = pytest.mark.browser
 
@@ -83,22 +90,6 @@ def wait_status(page: Any, status: str, role: str | None = None) -> None:
     )
 
 
-def tags(page: Any) -> list[str]:
-    return list(page.evaluate("() => h.events.map((e) => e.data && e.data.tag).filter(Boolean)"))
-
-
-def wait_tags(page: Any, wanted: list[str]) -> None:
-    page.wait_for_function(
-        "(wanted) => wanted.every((t) => h.events.some((e) => e.data && e.data.tag === t))",
-        arg=wanted,
-    )
-
-
-def assert_each_once(page: Any, wanted: list[str]) -> None:
-    counts = Counter(tags(page))
-    assert {t: counts[t] for t in wanted} == dict.fromkeys(wanted, 1)
-
-
 def test_a_refused_token_is_replaced_by_a_fresh_one(context, hub):
     issued = iter(["not-a-jwt", token("ann", ["presence"])])
     page = blank_page(context, hub, lambda: next(issued))
@@ -138,19 +129,7 @@ def test_events_published_across_a_2s_tokens_expiry_all_arrive_once_and_in_order
     page = blank_page(context, hub, lambda: next(issued))
     start(page, topics=["presence"], tokenFromTest=True, share=False)
     wait_status(page, "open")
-    sent: list[str] = []
-    renewed_at = None
-    deadline = time.monotonic() + 15  # a bound on the loop, far past the expiry
-    pace = threading.Event()  # never set: its timed wait paces the publisher
-    while time.monotonic() < deadline:
-        sent.append(f"e{len(sent)}")
-        hub.publish(broadcasts(sent[-1:]))
-        if renewed_at is None and page.evaluate("h.tokenCalls") == 2:
-            renewed_at = time.monotonic()
-        if renewed_at is not None and time.monotonic() - renewed_at > 1.0:
-            break
-        pace.wait(0.05)
-    assert renewed_at is not None, "the 2-s token was never renewed"
+    sent = publish_across_renewal(page, hub)
     wait_tags(page, sent)
     assert tags(page) == sent  # each once, in order
 

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from browser_support import HubProcess, broadcasts, tags_on, wait_for_tags
+from browser_support import HubProcess, broadcasts, tags_on, wait_for_tags, wait_tags
 from playwright.sync_api import expect
-from test_browser_client import blank_page, start, token, wait_status, wait_tags
+from test_browser_client import blank_page, start, token, wait_status
 
 pytestmark = pytest.mark.browser
 

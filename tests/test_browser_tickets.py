@@ -5,15 +5,23 @@ is still explained; a page on another origin gets its tickets after a CORS prefl
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import jwt
 import pytest
-from browser_support import SECRET, HubProcess, TcpProxy, broadcasts, wait_until
+from browser_support import (
+    SECRET,
+    HubProcess,
+    TcpProxy,
+    assert_each_once,
+    broadcasts,
+    publish_across_renewal,
+    tags,
+    wait_tags,
+    wait_until,
+)
 
 pytestmark = pytest.mark.browser
 
@@ -110,22 +118,6 @@ def wait_status(page: Any, status: str) -> None:
     page.wait_for_function("(status) => window.h && h.conn.status === status", arg=status)
 
 
-def tags(page: Any) -> list[str]:
-    return list(page.evaluate("() => h.events.map((e) => e.data && e.data.tag).filter(Boolean)"))
-
-
-def wait_tags(page: Any, wanted: list[str]) -> None:
-    page.wait_for_function(
-        "(wanted) => wanted.every((t) => h.events.some((e) => e.data && e.data.tag === t))",
-        arg=wanted,
-    )
-
-
-def assert_each_once(page: Any, wanted: list[str]) -> None:
-    counts = Counter(tags(page))
-    assert {t: counts[t] for t in wanted} == dict.fromkeys(wanted, 1)
-
-
 def assert_no_token_in_a_url(requests: Requests, *tokens: str) -> None:
     assert requests.streams, "no stream was opened"
     for url in requests.urls:
@@ -184,19 +176,7 @@ def test_an_expired_token_buys_a_new_ticket_and_the_stream_resumes_without_loss(
     page, requests = blank_page(context, hub.url, lambda: next(issued))
     start(page, topics=["presence"], tokenFromTest=True, ticketUrl="/tickets", share=False)
     wait_status(page, "open")
-    sent: list[str] = []
-    renewed_at = None
-    deadline = time.monotonic() + 15  # a bound on the loop, far past the expiry
-    pace = threading.Event()  # never set: its timed wait paces the publisher
-    while time.monotonic() < deadline:
-        sent.append(f"e{len(sent)}")
-        hub.publish(broadcasts(sent[-1:]))
-        if renewed_at is None and page.evaluate("h.tokenCalls") == 2:
-            renewed_at = time.monotonic()
-        if renewed_at is not None and time.monotonic() - renewed_at > 1.0:
-            break
-        pace.wait(0.05)
-    assert renewed_at is not None, "the 2-s token was never renewed"
+    sent = publish_across_renewal(page, hub)
     wait_tags(page, sent)
     assert tags(page) == sent  # each once, in order
     assert len(requests.tickets) >= 2
