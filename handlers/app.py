@@ -268,8 +268,14 @@ async def serve(config: Config, worker: int | None = None) -> None:
                 idle_connection_timeout=config.header_timeout,
             )
             servers.append(internal)
+            # The deep accept queue here too: past it the kernel drops the SYNs of a burst of
+            # publishers, whose retries then wait out retransmits (1, 3, 7, 15, 31 s).
             internal_sockets = _listen(
-                config.internal_port, config.internal_host, "--internal-port", shared
+                config.internal_port,
+                config.internal_host,
+                "--internal-port",
+                shared,
+                LISTEN_BACKLOG,
             )
             # The same count, and half the headroom beyond the public limit: a flood on the
             # public port never locks internal publishers out, and a leaking internal client
