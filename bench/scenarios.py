@@ -187,6 +187,14 @@ def all_scenarios() -> list[Scenario]:
             extra={"module": "bench.layouts"},
         )
     )
+    s.append(
+        Scenario(
+            "parsers",
+            "redis-py's reply parsers (hiredis, Python) reading the Redis feed",
+            0,
+            extra={"module": "bench.parsers"},
+        )
+    )
     return s
 
 
