@@ -26,7 +26,7 @@ def token(sub: str, ttl: float = 600, **claims: Any) -> str:
     )
 
 
-PUBLISHER = token("billing", publish=True)
+PUBLISHER = token("billing", ttl=3600, publish=True)  # made at collection: long-lived
 
 
 @pytest.fixture
