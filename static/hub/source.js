@@ -140,23 +140,8 @@ export class Source {
       return;
     }
     if (!this._running) return;
-    let url;
-    const ticketUrl = this._options.ticketUrl;
-    if (ticketUrl) {
-      const { ticket, status, detail } = await requestTicket(
-        ticketUrl,
-        token,
-        this._options.withCredentials,
-      );
-      if (!this._running) return;
-      if (ticket === null) {
-        this._refused(status, detail);
-        return;
-      }
-      url = this._streamUrl("ticket", ticket);
-    } else {
-      url = this._streamUrl("token", token);
-    }
+    const url = await this._streamUrlFor(token);
+    if (url === null) return;
     const es = new EventSource(url, { withCredentials: this._options.withCredentials });
     this._es = es;
     es.onopen = () => {
@@ -171,7 +156,7 @@ export class Source {
     }
     es.onerror = () => {
       if (es !== this._es) return;
-      if (ticketUrl && es.readyState === EventSource.CONNECTING) {
+      if (this._options.ticketUrl && es.readyState === EventSource.CONNECTING) {
         // The stream dropped: its ticket is spent, so no EventSource reconnect; a new one.
         this._close();
         this._retryLater(this._renewable() && this._tokenExpired());
@@ -194,26 +179,40 @@ export class Source {
     };
   }
 
+  /**
+   * The stream's URL: with a one-time ticket bought with `token` when there is a ticket
+   * endpoint, else with the token. null (the refusal already reported) when no ticket came,
+   * or the connection was closed meanwhile.
+   * @param {string | null} token
+   * @returns {Promise<URL | null>}
+   */
+  async _streamUrlFor(token) {
+    const ticketUrl = this._options.ticketUrl;
+    if (!ticketUrl) return this._streamUrl("token", token);
+    const { ticket, status, detail } = await requestTicket(
+      ticketUrl,
+      token,
+      this._options.withCredentials,
+    );
+    if (!this._running) return null;
+    if (ticket === null) {
+      this._refused(status, detail);
+      return null;
+    }
+    return this._streamUrl("ticket", ticket);
+  }
+
   /** @param {URL} url */
   async _recover(url) {
     if (this._renewable() && this._tokenExpired()) {
       this._retryLater(true);
       return;
     }
-    const ticketUrl = this._options.ticketUrl;
-    if (ticketUrl) {
+    if (this._options.ticketUrl) {
       // The refused request spent its ticket: ask why with a new one.
-      const { ticket, status, detail } = await requestTicket(
-        ticketUrl,
-        this._token,
-        this._options.withCredentials,
-      );
-      if (!this._running) return;
-      if (ticket === null) {
-        this._refused(status, detail);
-        return;
-      }
-      url = this._streamUrl("ticket", ticket);
+      const fresh = await this._streamUrlFor(this._token);
+      if (fresh === null) return;
+      url = fresh;
     }
     const { status, detail } = await probe(url);
     if (!this._running) return;
