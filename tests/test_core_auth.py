@@ -72,9 +72,9 @@ def test_unsigned_token_is_refused():
     ("token_claims", "message"),
     [
         ({"sub": "u1", "exp": int(time.time()) - 5}, "token expired"),
-        ({"exp": int(time.time()) + 60}, 'required claim "sub"'),
+        ({"exp": 4102444800}, 'required claim "sub"'),
         ({"sub": "u1"}, 'required claim "exp"'),
-        ({"sub": "u1", "exp": int(time.time()) + 60, "topics": "a"}, "topics must be a list"),
+        ({"sub": "u1", "exp": 4102444800, "topics": "a"}, "topics must be a list"),
     ],
 )
 def test_claims_that_are_missing_or_wrong_are_refused(token_claims, message):
