@@ -42,6 +42,7 @@ class HealthHandler(HubHandler):
                 "status": "ok",
                 "streams": len(self.hub.registry),
                 "history": len(self.hub.history),
+                "publishing": self.hub.publishing,  # publishes waiting on the broker
                 "uptime_s": round(time.time() - STARTED, 1),
                 "pid": os.getpid(),  # which process answered: with --workers, one of several
             },

@@ -13,7 +13,13 @@ from tornado.web import stream_request_body
 from handlers.base import HubHandler
 from handlers.server import BodyDeadlines
 from hub.auth import Verifier
-from hub.broker import BrokerUnavailable, Idempotency, IdempotencyConflict, Replayed
+from hub.broker import (
+    BrokerUnavailable,
+    Idempotency,
+    IdempotencyConflict,
+    OutcomeUnknown,
+    Replayed,
+)
 from hub.core import Hub
 from hub.decode import Decoder, decode_frames, decode_json, decode_ndjson
 from hub.limits import INTERNAL, retry_after
@@ -206,6 +212,9 @@ class PublishHandler(HubHandler):
             )
         try:
             ids = await self.hub.publish(events, idempotency)
+        except OutcomeUnknown as exc:
+            self.refuse(503, str(exc))
+            return
         except BrokerUnavailable as exc:
             self.refuse(503, f"not published: {exc}")
             return

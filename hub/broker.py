@@ -29,6 +29,7 @@ __all__ = [
     "IdempotencyConflict",
     "MemoryBroker",
     "Node",
+    "OutcomeUnknown",
     "Replayed",
 ]
 
@@ -66,6 +67,11 @@ class Replayed(list[str]):
 class BrokerUnavailable(Exception):
     """The broker cannot take events now (stopped, or its server is unreachable): the publish
     is refused whole (503), never half done."""
+
+
+class OutcomeUnknown(BrokerUnavailable):
+    """The hub stopped while its broker had not answered: the publish may or may not be
+    stored (503; a retry under the same Idempotency-Key tells, and never publishes twice)."""
 
 
 class Node(Protocol):

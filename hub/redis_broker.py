@@ -36,7 +36,14 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.maint_notifications import MaintNotificationsConfig
 
-from hub.broker import BrokerUnavailable, Idempotency, IdempotencyConflict, Node, Replayed
+from hub.broker import (
+    BrokerUnavailable,
+    Idempotency,
+    IdempotencyConflict,
+    Node,
+    OutcomeUnknown,
+    Replayed,
+)
 from hub.dispatch import Route
 from hub.history import parse_id
 from hub.message import Event
@@ -182,6 +189,9 @@ class RedisBroker:
             tuple[Sequence[Event], str, list[str], Idempotency | None, asyncio.Future[str]]
         ] = []
         self.sender: asyncio.Task[None] | None = None
+        self.sending: list[
+            tuple[Sequence[Event], str, list[str], Idempotency | None, asyncio.Future[str]]
+        ] = []  # the group whose script call is in flight
         self.follower: asyncio.Task[None] | None = None
         self.closing = False
         # This node's own batches, by number, until the feed brings them back: they are
@@ -247,15 +257,18 @@ class RedisBroker:
                         key, body = self.idempotency_prefix + idempotency.key, idempotency.body
                     args += [len(events), blob, key, body, len(revoked), *revoked]
                     self.own[n] = events
+                self.sending = group
                 try:
                     firsts = await self.script(keys=self.keys, args=args)
                 except (RedisError, OSError) as exc:
+                    self.sending = []
                     for n in range(first, first + len(group)):
                         self.own.pop(n, None)
                     for *_, done in group:
                         if not done.done():
                             done.set_exception(BrokerUnavailable(f"Redis did not take it: {exc}"))
                     continue
+                self.sending = []
                 for n, (*_, done), answer in zip(count_from(first), group, firsts, strict=False):
                     text = answer.decode()
                     if text.startswith("="):
@@ -400,14 +413,28 @@ class RedisBroker:
         return bytes(found) if found is not None else None
 
     async def close(self) -> None:
+        """Stop following and sending. The hub calls this after waiting for its publishes: one
+        still waiting on Redis now is answered 503, its outcome unknown, rather than cut
+        without an answer at the shutdown's deadline."""
         self.closing = True
         self.ready = False
         if self.follower is not None:
             self.follower.cancel()
             with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
                 await self.follower
+        unknown = OutcomeUnknown(
+            "the hub stopped before Redis answered: this publish may or may not be stored; "
+            "retry it (under the same Idempotency-Key, it is not published twice)"
+        )
+        for *_, done in self.sending:
+            if not done.done():
+                done.set_exception(unknown)
+        for *_, done in self.queue:
+            if not done.done():
+                done.set_exception(BrokerUnavailable("the hub is shutting down"))
+        self.queue = []
         if self.sender is not None:
-            with contextlib.suppress(RedisError, OSError):
-                await self.sender
+            self.sender.cancel()
+            await asyncio.wait({self.sender}, timeout=1.0)
         await self.client.aclose()
         await self.feed.aclose()

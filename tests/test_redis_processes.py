@@ -10,7 +10,10 @@ import asyncio
 import json
 import os
 import signal
+import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -380,3 +383,43 @@ def test_a_hub_started_after_a_logout_refuses_the_revoked_token(redis_url, hubs)
             assert (await streams.connect(c, token("stayed", iat=issued))).status == 200
 
     run(scenario)
+
+
+def test_a_publish_redis_never_answers_before_shutdown_gets_a_503_not_an_error(
+    private_redis: PrivateRedis, hubs
+):
+    """Redis frozen while a publish waits on it, then SIGTERM: when the deadline cuts that
+    publish, its client gets a 503 saying the outcome is unknown (retry under the same
+    Idempotency-Key), the process exits 0, and nothing is logged as an error."""
+    target = private_redis.target()
+    a = hubs(target, "--shutdown-timeout", "3")
+    answers: list[tuple[int, Any]] = []
+
+    def publish_blocking() -> None:
+        request = urllib.request.Request(
+            a.url + "/publish",
+            data=json.dumps({"type": 5, "data": "frozen"}).encode(),
+            headers={"Authorization": f"Bearer {PUBLISHER}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=20) as resp:
+                answers.append((resp.status, json.loads(resp.read())))
+        except urllib.error.HTTPError as exc:
+            answers.append((exc.code, json.loads(exc.read())))
+
+    private_redis.pause()
+    try:
+        worker = threading.Thread(target=publish_blocking, daemon=True)
+        worker.start()
+        wait_until(
+            lambda: http_json(a.url + "/healthz")[1]["publishing"] == 1, 10, "publish waiting"
+        )
+        os.kill(a.proc.pid, signal.SIGTERM)
+        assert a.proc.wait(timeout=15) == 0
+        worker.join(10)
+    finally:
+        private_redis.resume()
+    assert answers and answers[0][0] == 503, answers
+    assert "Idempotency-Key" in answers[0][1]["error"]
+    log = a.log()
+    assert " ERROR " not in log and "Traceback" not in log, log[-3000:]
