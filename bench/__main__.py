@@ -142,6 +142,7 @@ def run_one(
             "publish": pub,
             "kind": "hub" if hub_kind(kind) else kind,
             "tokens_file": str(tmp / "tokens.json") if hub_kind(kind) else None,
+            "broker_pid": redis.pid if redis is not None and kind.startswith("redis") else None,
             "core": None,  # taskset pins it
             "loadgen_loop": "uvloop",
             "rcvlowat": args.rcvlowat,
@@ -200,13 +201,14 @@ def _ms(v: Any) -> str:
 
 
 def unaccounted(r: dict[str, Any]) -> float | None:
-    """Core time (both cores) neither the server nor the loadgen was charged for: softirq
-    work of loopback TCP plus whatever else ran. Large values mean a noisy measurement."""
+    """Core time (both cores) neither the server, the loadgen nor the benchmark's own
+    redis-server was charged for: softirq work of loopback TCP plus whatever else ran. Large
+    values mean a noisy measurement."""
     cores = r.get("cores_busy_pct") or {}
     if r.get("srv_cpu_pct") is None or r.get("lg_cpu_pct") is None or not cores:
         return None
     busy = cores.get(f"cpu{SERVER_CORE}", 0) + cores.get(f"cpu{LOADGEN_CORE}", 0)
-    return max(0.0, busy - r["srv_cpu_pct"] - r["lg_cpu_pct"])
+    return max(0.0, busy - r["srv_cpu_pct"] - r["lg_cpu_pct"] - (r.get("broker_cpu_pct") or 0))
 
 
 def sustained(r: dict[str, Any]) -> bool | None:
@@ -658,7 +660,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{LOADGEN_CORE}; {args.duration:g} s per scenario; hub loop: {args.loop or 'default'}",
         f"# machine busy before the start: {load:.0f}% of all cores; core0%/core1%: each core's "
         "busy time (incl. softirq) during the publish window;\n"
-        "# unacc%: core time charged to neither; sys%: the server's kernel time (in srvCPU%)",
+        "# unacc%: core time charged to neither (nor to redis-server); sys%: the server's kernel "
+        "time (in srvCPU%)",
         "# server `hub`: memory broker; `redis`: Redis broker, redis-server pinned to core "
         f"{LOADGEN_CORE} (with the load generator); `redis-Nw`: N workers on both cores",
     ]
