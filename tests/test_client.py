@@ -14,6 +14,7 @@ from browser_support import free_port, wait_until
 from hypothesis import given
 from hypothesis import strategies as st
 from net_support import proxy
+from sse import wait_for
 from test_process import SECRET, healthy, start_hub  # noqa: F401  (start_hub: a fixture)
 
 from hub.client import AsyncPublisher, HubError, Publisher, SSEParser, StreamEvent, subscribe
@@ -45,10 +46,7 @@ async def collect(stream: AsyncIterator[StreamEvent], out: list[StreamEvent], n:
 
 
 async def until(cond: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met before the deadline"
-        await asyncio.sleep(0.01)
+    assert await wait_for(cond, timeout), "condition not met before the deadline"
 
 
 def test_publish_by_name_and_number_and_subscribe_gets_parsed_events_and_no_opening(hub):

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import jwt
 import pytest
 from browser_support import free_port, wait_until
+from prometheus_client.parser import text_string_to_metric_families
 
 SECRET = "process-tests-secret-0123456789-abcdefghij"
 HUB = [sys.executable, "-m", "handlers.app"]
@@ -40,6 +41,17 @@ def post(url: str, body: bytes, **headers: str) -> tuple[int, dict]:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
+
+
+def metric(url: str, name: str) -> float:
+    """One unlabelled sample of the hub's /metrics, as Prometheus parses it."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                return float(sample.value)
+    raise AssertionError(f"{name} is not in /metrics")
 
 
 def healthy(port: int) -> bool:
@@ -355,11 +367,17 @@ def test_sigterm_with_streams_and_publishes_in_flight_exits_0_owing_no_accepted_
         thread.start()
     wait_until(lambda: len(accepted) >= 500, what="publishes accepted")
     half = socket.create_connection(("127.0.0.1", port), timeout=5)
+    # Half a body of 1,000,000 bytes: far more than the publishers' bodies (~2.5 KB each) that
+    # the hub may hold at the same time, so the gauge shows when the hub holds this one.
     half.sendall(
         f"POST /publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {publisher}\r\n"
-        f'Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n[{{"type": 5'.encode()
+        f"Content-Type: application/json\r\nContent-Length: 1000000\r\n\r\n".encode()
+        + b"["
+        + b" " * 499_999
     )
-    time.sleep(0.1)
+    wait_until(
+        lambda: metric(url, "hub_publish_body_bytes") >= 500_000, what="the half body is held"
+    )
     started = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     bodies = [opening + read_all(sock) for sock, opening in streams]
