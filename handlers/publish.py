@@ -39,6 +39,11 @@ DECODERS: dict[str, Decoder] = {
 MAX_IDEMPOTENCY_KEY = 255
 
 
+def idempotency_key_ok(key: str) -> bool:
+    """1 to MAX_IDEMPOTENCY_KEY printable ASCII characters (space to tilde)."""
+    return 0 < len(key) <= MAX_IDEMPOTENCY_KEY and key.isascii() and key.isprintable()
+
+
 @stream_request_body
 class PublishHandler(HubHandler):
     """The body is streamed in so that the size limit and the auth check cost nothing:
@@ -87,7 +92,7 @@ class PublishHandler(HubHandler):
             return
         key = self.request.headers.get("Idempotency-Key")
         if key is not None:
-            if not 0 < len(key) <= MAX_IDEMPOTENCY_KEY or not (key.isascii() and key.isprintable()):
+            if not idempotency_key_ok(key):
                 self.refuse(
                     400,
                     f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII "

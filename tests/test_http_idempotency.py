@@ -12,8 +12,12 @@ import jwt
 import pytest
 import redis_support
 from browser_support import free_port, wait_until
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from test_process import SECRET, get, healthy, post, start_hub  # noqa: F401  (a fixture)
+
+from handlers.publish import idempotency_key_ok
 
 redis_url = redis_support.redis_url
 
@@ -119,3 +123,9 @@ def test_on_redis_a_key_repeated_to_another_process_answers_the_same_ids(start_h
         assert client.xlen(f"{prefix}:events") == 1  # one entry: the batch, stored once
     finally:
         client.close()
+
+
+@given(st.text(max_size=300))
+def test_an_idempotency_key_is_taken_exactly_when_it_is_1_to_255_printable_ascii(key):
+    expected = 0 < len(key) <= 255 and all(" " <= c <= "~" for c in key)
+    assert idempotency_key_ok(key) is expected

@@ -4,6 +4,7 @@ the README's Configuration table saying the same, and --trusted-proxies, on real
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import socket
@@ -16,10 +17,12 @@ from pathlib import Path
 import jwt
 import pytest
 from browser_support import free_port, wait_until
+from hypothesis import given
+from hypothesis import strategies as st
 from test_process import HUB, SECRET, healthy, start_hub  # noqa: F401 (start_hub: a fixture)
 from tornado.httputil import HTTPHeaders
 
-from handlers.server import client_address
+from handlers.server import MAX_FORWARDED_HOPS, client_address
 from hub.config import HELP, Config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -229,6 +232,38 @@ def test_client_address_believes_only_trusted_peers_and_skips_trusted_hops():
     )
     assert client_address("10.0.0.2", headers(X_Real_IP="not an address"), proxies) == "10.0.0.2"
     assert client_address("10.0.0.2", headers(), proxies) == "10.0.0.2"
+
+
+def test_only_the_nearest_forwarded_hops_are_read():
+    # A client can write thousands of trusted addresses left of its own: they cost nothing
+    # past MAX_FORWARDED_HOPS (the 17th hop from the right is never parsed, let alone believed).
+    proxies = Config(trusted_proxies="10.0.0.0/8").trusted_networks()
+    hops = ["198.51.100.1", *["10.0.0.1"] * 6000]
+    assert client_address("10.0.0.2", headers(X_Forwarded_For=", ".join(hops)), proxies) == (
+        "10.0.0.1"
+    )
+    near = ["198.51.100.1", *["10.0.0.1"] * (MAX_FORWARDED_HOPS - 1)]
+    assert client_address("10.0.0.2", headers(X_Forwarded_For=", ".join(near)), proxies) == (
+        "198.51.100.1"
+    )
+
+
+@given(
+    peer=st.sampled_from(["10.0.0.2", "203.0.113.5", "::1", "::ffff:10.1.2.3"]),
+    forwarded=st.none() | st.text(max_size=300),
+    real=st.none() | st.text(max_size=60),
+)
+def test_any_forwarding_headers_give_an_address_and_never_raise(peer, forwarded, real):
+    proxies = Config(trusted_proxies="10.0.0.0/8, ::1").trusted_networks()
+    values = {}
+    if forwarded is not None and "\n" not in forwarded and "\r" not in forwarded:
+        values["X_Forwarded_For"] = forwarded
+    if real is not None and "\n" not in real and "\r" not in real:
+        values["X_Real_IP"] = real
+    found = client_address(peer, headers(**values), proxies)
+    ipaddress.ip_address(found)  # always an address: the peer's or one the headers named
+    if peer == "203.0.113.5":
+        assert found == peer  # an untrusted peer's headers are never read
 
 
 class Output:
