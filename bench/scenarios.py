@@ -153,48 +153,16 @@ def all_scenarios() -> list[Scenario]:
             "nosub-batch", "no subscribers, batches of 100, 1 in flight", 0, publish=_closed_batch
         )
     )
-    # Reliability, each its own command with its own report (after the table): see
-    # bench/churn.py and bench/flood.py.
-    s.append(
-        Scenario(
-            "churn",
-            "10,000 connect/disconnect cycles, then a soak: cuts with resume, joins, leaves",
-            0,
-            extra={"module": "bench.churn"},
-        )
-    )
-    s.append(
-        Scenario(
-            "flood",
-            "2,000 half-open connections under 256 descriptors",
-            0,
-            extra={"module": "bench.flood"},
-        )
-    )
-    s.append(
-        Scenario(
-            "feed",
-            "events/s one process takes from the Redis feed, no subscribers",
-            0,
-            extra={"module": "bench.feed"},
-        )
-    )
-    s.append(
-        Scenario(
-            "layouts",
-            "Redis layouts: entry per event, entry per batch, Pub/Sub plus a history",
-            0,
-            extra={"module": "bench.layouts"},
-        )
-    )
-    s.append(
-        Scenario(
-            "parsers",
-            "redis-py's reply parsers (hiredis, Python) reading the Redis feed",
-            0,
-            extra={"module": "bench.parsers"},
-        )
-    )
+    # Each a command of its own, with its own report (after the table): reliability
+    # (bench/churn.py, bench/flood.py) and the Redis broker's figures (feed, layouts, parsers).
+    for name, title in (
+        ("churn", "10,000 connect/disconnect cycles, then a soak: cuts with resume, joins, leaves"),
+        ("flood", "2,000 half-open connections under 256 descriptors"),
+        ("feed", "events/s one process takes from the Redis feed, no subscribers"),
+        ("layouts", "Redis layouts: entry per event, entry per batch, Pub/Sub plus a history"),
+        ("parsers", "redis-py's reply parsers (hiredis, Python) reading the Redis feed"),
+    ):
+        s.append(Scenario(name, title, 0, extra={"module": f"bench.{name}"}))
     return s
 
 
