@@ -37,6 +37,7 @@ from handlers.stream import EventsHandler
 from handlers.tickets import TicketsHandler
 from handlers.workers import CannotStart, supervise
 from hub.auth import Verifier
+from hub.broker import BrokerMisconfigured
 from hub.config import HEADROOM, Config, ConfigError, parse_config
 from hub.core import Hub
 from hub.dispatch import DEFAULT_TYPES, TypeTable
@@ -222,6 +223,10 @@ async def serve(config: Config, worker: int | None = None) -> None:
         app = build_app(config)
         hub: Hub = app.settings["hub"]
         hub.metrics.name_worker(worker or 0, config.workers)
+        try:
+            await hub.broker.check()
+        except BrokerMisconfigured as exc:
+            raise CannotStart(str(exc)) from None
         shared = worker is not None
         # The body limit is enforced by PublishHandler with a JSON 413; Tornado's own limit only
         # has to be above it (Tornado would answer a bare 400 and drop the connection).

@@ -57,7 +57,7 @@ class ReadyHandler(HubHandler):
         if self.hub.stopping:
             self.fail(503, "shutting down")
         elif not self.hub.ready:
-            self.fail(503, "the broker is unreachable: publishes and new events wait for it")
+            self.fail(503, f"not ready: {self.hub.broker.unready_reason()}")
         else:
             self.answer(200, {"status": "ready"})
 

@@ -76,7 +76,11 @@ class PublishHandler(HubHandler):
             return
         self.deadlines.start(self)  # the body must arrive within --body-timeout
         if self.hub.stopping:
-            self.refuse(503, "the hub is shutting down: publish to another instance or retry")
+            self.refuse(
+                503,
+                "not published: the hub is shutting down: publish to another instance or retry",
+                outcome="not_published",
+            )
             return
         if self.authenticated:
             claims = self.authenticate(publisher=True)
@@ -218,10 +222,10 @@ class PublishHandler(HubHandler):
         try:
             ids = await self.hub.publish(events, idempotency)
         except OutcomeUnknown as exc:
-            self.refuse(503, str(exc))
+            self.refuse(503, str(exc), outcome="unknown")
             return
         except BrokerUnavailable as exc:
-            self.refuse(503, f"not published: {exc}")
+            self.refuse(503, f"not published: {exc}", outcome="not_published")
             return
         except IdempotencyConflict:
             self.refuse(

@@ -24,6 +24,11 @@ from hub.transport import SocketTransport
 
 __all__ = ["EventsHandler"]
 
+# How long a stream whose Last-Event-ID is ahead of this node waits for the node's feed to
+# read that far (nodes of one Redis are milliseconds apart; a node further behind is
+# overloaded, and its client gets `reset` or, with the feed not live, a 503).
+CATCH_UP_WAIT = 1.0
+
 log = logging.getLogger("hub")
 
 
@@ -75,6 +80,14 @@ class EventsHandler(HubHandler):
         last_id = self.request.headers.get("Last-Event-ID") or self.get_query_argument(
             "lastEventId", None
         )
+        if last_id and self.hub.behind(last_id):
+            # Served by a node further ahead: wait for this one's feed to read as far. One
+            # whose feed is not live cannot say when: the client retries (here or elsewhere).
+            await self.hub.catch_up(last_id, CATCH_UP_WAIT)
+            if self.hub.behind(last_id) and not self.hub.ready:
+                self.hub.metrics.streams_refused.labels("503").inc()
+                self.fail_retry(503, "this node has not read up to Last-Event-ID yet: retry", 1.0)
+                return
 
         access_log.log(
             self.settings["access_success_level"],

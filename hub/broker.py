@@ -24,6 +24,7 @@ __all__ = [
     "MAX_MEMORY_KEYS",
     "MAX_MEMORY_TICKETS",
     "Broker",
+    "BrokerMisconfigured",
     "BrokerUnavailable",
     "Idempotency",
     "IdempotencyConflict",
@@ -70,8 +71,14 @@ class BrokerUnavailable(Exception):
 
 
 class OutcomeUnknown(BrokerUnavailable):
-    """The hub stopped while its broker had not answered: the publish may or may not be
-    stored (503; a retry under the same Idempotency-Key tells, and never publishes twice)."""
+    """The publish was sent and no answer came (the broker's server stalled or the connection
+    broke after the request left, or the hub stopped first): it may or may not be stored (503;
+    a retry under the same Idempotency-Key tells, and never publishes twice)."""
+
+
+class BrokerMisconfigured(Exception):
+    """The broker's server is set up so that the promise cannot hold (Redis: a
+    maxmemory-policy that may evict the hub's keys)."""
 
 
 class Node(Protocol):
@@ -101,10 +108,23 @@ class Broker(Protocol):
     # Ids at or before `floor` predate this broker's history: a client that resumes from
     # one of them is told it missed events.
     floor: tuple[int, int]
-    # synced: the node has the shared history (it can serve streams and resumes);
-    # ready: events published now reach this node (the readiness probe's answer).
+    # synced: the node has the shared history (it can serve streams and resumes).
     synced: bool
-    ready: bool
+
+    @property
+    def ready(self) -> bool:
+        """Events published now are taken and reach this node (the readiness probe's
+        answer)."""
+        ...
+
+    def unready_reason(self) -> str:
+        """Why `ready` is false, for /readyz and refusals."""
+        ...
+
+    async def check(self) -> None:
+        """Raise BrokerMisconfigured if the broker's server breaks the promise as it is set
+        up (the hub refuses to start). A server that does not answer is no error here."""
+        ...
 
     def start(self, node: Node) -> None:
         """Begin feeding every published event (from any node) to `node`, in id order."""
@@ -114,7 +134,8 @@ class Broker(Protocol):
         self, events: Sequence[Event], idempotency: Idempotency | None = None
     ) -> list[str]:
         """Give the events ids, in order, and send them to every node; return the ids.
-        All or nothing: BrokerUnavailable means none of them was stored. With `idempotency`,
+        All or nothing: BrokerUnavailable means none of them was stored; OutcomeUnknown (a
+        BrokerUnavailable) means the broker may or may not have stored them. With `idempotency`,
         a batch already stored under its key is not stored again: its ids come back as
         Replayed (IdempotencyConflict if that batch had another body)."""
         ...
@@ -141,7 +162,8 @@ class MemoryBroker:
         self.boot = int(time.time() * 1000)
         self.seq = 0
         self.floor = (self.boot, 0)
-        self.synced = self.ready = True
+        self.synced = True
+        self.running = True
         self._deliver: Callable[[Event], None] | None = None
         # key -> (monotonic expiry, claims), oldest first: expired ones are purged from the
         # front as new ones come (an OrderedDict pops its front in O(1); a dict would scan
@@ -153,6 +175,16 @@ class MemoryBroker:
 
     def start(self, node: Node) -> None:
         self._deliver = node.deliver
+
+    @property
+    def ready(self) -> bool:
+        return self.running
+
+    def unready_reason(self) -> str:
+        return "the broker is closed"
+
+    async def check(self) -> None:
+        return None
 
     async def publish(
         self, events: Sequence[Event], idempotency: Idempotency | None = None
@@ -216,4 +248,4 @@ class MemoryBroker:
 
     async def close(self) -> None:
         self._deliver = None
-        self.ready = False
+        self.running = False

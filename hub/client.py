@@ -11,9 +11,10 @@ and importable without Tornado:
         print(event.id, event.name, event.data)
 
 A publish that fails on the way (a dropped connection, a 503 from a hub that is shutting down
-or cut off from Redis) is retried with capped, jittered backoff under the same
-`Idempotency-Key`: a hub that stored the first attempt answers the retry with the first
-answer's ids instead of publishing again, so a retried publish is delivered once.
+or cut off from Redis, a 503 whose `outcome` is `unknown` because Redis took the request and
+never answered) is retried with capped, jittered backoff under the same `Idempotency-Key`: a
+hub that stored the first attempt answers the retry with the first answer's ids instead of
+publishing again, so a retried publish is delivered once.
 """
 
 from __future__ import annotations

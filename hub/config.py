@@ -12,6 +12,7 @@ import dataclasses
 import ipaddress
 import math
 import os
+import re
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from pathlib import Path
 __all__ = ["HEADROOM", "HELP", "LOG_LEVELS", "Config", "ConfigError", "parse_config"]
 
 MIN_SECRET_BYTES = 32
+# The user and password of a URL, never shown in an error.
+_USERINFO = re.compile(r"//[^/@]*@")
 # Descriptors kept free of connections: listening sockets, log files, the broker's, a few
 # for whatever the process opens, so the hub never meets EMFILE on its own accept.
 HEADROOM = 64
@@ -42,7 +45,8 @@ class Config:
     jwt_algorithm: str = "HS256"
     jwt_public_key: str | None = None  # path to a PEM public key, for RS256 / ES256
     history: int = 10_000  # events kept for Last-Event-ID resume
-    history_bytes: int = 64 * 1024 * 1024  # and at most this many bytes of frames
+    # and at most this many bytes of memory for them (hub.history: event_cost)
+    history_bytes: int = 64 * 1024 * 1024
     heartbeat: float = 15.0  # seconds between heartbeat comments on a quiet stream
     retry: float = 3.0  # seconds, sent as the stream's `retry:` field
     # On shutdown each stream's retry is drawn from [retry, retry + shutdown_spread] seconds,
@@ -85,6 +89,12 @@ class Config:
     internal_port: int | None = None  # serve POST /publish here, unauthenticated, and only here
     internal_host: str = "127.0.0.1"
     revoke_ttl: float = 3600.0  # seconds a logout keeps refusing the tokens issued before it
+    # Logouts remembered at most (hub.core: Hub.revoked; with Redis also `<prefix>:revoked`);
+    # past it the oldest is forgotten, and a token issued before it works again until its exp.
+    # 100,000 take ~25-35 MB here (~250 bytes each, more with long user and session names):
+    # a logout every 36 ms for the whole default --revoke-ttl, while a flood of logouts for
+    # distinct users (600,000 took 177 MB) costs bounded memory.
+    max_revocations: int = 100_000
     # Seconds a one-time stream ticket (POST /tickets) stays good, at most: never past its
     # token's exp (hub.tickets).
     ticket_ttl: float = 30.0
@@ -96,8 +106,9 @@ class Config:
     cors_origins: str | None = None
     static_dir: str | None = None
     loop: str = "uvloop"  # measured faster in every scenario of the benchmark; or asyncio
-    # "memory" (one process) or a Redis URL (redis://host:port/db, rediss://, unix://): the
-    # broker that carries every publish to every hub process (hub.broker).
+    # "memory" (one process) or a Redis URL (redis://host:port/db, rediss://, unix://, or
+    # redis+sentinel://host:port,host:port/master-name/db for the master Sentinel names): the
+    # broker that carries every publish to every hub process (hub.broker, hub.redis_connection).
     broker: str = "memory"
     # Prefix of the Redis keys: hubs that share a Redis server with different prefixes are
     # separate hubs.
@@ -156,6 +167,7 @@ class Config:
             "max_batch",
             "max_event_bytes",
             "publish_burst",
+            "max_revocations",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
@@ -165,11 +177,12 @@ class Config:
                 f"({self.max_body}): a body of the largest size could never arrive"
             )
         if self.broker != "memory" and not self.broker.startswith(
-            ("redis://", "rediss://", "unix://")
+            ("redis://", "rediss://", "unix://", "redis+sentinel://", "rediss+sentinel://")
         ):
             raise ConfigError(
-                f"--broker must be memory or a Redis URL (redis://host:port/db), "
-                f"not {self.broker[:64]!r}"
+                f"--broker must be memory or a Redis URL (redis://host:port/db, or "
+                "redis+sentinel://host:port,host:port/master-name/db), not "
+                f"{_USERINFO.sub('//***@', self.broker)[:64]!r}"
             )
         self._check_broker_url()
         if self.workers < 1:
@@ -263,17 +276,34 @@ class Config:
             raise ConfigError(f"--static-dir {path}: not readable by this process")
 
     def _check_broker_url(self) -> None:
-        """What redis-py cannot parse is refused now, not on the first connection attempt."""
+        """What redis-py (or the Sentinel URL's parser) cannot parse is refused now, not on
+        the first connection attempt; the message never shows the URL's password."""
         if self.broker == "memory":
             return
         try:
             from redis.connection import parse_url
+
+            from hub.redis_connection import (
+                SENTINEL_URL_FORM,
+                is_sentinel_url,
+                parse_sentinel_url,
+                redact,
+            )
         except ImportError:  # pragma: no cover (a dependency of the package)
+            return
+        shown = redact(self.broker)[:120]
+        if is_sentinel_url(self.broker):
+            try:
+                parse_sentinel_url(self.broker)
+            except ValueError as exc:
+                raise ConfigError(
+                    f"--broker {shown!r} is not a Sentinel URL ({SENTINEL_URL_FORM}): {exc}"
+                ) from None
             return
         try:
             parse_url(self.broker)  # type: ignore[no-untyped-call]
         except ValueError as exc:
-            raise ConfigError(f"--broker {self.broker[:64]!r} is not a Redis URL: {exc}") from None
+            raise ConfigError(f"--broker {shown!r} is not a Redis URL: {exc}") from None
 
     def trusted_networks(self) -> tuple[Network, ...]:
         """--trusted-proxies as networks (an address is a network of one)."""
@@ -365,6 +395,8 @@ HELP: dict[str, str] = {
     "place to publish), 0 to 65535",
     "internal_host": "address of the --internal-port and --metrics-port listeners",
     "revoke_ttl": "seconds a logout keeps refusing the tokens issued before it",
+    "max_revocations": "logouts remembered, at most (at least 1): past it the oldest is "
+    "forgotten, and tokens issued before it work again until their exp",
     "ticket_ttl": "seconds a one-time stream ticket (POST /tickets) stays good, at most",
     "idempotency_window": "seconds a publish's Idempotency-Key is remembered (a retry gets "
     "the first answer's ids)",
@@ -373,7 +405,8 @@ HELP: dict[str, str] = {
     "static_dir": "directory of the demo page's files; none: static/ of the checkout, "
     "else the installed copy",
     "loop": "event loop: uvloop or asyncio",
-    "broker": "memory (one process) or a Redis URL (redis://host:port/db, rediss://, unix://)",
+    "broker": "memory (one process) or a Redis URL (redis://host:port/db, rediss://, unix://; "
+    "redis+sentinel://host:port,host:port/master-name/db: the master Sentinel names)",
     "redis_prefix": "prefix of the Redis keys: hubs with different prefixes are separate",
     "workers": "processes sharing the port (SO_REUSEPORT), at least 1; more than 1 needs "
     "--broker redis://... (WEB_CONCURRENCY when HUB_WORKERS is not set)",

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import ujson
@@ -21,7 +22,7 @@ from hub.broker import Broker, BrokerUnavailable, Idempotency, MemoryBroker, Rep
 from hub.config import Config
 from hub.dispatch import DEFAULT_TYPES, EventFilter, TypeTable
 from hub.flusher import Flusher
-from hub.history import History, parse_id
+from hub.history import History, parse_position
 from hub.limits import PublishLimiter
 from hub.message import Event, encode_frame
 from hub.metrics import Metrics
@@ -33,6 +34,10 @@ __all__ = ["Hub"]
 
 log = logging.getLogger("hub")
 
+# Expired logouts forgotten per tick, at most (each ~0.3 us here): a wave of logouts an hour
+# ago must not stall the loop when it expires; a later tick takes the rest.
+EXPIRIES_PER_TICK = 10_000
+
 _EXPIRED_FRAME = encode_frame(
     None,
     "end",
@@ -40,13 +45,19 @@ _EXPIRED_FRAME = encode_frame(
 )
 
 
-def _make_broker(url: str, *, prefix: str, history: int, revoke_ttl: float) -> Broker:
-    """The broker a --broker value names (Redis is imported only when asked for)."""
-    if url == "memory":
+def _make_broker(config: Config) -> Broker:
+    """The broker --broker names (Redis is imported only when asked for)."""
+    if config.broker == "memory":
         return MemoryBroker()
     from hub.redis_broker import RedisBroker
 
-    return RedisBroker(url, prefix=prefix, history=history, revoke_ttl=revoke_ttl)
+    return RedisBroker(
+        config.broker,
+        prefix=config.redis_prefix,
+        history=config.history,
+        revoke_ttl=config.revoke_ttl,
+        max_revocations=config.max_revocations,
+    )
 
 
 class Hub:
@@ -57,12 +68,7 @@ class Hub:
         self.types = types
         self.registry = Registry()
         if broker is None:
-            broker = _make_broker(
-                config.broker,
-                prefix=config.redis_prefix,
-                history=config.history,
-                revoke_ttl=config.revoke_ttl,
-            )
+            broker = _make_broker(config)
         self.broker: Broker = broker
         self.history = History(config.history, config.history_bytes, self.broker.floor)
         self.flusher = Flusher(
@@ -80,8 +86,11 @@ class Hub:
         self.metrics = Metrics(self)
         # One-time stream tickets, kept by the broker: shared where it is (hub.tickets).
         self.tickets = Tickets(self.broker, config.ticket_ttl, self.metrics)
-        # (user, sid) -> ms of the logout; sid None = every session of the user.
-        self.revoked: dict[tuple[str, str | None], float] = {}
+        # (user, sid) -> ms of the logout; sid None = every session of the user. In the order
+        # the logouts came (a logout again moves to the end): expiry and the cap
+        # (--max-revocations) drop from the front, never scanning the table.
+        self.revoked: OrderedDict[tuple[str, str | None], float] = OrderedDict()
+        self.revocations_dropped = 0  # logouts forgotten at the cap before their time
         self.stopping = False
         self._closing: list[SocketTransport] = []  # the streams stop() ended (streams_closing)
         # Open streams in all past which new ones are refused (serve() sets it from the
@@ -90,6 +99,8 @@ class Hub:
         # One tick for the whole process: expiry, heartbeats, stalled sockets.
         self.tick_interval = min(1.0, config.heartbeat)
         self._tick_handle: asyncio.TimerHandle | None = None
+        # Streams waiting for this node's feed to read up to their Last-Event-ID (catch_up).
+        self._catching_up: list[asyncio.Future[None]] = []
         # bound once: every stream's transport shares them (see SocketTransport.watch)
         self._stream_closed = self.disconnect
         self._stream_drained = self._drained
@@ -170,36 +181,85 @@ class Hub:
         its route reaches."""
         self.history.append(event)
         self.flusher.deliver(event)
+        if self._catching_up:
+            self._wake_catching_up()
         route = event.route
         if route is not None and route.ends is not None:
-            self._end_sessions(*route.ends)
+            self._end_sessions(*route.ends, event.accepted * 1000 or time.time() * 1000)
 
-    def _end_sessions(self, user: str, sid: str | None) -> None:
-        """After a logout: the session's streams get what they are owed, the logout included,
-        then end; tokens issued before now stop working for `revoke_ttl` seconds."""
-        self.revoke(user, sid, time.time() * 1000)
+    def _end_sessions(self, user: str, sid: str | None, at_ms: float) -> None:
+        """After a logout accepted at `at_ms`: the session's streams get what they are owed,
+        the logout included, then end; tokens issued before the logout stop working for
+        `revoke_ttl` seconds. (A node loading the history meets old logouts: a token issued
+        since one of them must keep working.)"""
+        self.revoke(user, sid, at_ms)
         for sub in self.registry.sessions(user, sid):
             self.end(sub, Reason.LOGOUT)
 
     def revoke(self, user: str, sid: str | None, at_ms: float) -> None:
+        """Refuse the tokens of the session (every session: sid None) issued before `at_ms`,
+        for --revoke-ttl seconds from then. Past --max-revocations, the oldest logout is
+        forgotten (a token issued before it works again until its exp)."""
+        if at_ms < (time.time() - self.config.revoke_ttl) * 1000:
+            return  # already expired (a node loading old logouts): it must not push one out
+        revoked = self.revoked
         key = (user, sid)
-        self.revoked[key] = max(at_ms, self.revoked.get(key, 0.0))
+        revoked[key] = max(at_ms, revoked.pop(key, 0.0))  # popped: it moves to the end
+        if len(revoked) > self.config.max_revocations:
+            revoked.popitem(last=False)
+            self.revocations_dropped += 1
 
     def resync(self, floor: str) -> None:
-        """The broker cannot give this node the events up to `floor` it has not seen: the
-        history starts after `floor`, and every open stream gets what it is owed, then a
-        `reset` whose id is `floor` (a reconnect resumes from there)."""
-        key = parse_id(floor) or (0, 0)
+        """The broker cannot give this node the events up to `floor` (a position
+        `<ms>-<seq>[-<epoch>]`) it has not seen, or cannot vouch for them: the history starts
+        after `floor`, and every open stream gets what it is owed, then a `reset` whose id is
+        `floor` (a reconnect resumes from there)."""
+        key, epoch = parse_position(floor) or ((0, 0), "")
         if self.registry.all:
             self.flusher.flush_all()
             frame = self._reset_frame(None, floor)
             for sub in self.registry.all:
                 if sub.outbox is not None and not sub.outbox.closed:
                     sub.outbox.transport.write(frame)
-        self.history.clear(key)
+        self.history.clear(key, epoch)
+        self._wake_catching_up()  # those of another epoch now get their reset
 
     def history_floor(self) -> tuple[int, int]:
         return self.history.floor
+
+    def behind(self, last_event_id: str) -> bool:
+        """Whether the client may have been served by a node further ahead than this one: its
+        id is of this node's epoch and newer than all this node has read, or of an epoch this
+        node has not met yet (not one it left; never with the memory broker, which has no
+        epochs)."""
+        position = parse_position(last_event_id)
+        if position is None:
+            return False
+        key, epoch = position
+        history = self.history
+        if epoch != history.epoch:
+            return bool(epoch and history.epoch) and epoch not in history.past_epochs
+        return key > (history.events[-1].key if history.events else history.floor)
+
+    async def catch_up(self, last_event_id: str, timeout: float) -> None:
+        """Wait, up to `timeout` seconds, until this node is no longer behind
+        `last_event_id`. Resetting such a client instead would send it again, after the
+        reset, the events between where this node is and where the client is."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.behind(last_event_id) and loop.time() < deadline:
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._catching_up.append(waiter)
+            try:
+                await asyncio.wait_for(waiter, deadline - loop.time())
+            except TimeoutError:
+                return
+
+    def _wake_catching_up(self) -> None:
+        waiters, self._catching_up = self._catching_up, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     # -- streams --------------------------------------------------------------------------
 
@@ -255,11 +315,10 @@ class Hub:
         start_id = history.last_id
         if last_event_id:
             replay_from = history.resume_seq(last_event_id)
-            key = parse_id(last_event_id)
-            if replay_from is None or key is None:
+            if replay_from is None:
                 reset = self._reset_frame(last_event_id, history.last_id)
             else:
-                start_id = f"{key[0]}-{key[1]}"
+                start_id = last_event_id.strip(" \t")  # a position the history holds
         opening = b"retry: %d\nid: %s\n: hub stream open\n\n" % (
             int(self.config.retry * 1000),
             start_id.encode(),
@@ -332,7 +391,15 @@ class Hub:
         for sub in [s for s in self.registry.all if s.exp <= now]:
             self.end(sub, Reason.EXPIRED)
         self.flusher.tick()
-        horizon = (now - self.config.revoke_ttl) * 1000
-        for key in [k for k, at in self.revoked.items() if at < horizon]:
-            del self.revoked[key]
+        self._expire_revocations((now - self.config.revoke_ttl) * 1000)
         self._schedule_tick()
+
+    def _expire_revocations(self, horizon: float) -> None:
+        """Forget the logouts older than `horizon` (ms) from the front of the table, at most
+        EXPIRIES_PER_TICK of them: the rest go on the next ticks, and no tick stalls the loop
+        (a logout behind a newer one, from another node's clock, waits for it)."""
+        revoked = self.revoked
+        for _ in range(min(EXPIRIES_PER_TICK, len(revoked))):
+            if revoked[next(iter(revoked))] >= horizon:
+                break
+            revoked.popitem(last=False)

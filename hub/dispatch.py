@@ -120,7 +120,10 @@ def filter_log(query: Mapping[str, Sequence[str]]) -> EventFilter | None:
     def accepts(event: Event) -> bool:
         # What a publisher sent, read once per stream: only a short string is a level or a
         # service (str() of a large value would cost per stream; a dict in a set raises).
-        data = event.data if type(event.data) is dict else {}
+        # `data` is read once: in the history it is decoded on demand (hub.message).
+        data = event.data
+        if type(data) is not dict:
+            data = {}
         name = data.get("level", "info")
         level = LOG_LEVELS.get(name.lower(), 0) if type(name) is str and len(name) <= 8 else 0
         if level < min_level:

@@ -11,6 +11,7 @@ import re
 import struct
 import sys
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import ujson
@@ -19,7 +20,9 @@ if TYPE_CHECKING:
     from hub.dispatch import Route
 
 __all__ = [
+    "DECODED_BYTES",
     "FRAME_HEADER",
+    "UNDECODED",
     "Event",
     "ParseError",
     "Rejected",
@@ -194,12 +197,46 @@ def _ujson_error(text: str) -> str:
     return ""
 
 
-_UNDECODED = object()
+# An Event's `_data` while it is not decoded: another node's event (Event.restore), or one in
+# the history (History.append drops the decoded data; Event.data decodes it again if asked).
+UNDECODED = object()
+# Bytes of bodies whose `data` is kept decoded after a reader asked for it (Event.data): the
+# filtered streams of a flush pass read the same few events, and decode each once.
+DECODED_BYTES = 1024 * 1024
+
+
+class _Decoded:
+    """The events whose `data` was decoded from their body on demand, oldest first: past
+    `limit` bytes of their bodies, the oldest forget it again (a later read decodes it
+    anew). This bounds what reading the history brings back into memory: it holds events
+    without their decoded data (hub.history), which can take 25 times their body's size."""
+
+    __slots__ = ("events", "limit", "size")
+
+    def __init__(self, limit: int) -> None:
+        self.events: deque[Event] = deque()
+        self.limit = limit
+        self.size = 0
+
+    def keep(self, event: Event, data: Any) -> None:
+        event._data = data
+        self.events.append(event)
+        self.size += len(event.body)
+        while self.size > self.limit:
+            old = self.events.popleft()
+            old._data = UNDECODED
+            self.size -= len(old.body)
+
+
+_decoded = _Decoded(DECODED_BYTES)
 
 
 class Event:
     """One published event. `body` is the JSON a stream's `data:` line carries; `frame` is
-    the whole SSE frame, set once the broker has given the event its id."""
+    the whole SSE frame, set once the broker has given the event its id. The decoded `data`
+    is kept until the event enters the history (History.append drops it); after that it is
+    decoded from `body` when a filter asks, and kept for the next readers within
+    DECODED_BYTES."""
 
     __slots__ = (
         "_data",
@@ -247,14 +284,14 @@ class Event:
         cls, type: int, name: str, user: str | None, ts: int, body: str, accepted: float = 0.0
     ) -> Event:
         """An event another node published, from what the broker carried: its body is
-        already encoded, and its `data` is decoded from it only if a filter asks."""
+        already encoded, and its `data` is decoded from it only if a filter asks (Event.data)."""
         event = cls.__new__(cls)
         event.type = type
         event.name = name
         event.user = user
         event.ts = ts
         event.body = body
-        event._data = _UNDECODED
+        event._data = UNDECODED
         event.id = ""
         event.key = (0, 0)
         event.frame = b""
@@ -266,15 +303,17 @@ class Event:
     @property
     def data(self) -> Any:
         data = self._data
-        if data is _UNDECODED:
-            data = self._data = ujson.loads(self.body)["data"]
+        if data is UNDECODED:
+            data = ujson.loads(self.body)["data"]
+            _decoded.keep(self, data)
         return data
 
-    def assign_id(self, ms: int, seq: int) -> None:
-        """Set the id `<ms>-<seq>` and encode the frame. Neither the id (digits) nor the name
-        (from the dispatch table) can hold a line break, and the body is ujson output, which
-        escapes every control character: the frame is safe without encode_frame's checks."""
-        self.id = event_id = f"{ms}-{seq}"
+    def assign_id(self, ms: int, seq: int, epoch: str = "") -> None:
+        """Set the id `<ms>-<seq>` (`<ms>-<seq>-<epoch>` with an epoch) and encode the frame.
+        Neither the id (digits, and an epoch of letters and digits) nor the name (from the
+        dispatch table) can hold a line break, and the body is ujson output, which escapes
+        every control character: the frame is safe without encode_frame's checks."""
+        self.id = event_id = f"{ms}-{seq}-{epoch}" if epoch else f"{ms}-{seq}"
         self.key = (ms, seq)
         self.frame = f"id: {event_id}\nevent: {self.name}\ndata: {self.body}\n\n".encode()
 

@@ -139,6 +139,14 @@ class Metrics:
             registry=self.registry,
         )
         history_bytes.set_function(lambda: hub.history.size)
+        revocations = Gauge(
+            "hub_revocations",
+            "Logouts remembered, refusing the tokens issued before them (at most "
+            "--max-revocations).",
+            registry=self.registry,
+        )
+        revocations.set_function(lambda: len(hub.revoked))
+        self.registry.register(_RevocationsDropped(hub))
         Info("hub_broker", "The broker in use.", registry=self.registry).info(
             {"broker": type(hub.broker).__name__.removesuffix("Broker").lower()}
         )
@@ -179,6 +187,7 @@ class Metrics:
             self.tickets_rejected.labels(reason)
         broker = hub.broker
         self.registry.register(_Evicted(lambda: getattr(broker, "tickets_evicted", 0)))
+        self.registry.register(_Feed(broker))
 
     def _limit_metrics(self, hub: Hub) -> None:
         """Publishes refused by a publisher limit, and the rate buckets held."""
@@ -217,6 +226,19 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+class _RevocationsDropped(Collector):
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "hub_revocations_dropped",
+            "Logouts forgotten before --revoke-ttl because --max-revocations were remembered "
+            "(the oldest first): tokens issued before them work again until their exp.",
+            value=self.hub.revocations_dropped,
+        )
+
+
 class _Evicted(Collector):
     def __init__(self, read: Callable[[], int]) -> None:
         self.read = read
@@ -227,6 +249,39 @@ class _Evicted(Collector):
             "Live tickets the memory broker pushed out to stay within its cap (65,536): a "
             "flood of POST /tickets. Always 0 with Redis, which expires them itself.",
             value=self.read(),
+        )
+
+
+# Why a node told its streams to reset (hub.redis_broker): its feed skipped entries Redis no
+# longer kept; Redis lost the history; Redis went back behind what the node knew was stored;
+# another node started a new epoch; an entry could not be read.
+RESET_CAUSES = ("trimmed", "lost", "rollback", "epoch", "unreadable")
+
+
+class _Feed(Collector):
+    """What the broker's feed reports: 0 for the memory broker, which has no feed."""
+
+    def __init__(self, broker: object) -> None:
+        self.broker = broker
+
+    def collect(self) -> Iterator[Metric]:
+        resets = getattr(self.broker, "resets", {})
+        family = CounterMetricFamily(
+            "hub_broker_resets",
+            "Times this node told all its streams to reset because the shared order broke, "
+            "by cause (trimmed: behind what Redis keeps; lost: Redis lost the history; "
+            "rollback: Redis went back behind what this node knew was stored; epoch: another "
+            "node started a new epoch; unreadable: an entry this node could not read).",
+            labels=["cause"],
+        )
+        for cause in RESET_CAUSES:
+            family.add_metric([cause], resets.get(cause, 0))
+        yield family
+        yield CounterMetricFamily(
+            "hub_broker_feed_errors",
+            "Entries of the shared stream this node could not read or deliver, and failures "
+            "of its feed that it recovered from (each logged).",
+            value=getattr(self.broker, "feed_errors", 0),
         )
 
 

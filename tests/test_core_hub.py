@@ -17,7 +17,7 @@ from hub.core import Hub
 from hub.decode import decode_json
 from hub.dispatch import DEFAULT_TYPES, Kind, Route
 from hub.flusher import WINDOW
-from hub.history import History, event_cost, parse_id
+from hub.history import History, event_cost, parse_id, parse_position
 from hub.message import Event
 from hub.registry import Reason, Registry, Subscriber
 
@@ -81,6 +81,39 @@ def test_history_replays_after_an_id_and_refuses_what_it_no_longer_holds():
     assert history.last_id == "100-8"
 
 
+def test_history_resumes_only_from_an_id_it_holds_in_its_epoch():
+    history = History(limit=10, limit_bytes=1 << 20, floor=(100, 0), epoch="e1")
+    for n in (2, 4, 6):  # ids 100-2, 100-4, 100-6 of epoch e1
+        event = make_event(n)
+        event.assign_id(100, n, "e1")
+        history.append(event)
+    assert [e.id for e in history.since("100-2-e1") or []] == ["100-4-e1", "100-6-e1"]
+    assert history.since("100-0-e1") is not None  # the floor
+    assert history.since("100-3-e1") is None  # between two events: not an event it holds
+    assert history.since("100-7-e1") is None  # newer than the newest
+    assert history.since("100-4-e0") is None  # the same offset in another epoch
+    assert history.since("100-4") is None
+    history.clear((200, 0), "e2")
+    assert history.past_epochs[-1] == "e1" and history.last_id == "200-0-e2"
+    assert history.since("200-0-e2") == []
+
+
+def test_a_node_is_behind_a_client_ahead_of_it_in_its_epoch_or_in_one_it_has_not_met():
+    async def scenario() -> None:
+        hub = Hub(config())
+        assert not hub.behind("9999999999999-0-e1")  # the memory broker has no epochs
+        hub.resync("100-5-e1")
+        assert hub.behind("100-6-e1")
+        assert not hub.behind("100-5-e1") and not hub.behind("99-0-e1")
+        assert hub.behind("1-0-e0")  # an epoch it has not met: maybe a newer one
+        assert not hub.behind("1-0") and not hub.behind("junk")
+        hub.resync("200-0-e2")
+        assert not hub.behind("100-6-e1")  # an epoch it left
+        await hub.stop()
+
+    run(scenario)
+
+
 def test_history_is_bounded_by_bytes_too():
     history = History(limit=1000, limit_bytes=3000, floor=(100, 0))
     for n in range(1, 200):
@@ -92,7 +125,10 @@ def test_history_is_bounded_by_bytes_too():
 def test_ids_from_clients_parse_strictly_or_not_at_all():
     assert parse_id("12-3") == (12, 3)
     assert parse_id(" 12-3 ") == (12, 3)
-    for bad in ["²-1", "①-1", "1-²", "١٢-3", "12-", "-3", "12-3-4", "1" * 21 + "-1", "", "a-b"]:
+    assert parse_position("12-3-e4") == ((12, 3), "e4")
+    assert parse_position("12-3") == ((12, 3), "")
+    bad_ids = ["²-1", "①-1", "1-²", "١٢-3", "12-", "-3", "12-3-", "12-3-E", "12-3-4-5"]
+    for bad in [*bad_ids, "12-3-" + "a" * 17, "1" * 21 + "-1", "", "a-b"]:
         assert parse_id(bad) is None, bad
     assert parse_id("1" * 30 + "-" + "2" * 30) is None  # over the length bound before parsing
 

@@ -19,7 +19,7 @@ from sse import SSEEvent, _EventParser
 from hub.auth import AuthError, Verifier
 from hub.decode import decode_frames, decode_json, decode_ndjson
 from hub.dispatch import DEFAULT_TYPES
-from hub.history import parse_id
+from hub.history import format_id, parse_id, parse_position
 from hub.message import ParseError, Rejected
 from hub.query import MAX_TOPIC_LENGTH, MAX_TOPICS, QueryError, parse_topics
 
@@ -120,11 +120,23 @@ def test_a_frame_reads_back_through_a_whatwg_parser_as_exactly_one_event(data, u
 
 @FAST
 @given(st.text(max_size=60))
-def test_parse_id_takes_only_ascii_digit_pairs_and_never_raises(text):
-    key = parse_id(text)
-    if key is not None:
-        assert re.fullmatch(r"[0-9]{1,20}-[0-9]{1,20}", text.strip(" \t"))
-        assert key == tuple(int(part) for part in text.strip(" \t").split("-"))
+def test_parse_id_takes_only_ascii_digit_pairs_and_an_epoch_and_never_raises(text):
+    position = parse_position(text)
+    assert parse_id(text) == (None if position is None else position[0])
+    if position is not None:
+        assert re.fullmatch(r"[0-9]{1,20}-[0-9]{1,20}(-[0-9a-z]{1,16})?", text.strip(" \t"))
+        parts = text.strip(" \t").split("-")
+        assert position == ((int(parts[0]), int(parts[1])), parts[2] if len(parts) == 3 else "")
+
+
+@FAST
+@given(
+    st.integers(0, 10**20 - 1),
+    st.integers(0, 10**20 - 1),
+    st.text("0123456789abcdefghijklmnopqrstuvwxyz", max_size=16),
+)
+def test_every_position_the_hub_writes_parses_back(ms, seq, epoch):
+    assert parse_position(format_id((ms, seq), epoch)) == ((ms, seq), epoch)
 
 
 @FAST

@@ -73,6 +73,12 @@ def key(event_id: str) -> tuple[int, int]:
     return parsed
 
 
+def sid(event_id: str) -> str:
+    """The stream entry id in an event id (`<ms>-<seq>-<epoch>`)."""
+    ms, seq = key(event_id)
+    return f"{ms}-{seq}"
+
+
 class Redis:
     """The test's own async client on the target (closed by `async with`)."""
 
@@ -111,9 +117,9 @@ def test_ids_are_consecutive_in_a_batch_one_entry_each_and_increase_across_batch
             async with Redis(redis_url) as r:
                 # one entry per batch, named by its last event, each naming the one before
                 assert await r.entries() == [
-                    (first[-1], "0-0"),
-                    (second[-1], first[-1]),
-                    (third[-1], second[-1]),
+                    (sid(first[-1]), "0-0"),
+                    (sid(second[-1]), sid(first[-1])),
+                    (sid(third[-1]), sid(second[-1])),
                 ]
             # the publishing node delivers its own events through the feed, with those ids
             await until(lambda: len(peer.events()) == 6, what="6 events on the stream")
@@ -181,7 +187,10 @@ def test_a_publish_redis_cannot_take_is_refused_whole_and_the_hub_recovers(
             assert b"lost-" not in bytes(peer.received)
             async with Redis(target) as r:
                 # nothing of the refused batch is stored: two entries, and they follow on
-                assert await r.entries() == [(before[-1], "0-0"), (after[-1], before[-1])]
+                assert await r.entries() == [
+                    (sid(before[-1]), "0-0"),
+                    (sid(after[-1]), sid(before[-1])),
+                ]
         finally:
             peer.shutdown()
             await hub.stop()
@@ -240,8 +249,8 @@ def test_a_follower_that_missed_entries_resyncs_and_its_streams_get_reset(redis_
                 if gap == "trimmed":
                     # keep the last entry only: exactly, not to a macro node's bound
                     kept = await publish(publisher, broadcasts("k1", "k2"))
-                    await r.client.xtrim(r.stream, minid=kept[-1], approximate=False)
-                    assert [e for e, _ in await r.entries()] == [kept[-1]]
+                    await r.client.xtrim(r.stream, minid=sid(kept[-1]), approximate=False)
+                    assert [e for e, _ in await r.entries()] == [sid(kept[-1])]
                 else:
                     await r.client.delete(r.stream)
                     kept = await publish(publisher, broadcasts("k1", "k2"))

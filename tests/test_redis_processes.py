@@ -25,6 +25,8 @@ from browser_support import SECRET, HubProcess, http_json, wait_until
 from redis_support import PrivateRedis, RedisTarget
 from sse import SSEClient, SSEEvent, http_request, wait_for
 
+from hub.history import parse_id
+
 redis_url = redis_support.redis_url
 private_redis = redis_support.private_redis
 
@@ -148,8 +150,9 @@ def ids_of(events: list[SSEEvent]) -> list[str]:
 
 
 def key(event_id: str) -> tuple[int, int]:
-    ms, _, seq = event_id.partition("-")
-    return int(ms), int(seq)
+    position = parse_id(event_id)
+    assert position is not None, event_id
+    return position
 
 
 def test_a_publish_reaches_the_other_hub_and_a_client_resumes_there_exactly(redis_url, hubs):

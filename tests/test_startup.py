@@ -111,6 +111,11 @@ def test_a_busy_internal_or_metrics_port_is_one_line_and_exit_1(start_hub, busy_
         (["--static-dir", __file__], "not a directory"),
         (["--broker", "redis://localhost:sixthousand/0"], "is not a Redis URL: Port could not"),
         (["--broker", "postgres://db"], "--broker must be memory or a Redis URL"),
+        (["--broker", "postgres://me:pw@db/x"], "not 'postgres://***@db/x'"),  # no password
+        (
+            ["--broker", "redis+sentinel://:pw@127.0.0.1:26379"],
+            "'redis+sentinel://:***@127.0.0.1:26379' is not a Sentinel URL",
+        ),
         (["--trusted-proxies", "10.0.0.0/8,proxy.lan"], "'proxy.lan' is not an IP address or"),
         (["--shutdown-timeout", "nan"], "--shutdown-timeout must be a finite number"),
     ],

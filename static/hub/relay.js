@@ -30,7 +30,7 @@ export const MESSAGES = Object.freeze({
  * @typedef {{[K in MessageKind]: (message: Extract<Message, {t: K}>) => void}} Handlers
  */
 
-const RECENT_IDS = 2048; // ids that do not sort (not "<ms>-<seq>") are deduplicated by a set
+const RECENT_IDS = 2048; // ids that do not sort (not "<ms>-<seq>[-<epoch>]") are deduplicated by a set
 
 /** The channel of one shared stream. */
 export class Relay {
@@ -92,7 +92,9 @@ export class Dedupe {
     }
     if (key) {
       const last = this._lastKey;
-      if (last && (key[0] < last[0] || (key[0] === last[0] && key[1] <= last[1]))) return false;
+      if (last && key[2] === last[2]) {
+        if (key[0] < last[0] || (key[0] === last[0] && key[1] <= last[1])) return false;
+      }
       this._lastKey = key;
     } else {
       if (this._recent.has(id)) return false;

@@ -34,11 +34,13 @@ export function tokenClaims(token) {
 }
 
 /**
- * "<ms>-<seq>" -> [ms, seq]: the hub's ids (and Redis stream ids) sort by these numbers.
+ * "<ms>-<seq>[-<epoch>]" -> [ms, seq, epoch]: the hub's ids sort by these numbers within one
+ * epoch ("" for the memory broker's ids); ids of different epochs do not compare (after Redis
+ * lost or rolled back data, a new epoch may start at lower numbers).
  * @param {string} id
- * @returns {[number, number] | null}
+ * @returns {[number, number, string] | null}
  */
 export function parseId(id) {
-  const m = /^(\d+)-(\d+)$/.exec(id);
-  return m ? [Number(m[1]), Number(m[2])] : null;
+  const m = /^(\d+)-(\d+)(?:-([0-9a-z]{1,16}))?$/.exec(id);
+  return m ? [Number(m[1]), Number(m[2]), m[3] || ""] : null;
 }
