@@ -381,14 +381,19 @@ async def flushall(ctx: Ctx) -> str:
     return "FLUSHALL"
 
 
+async def lasting(seconds: float, undo: Callable[[], None]) -> None:
+    """A fault's duration, then `undo`, whatever happens meanwhile."""
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        undo()
+
+
 async def redis_sigstop(ctx: Ctx) -> str:
     server = ctx.system.server()
     stalled = 6.0 if ctx.short else ctx.rng.uniform(5.0, 20.0)
     server.pause()
-    try:
-        await asyncio.sleep(stalled)  # the fault's duration
-    finally:
-        server.resume()
+    await lasting(stalled, server.resume)
     return f"Redis SIGSTOP {stalled:.1f} s"
 
 
@@ -408,10 +413,7 @@ async def partition(ctx: Ctx) -> str:
         raise Unavailable("no proxy in this system")
     cut = 6.0 if ctx.short else ctx.rng.uniform(6.0, 12.0)
     proxy.block()
-    try:
-        await asyncio.sleep(cut)  # the fault's duration
-    finally:
-        proxy.heal()
+    await lasting(cut, proxy.heal)
     return f"node 2 cut off from Redis {cut:.1f} s"
 
 
