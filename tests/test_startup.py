@@ -1,10 +1,13 @@
 """Starting the hub: `make run PORT=...`, every start-up error in one line, `hub --help` and
-the README's Configuration table saying the same, and --trusted-proxies, on real processes."""
+the README's Configuration table saying what hub.config declares, operator text (numbers,
+sizes, booleans) parsed the same from flags, variables and Python, and --trusted-proxies, on
+real processes."""
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import ipaddress
+import math
 import os
 import re
 import socket
@@ -17,13 +20,24 @@ from pathlib import Path
 import jwt
 import pytest
 from browser_support import free_port, wait_until
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_process import HUB, SECRET, healthy, start_hub  # noqa: F401 (start_hub: a fixture)
 from tornado.httputil import HTTPHeaders
 
 from handlers.server import MAX_FORWARDED_HOPS, client_address
-from hub.config import HELP, Config
+from hub.config import (
+    SETTINGS,
+    SIZE_UNITS,
+    Config,
+    ConfigError,
+    Setting,
+    help_line,
+    parse_bool,
+    parse_config,
+    shown_size,
+    size,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -126,41 +140,58 @@ def test_a_bad_setting_is_one_line_and_exit_2(start_hub, args, says):  # noqa: F
     assert says in line
 
 
-def test_a_bad_value_in_a_variable_is_one_line_too(start_hub):  # noqa: F811
-    proc = start_hub(env={"HUB_JWT_SECRET": SECRET, "HUB_LOG_LEVEL": "verbose"})
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        (
+            {"HUB_LOG_LEVEL": "verbose"},
+            "--log-level must be one of debug, info, warning, error, critical, not 'verbose'",
+        ),
+        # read as false, it would quietly turn off what the operator meant to turn on
+        ({"HUB_DEMO": "ture"}, "HUB_DEMO must be true or false (or 1/0, yes/no), not 'ture'"),
+        ({"HUB_MAX_BODY": "2 MB"}, "HUB_MAX_BODY='2 MB' is not a valid value (bytes: a whole"),
+    ],
+)
+def test_a_bad_value_in_a_variable_is_one_line_too(start_hub, env, says):  # noqa: F811
+    proc = start_hub(env={"HUB_JWT_SECRET": SECRET, **env})
     out, _ = proc.communicate(timeout=20)
     assert proc.returncode == 2 and "Traceback" not in out
-    assert out.strip() == (
-        "hub: error: --log-level must be one of debug, info, warning, error, critical, "
-        "not 'verbose'"
-    )
+    assert out.strip().startswith(f"hub: error: {says}") and "\n" not in out.strip()
 
 
-# hub --help and the README's Configuration table
+# hub --help and the README's Configuration table, from hub.config's declarations
 
 
 @pytest.fixture(scope="module")
-def help_text() -> str:
+def help_entries() -> list[str]:
+    """`hub --help` of a real process, one string per option (argparse puts a long flag's
+    help on the next line) and for the text after them."""
     out = subprocess.run(
-        [*HUB, "--help"], capture_output=True, text=True, check=True, timeout=20
+        [*HUB, "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=20,
+        env={**os.environ, "COLUMNS": "1000"},
     ).stdout
-    return " ".join(out.split())  # argparse wraps lines
+    entries: list[str] = []
+    for line in out.splitlines():
+        if re.match(r"  -", line) or not entries or not line.startswith("    "):
+            entries.append(line.strip())
+        else:
+            entries[-1] += " " + line.strip()
+    return entries
 
 
-SETTINGS = [f for f in dataclasses.fields(Config)]
-FLAGGED = [f for f in SETTINGS if f.name != "jwt_secret"]
+FLAGGED = [s for s in SETTINGS if s.flag is not None]
 
 
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def readme_defaults() -> dict[str, str]:
-    """The Configuration table: {flag or variable: default cell}, a row of two flags
-    (`--host`, `--port` | 127.0.0.1, 8080) giving each its own."""
+def readme_rows() -> dict[str, tuple[str, str]]:
+    """The Configuration table: {flag or variable: (default cell, meaning cell)}, a row of two
+    flags (`--host`, `--port` | 127.0.0.1, 8080) giving each its own default."""
     text = (ROOT / "README.md").read_text()
     section = text.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
-    rows: dict[str, str] = {}
+    rows: dict[str, tuple[str, str]] = {}
     for line in section.splitlines():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
         if len(cells) < 3 or not cells[0].startswith("`"):
@@ -170,49 +201,202 @@ def readme_defaults() -> dict[str, str]:
         assert len(names) == len(defaults), line
         for name, default in zip(names, defaults, strict=True):
             assert name not in rows, f"{name} is in the table twice"
-            rows[name] = default
+            rows[name] = (default, cells[2])
     return rows
 
 
-def as_value(text: str) -> object:
-    """A default as the README writes it ("64 MiB", "none", "off", "0.005") as a value."""
-    units = {"KiB": 1024, "MiB": 1024 * 1024}
-    if text in ("none", "off"):
-        return {"none": None, "off": False}[text]
-    number, _, unit = text.partition(" ")
-    if unit in units:
-        return int(number) * units[unit]
-    try:
-        return float(number)
-    except ValueError:
-        return text
+def test_every_setting_is_a_declared_field_of_config():
+    assert [s.name for s in SETTINGS] == list(Config.__dataclass_fields__)
+    assert Config() == Config(**{s.name: s.default for s in SETTINGS})  # type: ignore[arg-type]
 
 
-def test_every_setting_has_help_that_says_its_variable_and_default(help_text):
-    assert set(HELP) == {f.name for f in SETTINGS}
-    for field in FLAGGED:
-        var = "HUB_" + field.name.upper()
-        shown = re.search(
-            rf"{flag(field.name)}(?: [A-Z_]+)? .+? \(\${var}; default: ([^)]*)\)", help_text
-        )
-        assert shown, f"{flag(field.name)} has no help with its variable and default"
-        assert as_value(shown.group(1)) == as_value(str(field.default)) or (
-            shown.group(1) == {None: "none", False: "off"}.get(field.default)  # type: ignore[call-overload]
-        ), (field.name, shown.group(1))
+@pytest.mark.parametrize("setting", FLAGGED, ids=lambda s: s.name)
+def test_help_says_each_flag_its_values_variable_and_default(help_entries, setting: Setting):
+    (line,) = [line for line in help_entries if re.match(rf"{setting.flag}\b(?!-)", line)]
+    assert line.endswith(help_line(setting)), line
+    assert f"(${setting.var}" in line and f"default: {setting.shown_default})" in line
+    assert setting.bounds in line
+
+
+def test_help_names_the_variable_only_settings_too(help_entries):
+    text = " ".join(" ".join(help_entries).split())
+    for setting in SETTINGS:
+        if setting.flag is None:
+            assert f"{setting.var}: {setting.help}" in text
 
 
 def test_the_readme_table_lists_every_setting_with_the_default_of_the_code():
-    table = readme_defaults()
-    names = {("HUB_JWT_SECRET" if f.name == "jwt_secret" else flag(f.name)): f for f in SETTINGS}
+    table = readme_rows()
+    names = {s.label: s for s in SETTINGS}
     assert set(table) == set(names), (
         f"only in the README: {sorted(set(table) - set(names))}; "
         f"only in the code: {sorted(set(names) - set(table))}"
     )
-    for name, field in names.items():
-        expected = field.default
-        if isinstance(expected, int | float) and not isinstance(expected, bool):
-            expected = float(expected)
-        assert as_value(table[name]) == expected, (name, table[name], field.default)
+    for name, setting in names.items():
+        assert table[name][0] == setting.shown_default, (name, table[name][0])
+
+
+@pytest.mark.parametrize("unit", ["seconds", "bytes"])
+def test_the_readme_and_help_say_the_unit_of_every_duration_and_size(unit):
+    table = readme_rows()
+    for setting in SETTINGS:
+        if setting.unit == unit:
+            assert unit in setting.help, setting.name
+            assert unit in table[setting.label][1], setting.label
+
+
+# Each setting's bounds, from its declaration alike from Python, flags and variables
+
+
+def outside_and_inside(setting: Setting) -> tuple[float, float] | None:
+    """A value just outside the setting's bounds and one on them, or None if it has none."""
+    if setting.positive:
+        return 0, 0.001
+    if setting.at_least is not None:
+        return setting.at_least - 1, setting.at_least
+    return None
+
+
+BOUNDED = [s for s in SETTINGS if outside_and_inside(s) is not None]
+
+
+@pytest.mark.parametrize("setting", BOUNDED, ids=lambda s: s.name)
+def test_a_value_outside_the_declared_bounds_is_refused_with_them(setting: Setting):
+    bounds = outside_and_inside(setting)
+    assert bounds is not None
+    outside, inside = (setting.kind(v) for v in bounds)
+    with pytest.raises(ConfigError) as refused:
+        Config(**{setting.name: outside})
+    assert str(refused.value).startswith(f"{setting.label} must be {setting.bounds}, not ")
+    assert getattr(Config(**{setting.name: inside}), setting.name) == inside
+    if setting.at_most is not None:
+        with pytest.raises(ConfigError, match=re.escape(f"must be {setting.bounds}, not ")):
+            Config(**{setting.name: setting.kind(setting.at_most + 1)})
+    says = re.escape(f"{setting.label} must be {setting.bounds}, not ")
+    with pytest.raises(ConfigError, match=says):
+        parse_config([f"{setting.flag}={outside}"], {})
+    with pytest.raises(ConfigError, match=says):
+        parse_config([], {setting.var: str(outside)})
+
+
+@pytest.mark.parametrize("setting", [s for s in SETTINGS if s.choices], ids=lambda s: s.name)
+def test_a_value_outside_the_declared_choices_is_refused_with_them(setting: Setting):
+    says = re.escape(f"{setting.label} must be {setting.bounds}, not 'x'")
+    with pytest.raises(ConfigError, match=says):
+        Config(**{setting.name: "x"})
+    for choice in setting.choices:
+        given = choice.upper() if setting.ignore_case else choice
+        try:
+            assert getattr(parse_config([], {setting.var: given}), setting.name) == given
+        except ConfigError as refused:  # another check's: RS256 needs --jwt-public-key
+            assert "must be" not in str(refused)
+
+
+def test_a_value_of_the_wrong_type_from_python_is_refused():
+    with pytest.raises(ConfigError, match="--port must be int, not str"):
+        Config(port="8080")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="--demo must be bool, not int"):
+        Config(demo=1)  # type: ignore[arg-type]
+    assert Config(ticket_ttl=12).ticket_ttl == 12  # an int is a number of seconds too
+
+
+# Operator text: booleans, sizes and numbers
+
+
+# parse_config builds its argparse parser each call: a few ms, far more on a loaded machine
+PARSES = settings(deadline=None)
+
+
+@PARSES
+@given(st.text(max_size=12))
+def test_an_environment_boolean_is_one_of_six_words_or_refused(text):
+    word = text.strip().lower()
+    if word in ("true", "1", "yes", "false", "0", "no"):
+        assert parse_bool(text) is (word in ("true", "1", "yes"))
+    else:
+        with pytest.raises(ValueError):
+            parse_bool(text)
+    try:
+        demo = parse_config([], {"HUB_DEMO": text}).demo
+    except ConfigError as refused:
+        assert str(refused) == f"HUB_DEMO must be true or false (or 1/0, yes/no), not {text!r}"
+    else:
+        assert demo is (word in ("true", "1", "yes"))  # "" is unset: the default, off
+
+
+@given(
+    word=st.sampled_from(["true", "false", "1", "0", "yes", "no"]),
+    upper=st.lists(st.booleans(), min_size=5, max_size=5),
+)
+def test_an_environment_boolean_is_read_in_any_case(word, upper):
+    mixed = "".join(c.upper() if up else c for c, up in zip(word, upper, strict=False))
+    assert parse_bool(f" {mixed} ") is (word in ("true", "1", "yes"))
+
+
+@given(
+    n=st.integers(-(2**40), 2**40),
+    unit=st.sampled_from(sorted(SIZE_UNITS)),
+    gap=st.sampled_from(["", " "]),
+)
+def test_a_size_is_bytes_or_a_whole_number_of_binary_units(n, unit, gap):
+    assert size(str(n)) == n
+    assert size(f"{n}{gap}{unit}") == n * SIZE_UNITS[unit]
+    assert size(f"{n}{gap}{unit.lower()}") == n * SIZE_UNITS[unit]
+    assert size(shown_size(n)) == n  # what --help and the README show parses back
+
+
+@given(st.text(max_size=16))
+def test_any_text_is_a_size_or_a_value_error(text):
+    with contextlib.suppress(ValueError):
+        assert isinstance(size(text), int)
+
+
+NUMBERS = [s for s in SETTINGS if s.kind in (int, float)]
+
+
+def same_outcome(make, name: str, value: object) -> None:
+    """`make()` (from operator text) does what Config(name=value) does from Python."""
+    try:
+        expected: object = getattr(Config(**{name: value}), name)
+    except ConfigError as refused:
+        expected = str(refused)
+    try:
+        got: object = getattr(make(), name)
+    except ConfigError as refused:
+        got = str(refused)
+    if isinstance(expected, float) and math.isnan(expected):  # pragma: no cover (refused)
+        assert isinstance(got, float) and math.isnan(got)
+    else:
+        assert got == expected, (name, value)
+
+
+@PARSES
+@given(data=st.data())
+def test_a_number_from_a_flag_or_a_variable_is_the_number_from_python(data):
+    setting = data.draw(st.sampled_from(NUMBERS), label="setting")
+    if setting.kind is int:
+        value: float = data.draw(st.integers(-(2**20), 2**32), label="value")
+    else:
+        value = data.draw(st.floats(), label="value")
+    text = repr(value)
+    same_outcome(lambda: parse_config([], {setting.var: text}), setting.name, value)
+    same_outcome(lambda: parse_config([f"{setting.flag}={text}"], {}), setting.name, value)
+    if setting.unit == "bytes":
+        unit = data.draw(st.sampled_from(sorted(SIZE_UNITS)), label="unit")
+        scaled = f"{value} {unit}"
+        big = value * SIZE_UNITS[unit]
+        same_outcome(lambda: parse_config([], {setting.var: scaled}), setting.name, big)
+
+
+@PARSES
+@given(data=st.data())
+def test_any_text_in_a_number_variable_is_taken_or_refused_in_one_line(data):
+    setting = data.draw(st.sampled_from(NUMBERS), label="setting")
+    text = data.draw(st.text(max_size=12), label="text")
+    try:
+        parse_config([], {setting.var: text})
+    except ConfigError as refused:
+        assert "\n" not in str(refused) and str(refused).startswith((setting.var, setting.label))
 
 
 # --trusted-proxies
