@@ -35,6 +35,7 @@ from handlers.publish import PublishHandler
 from handlers.server import BodyDeadlines, HubApplication, accept_within
 from handlers.stream import EventsHandler
 from handlers.tickets import TicketsHandler
+from handlers.tornado_internals import open_connections
 from handlers.workers import CannotStart, supervise
 from hub.auth import Verifier
 from hub.broker import BrokerMisconfigured
@@ -246,7 +247,7 @@ async def serve(config: Config, worker: int | None = None) -> None:
         def count_open() -> int:
             """Every connection holds a descriptor: streams are detached from Tornado (each a
             SocketTransport), so they are counted by the registry."""
-            return sum(len(s._connections) for s in servers) + len(hub.registry)
+            return sum(open_connections(s) for s in servers) + len(hub.registry)
 
         def paused(why: str) -> None:
             hub.metrics.accept_paused.labels(why).inc()
@@ -359,7 +360,7 @@ async def shut_down(hub: Hub, servers: list[HTTPServer], timeout: float) -> None
         "%d; publishes the broker has not answered: %d)",
         timeout,
         hub.streams_closing(),
-        sum(len(server._connections) for server in servers),
+        sum(open_connections(server) for server in servers),
         hub.publishing,
     )
     closing = asyncio.ensure_future(

@@ -12,6 +12,7 @@ from tornado.web import stream_request_body
 
 from handlers.base import HubHandler
 from handlers.server import BodyDeadlines
+from handlers.tornado_internals import response_finished
 from hub.auth import Verifier
 from hub.broker import (
     BrokerUnavailable,
@@ -120,7 +121,7 @@ class PublishHandler(HubHandler):
             self.refuse(413, f"body of {length} bytes is over the limit of {limit}", limit=limit)
 
     def data_received(self, chunk: bytes) -> None:
-        if self._finished:
+        if response_finished(self):
             return
         self.size += len(chunk)
         limit = self.hub.config.max_body

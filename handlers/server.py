@@ -3,7 +3,8 @@
 Here: the accept gate (`accept_within`), the kernel's write timeout on every connection,
 publish bodies' deadlines and byte budget (`BodyDeadlines`), and an Application that reads
 no body on a route that takes none (`HubApplication`), and the client's address behind a
-trusted reverse proxy (`client_address`).
+trusted reverse proxy (`client_address`). The private parts of Tornado these need are in
+handlers.tornado_internals.
 
 Tornado's accept loop, at the descriptor limit, gets EMFILE on every `accept()` while the
 listening socket stays readable: the loop spins at 100% CPU writing a traceback each turn (one
@@ -39,14 +40,14 @@ import ujson
 from tornado.httputil import HTTPHeaders, HTTPServerRequest
 from tornado.ioloop import IOLoop
 from tornado.tcpserver import TCPServer
-from tornado.web import (
-    Application,
-    RequestHandler,
-    _HandlerDelegate,
-    _has_stream_request_body,
-    stream_request_body,
-)
+from tornado.web import Application, RequestHandler, stream_request_body
 
+from handlers.tornado_internals import (
+    HandlerDelegate,
+    hand_over,
+    listen_through,
+    streams_its_body,
+)
 from hub.config import Network
 
 __all__ = ["BodyDeadlines", "HubApplication", "accept_within"]
@@ -84,7 +85,7 @@ class _Gate:
         fd = sock.fileno()
         self.active[fd] = sock
         self.io_loop.add_handler(sock, self._on_readable, IOLoop.READ)
-        self.server._handlers[fd] = lambda: self._remove(sock)  # server.stop() calls it
+        listen_through(self.server, sock, lambda: self._remove(sock))  # server.stop() calls it
 
     def _remove(self, sock: socket.socket) -> None:
         self.stopped = True
@@ -114,7 +115,7 @@ class _Gate:
                 raise
             if self.write_timeout_ms and USER_TIMEOUT is not None:
                 connection.setsockopt(socket.IPPROTO_TCP, USER_TIMEOUT, self.write_timeout_ms)
-            self.server._handle_connection(connection, address)  # what Tornado's loop calls
+            hand_over(self.server, connection, address)
 
     def _pause(self, sock: socket.socket, kind: str, why: str) -> None:
         fd = sock.fileno()
@@ -165,7 +166,6 @@ def accept_within(
     gate = _Gate(server, limit, count_open, on_pause, write_timeout)
     for sock in sockets:
         sock.setblocking(False)
-        server._sockets[sock.fileno()] = sock
         gate.add(sock)
 
 
@@ -247,12 +247,12 @@ class HubApplication(Application):
         target_kwargs: dict[str, Any] | None = None,
         path_args: list[bytes] | None = None,
         path_kwargs: dict[str, bytes] | None = None,
-    ) -> _HandlerDelegate:
+    ) -> HandlerDelegate:
         headers = request.headers
         proxies = self.trusted_proxies
         if proxies and request.remote_ip:
             request.remote_ip = client_address(request.remote_ip, headers, proxies)
-        if not _has_stream_request_body(target_class) and (
+        if not streams_its_body(target_class) and (
             headers.get("Content-Length", "0") != "0" or "Transfer-Encoding" in headers
         ):
             if target_class is not self.settings.get("default_handler_class"):
