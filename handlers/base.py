@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterable
 from http.client import responses
 from typing import Any
 
@@ -13,14 +14,73 @@ from tornado.web import HTTPError, RequestHandler
 from hub.auth import AuthError, Claims, Verifier
 from hub.core import Hub
 from hub.logs import redact
+from hub.metrics import Metrics
+from hub.refusal import Refusal, RefusalKind
 
-__all__ = ["HubHandler", "access_logger", "redact"]
+__all__ = [
+    "ANSWERS",
+    "PUBLISH_REFUSALS",
+    "STREAM_REFUSALS",
+    "TICKET_REFUSALS",
+    "HubHandler",
+    "access_logger",
+    "redact",
+]
 
 access_log = logging.getLogger("tornado.access")
 
 # An error message may quote what the client sent (a path, a field name, a topic); the quote
 # is cut where it is made, and every message again here, so no answer grows with the request.
 MAX_ERROR_LENGTH = 512
+
+# The one place where the core's refusals become HTTP: each kind's status, and whether the
+# answer says when to come back (Retry-After: --retry).
+ANSWERS: dict[RefusalKind, tuple[int, bool]] = {
+    RefusalKind.NOT_SYNCED: (503, True),
+    RefusalKind.CAPACITY: (503, True),
+    RefusalKind.PER_USER: (429, True),
+    RefusalKind.TOKEN_MISSING: (401, False),
+    RefusalKind.TOKEN_INVALID: (401, False),
+    RefusalKind.TOKEN_EXPIRED: (401, False),
+    RefusalKind.NOT_PUBLISHER: (403, False),
+    RefusalKind.REVOKED: (401, False),
+    RefusalKind.TICKET_MALFORMED: (401, False),
+    RefusalKind.TICKET_UNKNOWN: (401, False),
+}
+
+_TOKEN = (RefusalKind.TOKEN_MISSING, RefusalKind.TOKEN_INVALID, RefusalKind.TOKEN_EXPIRED)
+
+
+def _labels(kinds: Iterable[RefusalKind], own: Iterable[int]) -> tuple[str, ...]:
+    """The statuses a route may refuse with, as metric label values: those the table gives
+    the core's refusals it meets, and the handler's own."""
+    return tuple(sorted({str(ANSWERS[kind][0]) for kind in kinds} | {str(s) for s in own}))
+
+
+# The label values of the refusals counted by status, each exported at 0 from the start. The
+# handlers' own: 400 a malformed request, 403 a topic the token does not allow, 413/415/422 a
+# publish body, 429 the publish rate, 503 shutting down or the broker unavailable.
+PUBLISH_REFUSALS = _labels((*_TOKEN, RefusalKind.NOT_PUBLISHER), (400, 413, 415, 422, 429, 503))
+STREAM_REFUSALS = _labels(
+    (k for k in RefusalKind if k is not RefusalKind.NOT_PUBLISHER), (400, 403, 503)
+)
+TICKET_REFUSALS = _labels((*_TOKEN, RefusalKind.REVOKED), (503,))  # of POST /tickets
+
+_labelled: weakref.WeakSet[Metrics] = weakref.WeakSet()
+
+
+def label_refusals(metrics: Metrics) -> None:
+    """Export every refusal's label value at 0, once per hub (before its first answer: a
+    scrape is a request too)."""
+    if metrics in _labelled:
+        return
+    _labelled.add(metrics)
+    for status in PUBLISH_REFUSALS:
+        metrics.rejected.labels(status)
+    for status in STREAM_REFUSALS:
+        metrics.streams_refused.labels(status)
+    for status in TICKET_REFUSALS:
+        metrics.ticket_requests_refused.labels(status)
 
 
 def access_logger(success_level: int) -> Callable[[RequestHandler], None]:
@@ -58,6 +118,7 @@ class HubHandler(RequestHandler):
     def initialize(self, hub: Hub, verifier: Verifier) -> None:
         self.hub = hub
         self.verifier = verifier
+        label_refusals(hub.metrics)
 
     def cors_headers(self) -> list[tuple[str, str]]:
         """CORS for a cross-origin page (EventSource, and hub.js asking why a stream was
@@ -88,6 +149,15 @@ class HubHandler(RequestHandler):
         self.set_header("Retry-After", str(max(1, round(retry_after))))
         body = {"error": error[:MAX_ERROR_LENGTH], **extra}
         self.finish(ujson.dumps(body, escape_forward_slashes=False))
+
+    def answer_refusal(self, refusal: Refusal) -> int:
+        """Answer a refusal of the core as ANSWERS says; return its status."""
+        status, retry = ANSWERS[refusal.kind]
+        if retry:
+            self.fail_retry(status, refusal.message, self.hub.config.retry)
+        else:
+            self.fail(status, refusal.message)
+        return status
 
     def _start_error(self, status: int) -> None:
         self.clear()
@@ -120,7 +190,7 @@ class HubHandler(RequestHandler):
                 return self.verifier.verify_publisher(self.token())
             return self.verifier.verify(self.token())
         except AuthError as exc:
-            self.fail(exc.status, exc.message, **exc.extra)
+            self.answer_refusal(exc.refusal)
             return None
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:

@@ -21,6 +21,10 @@ class TicketsHandler(HubHandler):
         self.hub.metrics.ticket_requests_refused.labels(str(status)).inc()
         super().fail(status, error, **extra)
 
+    def fail_retry(self, status: int, error: str, retry_after: float, **extra: object) -> None:
+        self.hub.metrics.ticket_requests_refused.labels(str(status)).inc()
+        super().fail_retry(status, error, retry_after, **extra)
+
     def options(self) -> None:
         """CORS preflight: a page on a listed origin posts with an Authorization header,
         which a browser sends cross-origin only after the hub has agreed to it here."""
@@ -36,22 +40,21 @@ class TicketsHandler(HubHandler):
 
     async def post(self) -> None:
         if self.hub.stopping:
-            self.hub.metrics.ticket_requests_refused.labels("503").inc()
             self.fail_retry(503, "the hub is shutting down", self.hub.config.retry)
             return
         claims = self.authenticate()
         if claims is None:
             return
-        if self.hub.is_revoked(claims.user, claims.sid, claims.iat):
-            self.fail(401, "session logged out: sign in again for a new token")
+        refused = self.hub.session_refusal(claims)
+        if refused is not None:
+            self.answer_refusal(refused)
             return
         try:
             ticket, life = await self.hub.tickets.issue(claims)
         except AuthError as exc:  # the token expired meanwhile
-            self.fail(exc.status, exc.message)
+            self.answer_refusal(exc.refusal)
             return
         except BrokerUnavailable:
-            self.hub.metrics.ticket_requests_refused.labels("503").inc()
             self.fail_retry(503, "the broker cannot keep tickets now: retry", self.hub.config.retry)
             return
         for name, value in self.cors_headers():

@@ -14,6 +14,8 @@ from typing import Any
 
 import jwt
 
+from hub.refusal import Refusal, RefusalKind
+
 VERIFIED_CACHE_SIZE = 4096
 MAX_SUB_LENGTH = 256
 
@@ -21,13 +23,15 @@ __all__ = ["AuthError", "Claims", "Verifier"]
 
 
 class AuthError(Exception):
-    """Refused: status 401 (who are you?) or 403 (not allowed)."""
+    """A token refused: `refusal` says why (who are you?, or not allowed)."""
 
-    def __init__(self, status: int, message: str, **extra: Any) -> None:
+    def __init__(self, kind: RefusalKind, message: str) -> None:
         super().__init__(message)
-        self.status = status
-        self.message = message
-        self.extra = extra
+        self.refusal = Refusal(kind, message)
+
+    @property
+    def message(self) -> str:
+        return self.refusal.message
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +77,10 @@ class Verifier:
 
     def _decode(self, token: str | None) -> Claims:
         if not token:
-            raise AuthError(401, "missing token (Authorization: Bearer, ?token= or hub_token)")
+            raise AuthError(
+                RefusalKind.TOKEN_MISSING,
+                "missing token (Authorization: Bearer, ?token= or hub_token)",
+            )
         try:
             claims = jwt.decode(
                 token,
@@ -82,36 +89,45 @@ class Verifier:
                 options={"require": ["exp", "sub"]},
             )
         except jwt.ExpiredSignatureError:
-            raise AuthError(401, "token expired") from None
+            raise AuthError(RefusalKind.TOKEN_EXPIRED, "token expired") from None
         except jwt.MissingRequiredClaimError as exc:
-            raise AuthError(401, f'token lacks the required claim "{exc.claim}"') from None
+            raise AuthError(
+                RefusalKind.TOKEN_INVALID, f'token lacks the required claim "{exc.claim}"'
+            ) from None
         except jwt.InvalidAlgorithmError:
             raise AuthError(
-                401, f"token algorithm not allowed (expected {self.algorithm})"
+                RefusalKind.TOKEN_INVALID,
+                f"token algorithm not allowed (expected {self.algorithm})",
             ) from None
         except jwt.InvalidSignatureError:
-            raise AuthError(401, "token signature invalid") from None
+            raise AuthError(RefusalKind.TOKEN_INVALID, "token signature invalid") from None
         except jwt.InvalidTokenError as exc:
-            raise AuthError(401, f"token invalid: {exc}") from None
+            raise AuthError(RefusalKind.TOKEN_INVALID, f"token invalid: {exc}") from None
         sub = claims["sub"]
         if type(sub) is not str or not 0 < len(sub) <= MAX_SUB_LENGTH:
             raise AuthError(
-                401,
+                RefusalKind.TOKEN_INVALID,
                 f"token claim sub must be a non-empty string of at most {MAX_SUB_LENGTH} chars",
             )
         exp = claims["exp"]
         if type(exp) not in (int, float):
             # pyjwt takes a numeric string ("exp": "1795000000"); the RFC says NumericDate
-            raise AuthError(401, "token claim exp must be a number (NumericDate)")
+            raise AuthError(
+                RefusalKind.TOKEN_INVALID, "token claim exp must be a number (NumericDate)"
+            )
         topics = claims.get("topics", [])
         if not isinstance(topics, list) or not all(isinstance(t, str) for t in topics):
-            raise AuthError(401, "token claim topics must be a list of strings")
+            raise AuthError(
+                RefusalKind.TOKEN_INVALID, "token claim topics must be a list of strings"
+            )
         sid = claims.get("sid")
         if sid is not None and not isinstance(sid, str):
-            raise AuthError(401, "token claim sid must be a string")
+            raise AuthError(RefusalKind.TOKEN_INVALID, "token claim sid must be a string")
         iat = claims.get("iat", 0)
         if type(iat) not in (int, float):
-            raise AuthError(401, "token claim iat must be a number (NumericDate)")
+            raise AuthError(
+                RefusalKind.TOKEN_INVALID, "token claim iat must be a number (NumericDate)"
+            )
         return Claims(
             user=sub,
             exp=float(exp),
@@ -124,5 +140,8 @@ class Verifier:
     def verify_publisher(self, token: str | None) -> Claims:
         claims = self.verify(token)
         if not claims.publish:
-            raise AuthError(403, "token may not publish (it needs the claim publish: true)")
+            raise AuthError(
+                RefusalKind.NOT_PUBLISHER,
+                "token may not publish (it needs the claim publish: true)",
+            )
         return claims

@@ -57,7 +57,7 @@ class Idempotency:
 
 
 class IdempotencyConflict(Exception):
-    """An Idempotency-Key already used, within its window, for a different body (422)."""
+    """An Idempotency-Key already used, within its window, for a different body."""
 
 
 class Replayed(list[str]):
@@ -67,13 +67,13 @@ class Replayed(list[str]):
 
 class BrokerUnavailable(Exception):
     """The broker cannot take events now (stopped, or its server is unreachable): the publish
-    is refused whole (503), never half done."""
+    is refused whole, never half done."""
 
 
 class OutcomeUnknown(BrokerUnavailable):
     """The publish was sent and no answer came (the broker's server stalled or the connection
-    broke after the request left, or the hub stopped first): it may or may not be stored (503;
-    a retry under the same Idempotency-Key tells, and never publishes twice)."""
+    broke after the request left, or the hub stopped first): it may or may not be stored (a
+    retry under the same Idempotency-Key tells, and never publishes twice)."""
 
 
 class BrokerMisconfigured(Exception):

@@ -3,7 +3,7 @@ concatenated binary frames. A body is taken whole or not at all: the first bad e
 rejects the batch, so nothing partial is ever delivered.
 
 Limits (--max-batch, --max-event-bytes) are `max_events` and `max_event_bytes` (0 = none),
-refused with TooLarge (a 413). NDJSON and binary frames count events as they read them and
+refused with TooLarge. NDJSON and binary frames count events as they read them and
 stop at the first one past `max_events`, before building it; a JSON array is parsed whole by
 ujson first (a body is at most --max-body, so that costs at most one parse of it) and
 counted before any of its events is built. An event's size is that of its encoded body

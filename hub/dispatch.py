@@ -15,9 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
 
-from hub.message import Event, Rejected
+from hub.message import Event, Rejected, Route
 from hub.query import QueryError
 
 __all__ = [
@@ -29,17 +28,6 @@ __all__ = [
     "TypeTable",
     "filter_log",
 ]
-
-
-class Route(NamedTuple):
-    """Who receives an event: the streams of these users, the subscribers of these topics,
-    or everyone. `ends` names the streams that end once they have the event:
-    (user, session), where session None means all of the user's streams."""
-
-    users: tuple[str, ...] = ()
-    topics: tuple[str, ...] = ()
-    everyone: bool = False
-    ends: tuple[str, str | None] | None = None
 
 
 RouteFunction = Callable[[Event], Route]
@@ -161,7 +149,7 @@ class TypeTable:
         return kind
 
     def describe(self) -> list[dict[str, object]]:
-        """The table as `GET /types` and the 422 answers list it."""
+        """The table as `GET /types` and the answers to an unknown type list it."""
         return [
             {"type": k.number, "name": k.name, "filters": list(k.filter_params)}
             for k in self.kinds.values()

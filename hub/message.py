@@ -12,12 +12,9 @@ import struct
 import sys
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import ujson
-
-if TYPE_CHECKING:
-    from hub.dispatch import Route
 
 __all__ = [
     "DECODED_BYTES",
@@ -26,6 +23,7 @@ __all__ = [
     "Event",
     "ParseError",
     "Rejected",
+    "Route",
     "TooLarge",
     "encode_frame",
     "loads",
@@ -38,8 +36,20 @@ _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 _FIELD_UNSAFE = re.compile(r"[\r\n\x00]")
 
 
+class Route(NamedTuple):
+    """Who receives an event (a route function of hub.dispatch says, at publish time): the
+    streams of these users, the subscribers of these topics, or everyone. `ends` names the
+    streams that end once they have the event: (user, session), where session None means all
+    of the user's streams."""
+
+    users: tuple[str, ...] = ()
+    topics: tuple[str, ...] = ()
+    everyone: bool = False
+    ends: tuple[str, str | None] | None = None
+
+
 class ParseError(Exception):
-    """The body is not well-formed (400). `offset` is the byte where reading failed."""
+    """The body is not well-formed. `offset` is the byte where reading failed."""
 
     def __init__(self, message: str, offset: int, index: int | None = None) -> None:
         super().__init__(message)
@@ -49,7 +59,7 @@ class ParseError(Exception):
 
 
 class Rejected(Exception):
-    """The body is well-formed but an event in it is not acceptable (422)."""
+    """The body is well-formed but an event in it is not acceptable."""
 
     def __init__(self, message: str, index: int | None = None) -> None:
         super().__init__(message)
@@ -58,7 +68,7 @@ class Rejected(Exception):
 
 
 class TooLarge(Exception):
-    """A publish over a size limit (413): more events than a batch may have (`what` is
+    """A publish over a size limit: more events than a batch may have (`what` is
     "batch"), or an event whose body is over the bytes an event may have ("event_bytes").
     `index` is the first event past the limit."""
 

@@ -13,7 +13,7 @@ MAX_TOPIC_LENGTH = 128
 
 
 class QueryError(Exception):
-    """A query value the hub refuses (400); `extra` goes into the JSON answer."""
+    """A query value the hub refuses; `extra` goes into the JSON answer."""
 
     def __init__(self, message: str, **extra: object) -> None:
         super().__init__(message)

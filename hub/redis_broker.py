@@ -8,7 +8,7 @@ compares them. Measured against one entry per event and against Pub/Sub plus a s
 history, one entry per batch published 3x faster and was read 4x faster at batches of 100
 (README, Scale-out).
 
-The promise, whatever Redis does: an event answered 202 reaches each entitled stream once, in
+The promise, whatever Redis does: an event answered as stored reaches each entitled stream once, in
 order, or the stream is told `reset`. Redis can lose data (a restart without persistence,
 FLUSHALL) or go back (a failover to a replica that lagged, an AOF that lost its last second),
 and the same ids then name other events. So positions carry an epoch (as centrifuge's do): the
@@ -22,9 +22,10 @@ Each process follows the stream with one `XREAD BLOCK` loop and hands every even
 (`Node.deliver`), its own publishes included, so every node delivers in the same order. The
 loop is supervised: an error in it is logged, counted and retried; it is never the end of it.
 
-A publish has three answers: stored (202), provably not stored (503, "not published": the
-request never left, or Redis refused it before any write), or unknown (503: it was sent and no
-answer came; a retry under the same Idempotency-Key settles it without publishing twice).
+A publish has three answers: stored, provably not stored ("not published": the request
+never left, or Redis refused it before any write; BrokerUnavailable), or unknown (it was sent
+and no answer came, OutcomeUnknown; a retry under the same Idempotency-Key settles it without
+publishing twice).
 Concurrent publishes are sent together: while one script call is in flight the next ones
 queue, and go out in the next call (one round trip for many requests, each its own entry).
 """
@@ -76,7 +77,7 @@ FORMAT = b"2"
 READ_COUNT = 256  # entries per XREAD: each may hold a whole batch
 READ_BLOCK_MS = 500
 # The feed is live while Redis answered within this many seconds (an idle XREAD returns every
-# READ_BLOCK_MS): past it, /readyz is 503 and publishes are refused before they are sent.
+# READ_BLOCK_MS): past it, the node is not ready and publishes are refused before they are sent.
 LIVE_FOR = 1.5
 CHECK_EVERY = 1.0  # seconds between looks at the head (lost or rolled-back data) and trims
 # The most bytes of batches one script call carries; the rest go in the next call.
@@ -189,7 +190,7 @@ class RedisBroker:
         # stored twice; the feed retries with its own backoff. Maintenance notifications off:
         # while they are on ("auto", redis-py 8's default) the pool hands out connections
         # without checking them, so after a Redis restart the first publish went out on a
-        # connection the server had closed and was refused (503) with Redis up again.
+        # connection the server had closed and was refused with Redis up again.
         options: dict[str, Any] = {
             "socket_connect_timeout": 2.0,
             "socket_timeout": 5.0,
@@ -704,8 +705,8 @@ class RedisBroker:
 
     async def close(self) -> None:
         """Stop following and sending. The hub calls this after waiting for its publishes: one
-        still waiting on Redis now is answered 503, its outcome unknown, rather than cut
-        without an answer at the shutdown's deadline."""
+        still waiting on Redis now is answered OutcomeUnknown, rather than cut without an
+        answer at the shutdown's deadline."""
         self.closing = True
         if self.follower is not None:
             self.follower.cancel()

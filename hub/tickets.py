@@ -22,20 +22,21 @@ import re
 import secrets
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import ujson
 
 from hub.auth import AuthError, Claims
 from hub.query import QueryError
+from hub.refusal import RefusalKind
 
 if TYPE_CHECKING:
     from hub.broker import Broker
-    from hub.metrics import Metrics
 
 __all__ = [
     "REJECTIONS",
     "TICKET_LENGTH",
+    "TicketCounters",
     "TicketRefused",
     "Tickets",
     "decode_claims",
@@ -54,17 +55,39 @@ REJECTIONS = ("malformed", "unknown", "revoked")
 
 
 class TicketRefused(AuthError):
-    """A 401 for a ticket; `reason` is one of REJECTIONS (a metric label, never the ticket)."""
+    """A ticket refused; `reason` is one of REJECTIONS (a metric label, never the ticket)."""
 
     def __init__(self, reason: str, message: str) -> None:
-        super().__init__(401, message)
+        kind = RefusalKind.TICKET_MALFORMED if reason == "malformed" else RefusalKind.TICKET_UNKNOWN
+        super().__init__(kind, message)
         self.reason = reason
+
+
+class _Count(Protocol):
+    def inc(self) -> None: ...
+
+
+class _CountBy(Protocol):
+    def labels(self, reason: str, /) -> _Count: ...
+
+
+class TicketCounters(Protocol):
+    """What Tickets counts in (hub.metrics.Metrics)."""
+
+    @property
+    def tickets_issued(self) -> _Count: ...
+
+    @property
+    def tickets_redeemed(self) -> _Count: ...
+
+    @property
+    def tickets_rejected(self) -> _CountBy: ...
 
 
 def parse_ticket(args: Sequence[str]) -> str | None:
     """The ticket of a stream request's `?ticket=` values: None when there is none. More than
-    one is a QueryError (400); a value that is not a ticket's shape (43 base64url characters)
-    is refused (401) by its length and characters alone, before it is hashed or looked up:
+    one is a QueryError; a value that is not a ticket's shape (43 base64url characters)
+    is refused (TicketRefused) by its length and characters alone, before it is hashed or looked up:
     garbage costs nothing, whatever its size."""
     if not args:
         return None
@@ -127,7 +150,7 @@ class Tickets:
     """Issue and redeem tickets through the broker's store; counts what it does in
     `metrics` (hub_tickets_*)."""
 
-    def __init__(self, broker: Broker, ttl: float, metrics: Metrics) -> None:
+    def __init__(self, broker: Broker, ttl: float, metrics: TicketCounters) -> None:
         self.broker = broker
         self.ttl = ttl
         self.metrics = metrics
@@ -137,7 +160,7 @@ class Tickets:
         min(ttl, the token's exp - now). BrokerUnavailable if the store cannot take it."""
         life = min(self.ttl, claims.exp - time.time())
         if life <= 0:
-            raise AuthError(401, "token expired")
+            raise AuthError(RefusalKind.TOKEN_EXPIRED, "token expired")
         ticket = secrets.token_urlsafe(TICKET_BYTES)
         await self.broker.put_ticket(ticket_key(ticket), encode_claims(claims), life)
         self.metrics.tickets_issued.inc()

@@ -1,13 +1,11 @@
 """Bounds that bound (issue 15), in the core without Tornado: what the history holds in memory
 is within what --history-bytes counts, whatever an event's data; filters still read the data
-of events in the history, live and on resume; the logouts remembered are bounded by count
-(--max-revocations, the oldest forgotten first) as well as by age."""
+of events in the history, live and on resume. (The logouts remembered: test_core_revocations.)"""
 
 from __future__ import annotations
 
 import asyncio
 import gc
-import time
 import tracemalloc
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -15,11 +13,10 @@ from typing import Any
 import pytest
 import ujson
 from core_support import Peer, config
-from prometheus_client.parser import text_string_to_metric_families
 from sse import wait_for
 
 from hub.config import ConfigError, parse_config
-from hub.core import EXPIRIES_PER_TICK, Hub
+from hub.core import Hub
 from hub.decode import decode_json
 from hub.dispatch import DEFAULT_TYPES
 from hub.history import History
@@ -131,87 +128,6 @@ def test_a_filtered_resume_through_the_whole_history_keeps_little_of_it_decoded(
         assert len(hub.history) == 1200 > kept
         assert held <= kept * per_event + 256 * 1024, (held, kept * per_event)
         peer.shutdown()
-        await hub.stop()
-
-    run(scenario)
-
-
-def test_logouts_past_max_revocations_forget_the_oldest_first():
-    async def scenario() -> None:
-        hub = Hub(config(max_revocations=3))
-        now = time.time() * 1000
-        issued = time.time() - 10
-        for n in range(4):
-            hub.revoke(f"u{n}", None, now)
-        assert list(hub.revoked) == [("u1", None), ("u2", None), ("u3", None)]
-        assert not hub.is_revoked("u0", None, issued)  # forgotten: its old tokens work again
-        assert hub.is_revoked("u3", None, issued)
-        hub.revoke("u1", None, now + 1)  # a logout again: now the newest
-        hub.revoke("u4", "s1", now + 2)
-        assert list(hub.revoked) == [("u3", None), ("u1", None), ("u4", "s1")]
-        assert hub.revocations_dropped == 2
-        await hub.stop()
-
-    run(scenario)
-
-
-def test_a_logout_older_than_revoke_ttl_is_not_kept_and_pushes_none_out():
-    """A node that loads old logouts (from the history or Redis) must not forget live ones for
-    them at the cap."""
-
-    async def scenario() -> None:
-        hub = Hub(config(max_revocations=1, revoke_ttl=60))
-        hub.revoke("live", None, time.time() * 1000)
-        hub.revoke("old", None, (time.time() - 61) * 1000)
-        assert list(hub.revoked) == [("live", None)]
-        assert hub.revocations_dropped == 0
-        await hub.stop()
-
-    run(scenario)
-
-
-def test_expired_logouts_are_forgotten_from_the_front_a_bounded_number_per_tick():
-    """The tick scanned the whole table every second: 600,000 logouts stalled the loop."""
-
-    async def scenario() -> None:
-        hub = Hub(config(revoke_ttl=60))
-        old = (time.time() - 61) * 1000
-        for n in range(EXPIRIES_PER_TICK + 500):
-            hub.revoked[(f"u{n}", None)] = old  # as if logged out 61 s ago
-        hub.revoke("live", None, time.time() * 1000)
-        hub._tick()
-        assert len(hub.revoked) == 501  # the tick's share only: the rest on the next
-        hub._tick()
-        assert list(hub.revoked) == [("live", None)]
-        await hub.stop()
-
-    run(scenario)
-
-
-def test_a_logout_expires_after_revoke_ttl_on_the_running_tick():
-    async def scenario() -> None:
-        hub = Hub(config(revoke_ttl=0.2, heartbeat=0.05))
-        peer = Peer()
-        hub.subscribe(peer.transport, "u9")  # the tick runs while streams are open
-        hub.revoke("u1", None, time.time() * 1000)
-        assert hub.is_revoked("u1", None, time.time() - 5)
-        await until(lambda: not hub.revoked)
-        assert not hub.is_revoked("u1", None, time.time() - 5)
-        peer.shutdown()
-        await hub.stop()
-
-    run(scenario)
-
-
-def test_revocations_are_exported_as_a_gauge_and_a_counter_of_those_dropped():
-    async def scenario() -> None:
-        hub = Hub(config(max_revocations=2))
-        for n in range(5):
-            hub.revoke(f"u{n}", None, time.time() * 1000)
-        families = text_string_to_metric_families(hub.metrics.exposition().decode())
-        samples = {s.name: s.value for f in families for s in f.samples}
-        assert samples["hub_revocations"] == 2
-        assert samples["hub_revocations_dropped_total"] == 3
         await hub.stop()
 
     run(scenario)

@@ -1,13 +1,26 @@
 """The shape the architecture promises: imports run handlers -> hub, never back; inside hub/
-the runtime imports form no cycle (imports under TYPE_CHECKING are for the type checker only
-and are not counted); the core imports nothing of Tornado."""
+the imports form no cycle, those under TYPE_CHECKING (for annotations) included: a type-level
+circle is still two modules that cannot be read, changed or tested one without the other; the
+core imports nothing of Tornado."""
 
 from __future__ import annotations
 
 import ast
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def imports(path: Path) -> set[str]:
+    """Modules a file imports, at run time or for the type checker."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return found
 
 
 def runtime_imports(path: Path) -> set[str]:
@@ -28,9 +41,9 @@ def runtime_imports(path: Path) -> set[str]:
     return found
 
 
-def modules(package: str) -> dict[str, set[str]]:
+def modules(package: str, read: Callable[[Path], set[str]] = imports) -> dict[str, set[str]]:
     return {
-        f"{package}.{p.stem}": runtime_imports(p)
+        f"{package}.{p.stem}": read(p)
         for p in sorted((ROOT / package).glob("*.py"))
         if p.stem != "__init__"
     }
@@ -65,10 +78,43 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+def hub_graph(read: Callable[[Path], set[str]]) -> dict[str, set[str]]:
+    return {
+        m: {i for i in deps if i.startswith("hub.")} for m, deps in modules("hub", read).items()
+    }
+
+
+# The one circle left, and only at the type level: Subscriber.outbox <-> Outbox.sub, which
+# goes with the stream's rework into one object (issue 16). Nothing may join it.
+PENDING = ("hub.registry", "hub.flusher")
+
+
 def test_the_cores_runtime_imports_have_no_cycle():
-    graph = {m: {i for i in deps if i.startswith("hub.")} for m, deps in modules("hub").items()}
+    graph = hub_graph(runtime_imports)
     assert len(graph) >= 10  # the walk saw the package
     assert find_cycle(graph) is None
+
+
+def test_the_cores_imports_have_no_cycle_type_level_included():
+    graph = hub_graph(imports)
+    assert len(graph) >= 10
+    first, second = PENDING
+    if second in graph[first] and first in graph[second]:
+        graph[first].discard(second)  # the pending circle, cut here and nowhere else
+    assert find_cycle(graph) is None
+
+
+def test_the_circles_the_issue_named_are_gone():
+    """core <-> metrics <-> tickets, message <-> dispatch, flusher <-> transport."""
+    graph = hub_graph(imports)
+    for a, b in [
+        ("hub.metrics", "hub.core"),
+        ("hub.tickets", "hub.metrics"),
+        ("hub.message", "hub.dispatch"),
+        ("hub.transport", "hub.flusher"),
+        ("hub.transport", "hub.registry"),
+    ]:
+        assert a not in graph[b] or b not in graph[a], (a, b)
 
 
 def test_the_checks_can_fail(tmp_path):
@@ -77,3 +123,4 @@ def test_the_checks_can_fail(tmp_path):
     guarded = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from hub.a import y\n"
     (tmp_path / "c.py").write_text(guarded + "from hub.b import x\n")
     assert runtime_imports(tmp_path / "c.py") == {"typing", "hub.b"}
+    assert imports(tmp_path / "c.py") == {"typing", "hub.a", "hub.b"}

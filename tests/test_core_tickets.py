@@ -20,6 +20,7 @@ from hub.broker import MAX_MEMORY_TICKETS, MemoryBroker
 from hub.core import Hub
 from hub.logs import redact
 from hub.query import QueryError
+from hub.refusal import RefusalKind
 from hub.tickets import (
     TICKET_LENGTH,
     TicketRefused,
@@ -115,7 +116,8 @@ def test_a_ticket_stands_for_its_tokens_claims_once_and_only_its_hash_is_stored(
             assert redeemed == token_claims  # user, sid, topics, exp and iat (publish: no)
             with pytest.raises(TicketRefused) as refused:
                 await hub.tickets.redeem(ticket)
-            assert (refused.value.status, refused.value.reason) == (401, "unknown")
+            assert refused.value.refusal.kind is RefusalKind.TICKET_UNKNOWN
+            assert refused.value.reason == "unknown"
             assert hub.metrics.tickets_issued._value.get() == 1
             assert hub.metrics.tickets_redeemed._value.get() == 1
         finally:
@@ -132,7 +134,7 @@ def test_a_ticket_lives_no_longer_than_its_token_and_an_expired_token_gets_none(
             assert 3.5 < life <= 4
             with pytest.raises(AuthError) as refused:
                 await hub.tickets.issue(claims(exp_in=-1))
-            assert refused.value.status == 401
+            assert refused.value.refusal.kind is RefusalKind.TOKEN_EXPIRED
             assert len(hub.broker.tickets) == 1  # type: ignore[attr-defined]  (the first)
         finally:
             await hub.stop()
@@ -158,14 +160,15 @@ def test_stored_claims_that_are_not_a_tickets_are_refused(raw):
 
 @PROPERTY
 @given(st.lists(st.text(max_size=60), max_size=4))
-def test_the_ticket_query_is_none_one_ticket_a_400_or_a_401_and_nothing_else(args):
+def test_the_ticket_query_is_none_one_ticket_a_query_error_or_malformed_and_nothing_else(args):
     try:
         ticket = parse_ticket(args)
     except QueryError:
         assert len(args) > 1
         return
     except TicketRefused as exc:
-        assert len(args) == 1 and exc.status == 401 and exc.reason == "malformed"
+        assert len(args) == 1 and exc.reason == "malformed"
+        assert exc.refusal.kind is RefusalKind.TICKET_MALFORMED
         value = args[0]
         assert (
             len(value) != TICKET_LENGTH

@@ -18,7 +18,7 @@ import redis_support
 from redis_support import PrivateRedis
 from sse import SSEClient, wait_for
 
-from hub.metrics import TICKET_REFUSALS
+from handlers.base import TICKET_REFUSALS
 from hub.tickets import REJECTIONS, TICKET_LENGTH, ticket_key
 
 private_redis = redis_support.private_redis
