@@ -19,6 +19,7 @@ from handlers.server import USER_TIMEOUT
 from hub.auth import Claims
 from hub.broker import BrokerUnavailable
 from hub.query import QueryError, parse_topics
+from hub.refusal import RefusalKind
 from hub.tickets import TicketRefused, parse_ticket
 from hub.transport import SocketTransport
 
@@ -31,12 +32,19 @@ CATCH_UP_WAIT = 1.0
 
 log = logging.getLogger("hub")
 
+# The refusals that are a stream cap: hub_streams_capped_total's label.
+CAPS = {RefusalKind.CAPACITY: "total", RefusalKind.PER_USER: "per_user"}
+
 
 class EventsHandler(HubHandler):
     def fail(self, status: int, error: str, **extra: object) -> None:
         """Every refusal of a stream is counted by status (hub_streams_refused_total)."""
         self.hub.metrics.streams_refused.labels(str(status)).inc()
         super().fail(status, error, **extra)
+
+    def fail_retry(self, status: int, error: str, retry_after: float, **extra: object) -> None:
+        self.hub.metrics.streams_refused.labels(str(status)).inc()
+        super().fail_retry(status, error, retry_after, **extra)
 
     async def get(self) -> None:
         if self.hub.stopping:
@@ -49,17 +57,14 @@ class EventsHandler(HubHandler):
         if self.hub.stopping:  # it began while the ticket was looked up
             self.fail(503, "the hub is shutting down")
             return
-        if self.hub.is_revoked(claims.user, claims.sid, claims.iat):
-            if ticket:
-                self.hub.tickets.reject("revoked")
-            self.fail(401, "session logged out: sign in again for a new token")
-            return
-        refused = self.hub.admit(claims.user)
+        refused = self.hub.admit(claims)
         if refused is not None:
-            status, why = refused
-            self.hub.metrics.streams_refused.labels(str(status)).inc()
-            self.hub.metrics.streams_capped.labels("per_user" if status == 429 else "total").inc()
-            self.fail_retry(status, why, self.hub.config.retry)
+            if ticket and refused.kind is RefusalKind.REVOKED:
+                self.hub.tickets.reject("revoked")
+            cap = CAPS.get(refused.kind)
+            if cap is not None:
+                self.hub.metrics.streams_capped.labels(cap).inc()
+            self.answer_refusal(refused)
             return
         try:
             topics = parse_topics(self.get_query_arguments("topic"))
@@ -81,11 +86,12 @@ class EventsHandler(HubHandler):
             "lastEventId", None
         )
         if last_id and self.hub.behind(last_id):
-            # Served by a node further ahead: wait for this one's feed to read as far. One
-            # whose feed is not live cannot say when: the client retries (here or elsewhere).
+            # Served by a node further ahead: wait for this one's feed to read as far. Still
+            # behind a client of its own epoch, the client retries (here or elsewhere): a
+            # reset would move it back to where this node is, and it would take again what it
+            # already has. (An epoch still unknown after the wait is an old one: reset.)
             await self.hub.catch_up(last_id, CATCH_UP_WAIT)
-            if self.hub.behind(last_id) and not self.hub.ready:
-                self.hub.metrics.streams_refused.labels("503").inc()
+            if self.hub.ahead(last_id):
                 self.fail_retry(503, "this node has not read up to Last-Event-ID yet: retry", 1.0)
                 return
 
@@ -146,8 +152,7 @@ class EventsHandler(HubHandler):
         except TicketRefused as exc:
             if exc.reason == "malformed":  # (redeem counts the others)
                 self.hub.tickets.reject(exc.reason)
-            self.fail(401, exc.message)
+            self.answer_refusal(exc.refusal)
         except BrokerUnavailable:
-            self.hub.metrics.streams_refused.labels("503").inc()
             self.fail_retry(503, "the broker cannot look tickets up now: retry", 1.0)
         return None

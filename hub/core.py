@@ -13,36 +13,29 @@ import asyncio
 import logging
 import random
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import ujson
 
+from hub.auth import Claims
 from hub.broker import Broker, BrokerUnavailable, Idempotency, MemoryBroker, Replayed
 from hub.config import Config
+from hub.disconnect import EXPIRED, LOGOUT, SHUTDOWN, SLOW, Disconnect
 from hub.dispatch import DEFAULT_TYPES, EventFilter, TypeTable
 from hub.flusher import Flusher
 from hub.history import History, parse_position
 from hub.limits import PublishLimiter
 from hub.message import Event, encode_frame
 from hub.metrics import Metrics
-from hub.registry import Reason, Registry, Subscriber
+from hub.refusal import Refusal, RefusalKind
+from hub.registry import Registry, Subscriber
+from hub.revocations import Revocations
 from hub.tickets import Tickets
 from hub.transport import SocketTransport
 
 __all__ = ["Hub"]
 
 log = logging.getLogger("hub")
-
-# Expired logouts forgotten per tick, at most (each ~0.3 us here): a wave of logouts an hour
-# ago must not stall the loop when it expires; a later tick takes the rest.
-EXPIRIES_PER_TICK = 10_000
-
-_EXPIRED_FRAME = encode_frame(
-    None,
-    "end",
-    ujson.dumps({"reason": "expired", "detail": "token expired: reconnect with a fresh token"}),
-)
 
 
 def _make_broker(config: Config) -> Broker:
@@ -86,11 +79,8 @@ class Hub:
         self.metrics = Metrics(self)
         # One-time stream tickets, kept by the broker: shared where it is (hub.tickets).
         self.tickets = Tickets(self.broker, config.ticket_ttl, self.metrics)
-        # (user, sid) -> ms of the logout; sid None = every session of the user. In the order
-        # the logouts came (a logout again moves to the end): expiry and the cap
-        # (--max-revocations) drop from the front, never scanning the table.
-        self.revoked: OrderedDict[tuple[str, str | None], float] = OrderedDict()
-        self.revocations_dropped = 0  # logouts forgotten at the cap before their time
+        # Logouts refusing the tokens issued before them (--revoke-ttl, --max-revocations).
+        self.revocations = Revocations(config.revoke_ttl, config.max_revocations)
         self.stopping = False
         self._closing: list[SocketTransport] = []  # the streams stop() ended (streams_closing)
         # Open streams in all past which new ones are refused (serve() sets it from the
@@ -123,18 +113,17 @@ class Hub:
         until = loop.time() + publish_wait
         while self.publishing and loop.time() < until:
             await asyncio.sleep(0.01)
-        self.flusher.flush_all()
         self.flusher.cancel()
-        # Each stream's last bytes are a `retry:` drawn from [retry, retry + spread]: a fleet
-        # of clients cut at once then comes back spread out, not in the same second.
+        # Each stream's last bytes are a `retry:` drawn from [retry, retry + spread] and the
+        # end frame: a fleet of clients cut at once then comes back spread out, not in the
+        # same second.
         low = int(self.config.retry * 1000)
         high = low + int(self.config.shutdown_spread * 1000)
         closing = self._closing
         for sub in list(self.registry.all):
             if sub.outbox is not None:
-                sub.outbox.transport.write(b"retry: %d\n\n" % random.randint(low, high))
                 closing.append(sub.outbox.transport)
-            self.disconnect(sub, Reason.SHUTDOWN, flush=True)
+            self.end(sub, SHUTDOWN, random.randint(low, high))
         # A stream that still holds bytes closes once the client has taken them, or after
         # CLOSE_GRACE: the loop must keep running until then, or they would be lost.
         while self.streams_closing():
@@ -194,20 +183,13 @@ class Hub:
         since one of them must keep working.)"""
         self.revoke(user, sid, at_ms)
         for sub in self.registry.sessions(user, sid):
-            self.end(sub, Reason.LOGOUT)
+            self.end(sub, LOGOUT)
 
     def revoke(self, user: str, sid: str | None, at_ms: float) -> None:
         """Refuse the tokens of the session (every session: sid None) issued before `at_ms`,
         for --revoke-ttl seconds from then. Past --max-revocations, the oldest logout is
         forgotten (a token issued before it works again until its exp)."""
-        if at_ms < (time.time() - self.config.revoke_ttl) * 1000:
-            return  # already expired (a node loading old logouts): it must not push one out
-        revoked = self.revoked
-        key = (user, sid)
-        revoked[key] = max(at_ms, revoked.pop(key, 0.0))  # popped: it moves to the end
-        if len(revoked) > self.config.max_revocations:
-            revoked.popitem(last=False)
-            self.revocations_dropped += 1
+        self.revocations.revoke(user, sid, at_ms)
 
     def resync(self, floor: str) -> None:
         """The broker cannot give this node the events up to `floor` (a position
@@ -215,13 +197,9 @@ class Hub:
         after `floor`, and every open stream gets what it is owed, then a `reset` whose id is
         `floor` (a reconnect resumes from there)."""
         key, epoch = parse_position(floor) or ((0, 0), "")
-        if self.registry.all:
-            self.flusher.flush_all()
-            frame = self._reset_frame(None, floor)
-            for sub in self.registry.all:
-                if sub.outbox is not None and not sub.outbox.closed:
-                    sub.outbox.transport.write(frame)
         self.history.clear(key, epoch)
+        if self.registry.all:
+            self.flusher.interject(self._reset_frame(None, floor))
         self._wake_catching_up()  # those of another epoch now get their reset
 
     def history_floor(self) -> tuple[int, int]:
@@ -235,11 +213,19 @@ class Hub:
         position = parse_position(last_event_id)
         if position is None:
             return False
-        key, epoch = position
-        history = self.history
+        epoch, history = position[1], self.history
         if epoch != history.epoch:
             return bool(epoch and history.epoch) and epoch not in history.past_epochs
-        return key > (history.events[-1].key if history.events else history.floor)
+        return self.ahead(last_event_id)
+
+    def ahead(self, last_event_id: str) -> bool:
+        """Whether `last_event_id` is of this node's epoch and newer than all it has read
+        (never with the memory broker: no other node can be ahead of the only one)."""
+        position = parse_position(last_event_id)
+        history = self.history
+        if position is None or not history.epoch or position[1] != history.epoch:
+            return False
+        return position[0] > (history.events[-1].key if history.events else history.floor)
 
     async def catch_up(self, last_event_id: str, timeout: float) -> None:
         """Wait, up to `timeout` seconds, until this node is no longer behind
@@ -263,31 +249,34 @@ class Hub:
 
     # -- streams --------------------------------------------------------------------------
 
-    def is_revoked(self, user: str, sid: str | None, iat: float) -> bool:
-        """Whether a logout since the token was issued ended its session (or all sessions).
+    def session_refusal(self, claims: Claims) -> Refusal | None:
+        """None while the token's session stands; a refusal once a logout since the token
+        was issued ended it (or all the user's sessions)."""
+        if self.revocations.is_revoked(claims.user, claims.sid, claims.iat):
+            return Refusal(RefusalKind.REVOKED, "session logged out: sign in again for a new token")
+        return None
 
-        A whole-second `iat` (most issuers) cannot say whether the token came before or after
-        a logout in the same second: such a token counts as issued after it (a sign-in right
-        after a logout must work; the cost is that a token issued in the same second just
-        before the logout stays usable). A fractional `iat` is compared exactly."""
-        whole = iat == int(iat)
-        for key in ((user, None), (user, sid)) if sid is not None else ((user, None),):
-            at = self.revoked.get(key)
-            if at is None:
-                continue
-            if (iat < at // 1000) if whole else (iat * 1000 <= at):
-                return True
-        return False
-
-    def admit(self, user: str) -> tuple[int, str] | None:
-        """Whether one more stream may open for `user`: None, or (status, why) to refuse."""
+    def admit(self, claims: Claims) -> Refusal | None:
+        """Whether one more stream may open for the token's user: None, or why not."""
+        refused = self.session_refusal(claims)
+        if refused is not None:
+            return refused
         if not self.broker.synced:
-            return 503, "the hub has not loaded the shared history yet (is Redis up?): retry"
+            return Refusal(
+                RefusalKind.NOT_SYNCED,
+                "the hub has not loaded the shared history yet (is Redis up?): retry",
+            )
         if len(self.registry) >= self.stream_limit:
-            return 503, f"the hub holds its most streams ({self.stream_limit}): retry later"
+            return Refusal(
+                RefusalKind.CAPACITY,
+                f"the hub holds its most streams ({self.stream_limit}): retry later",
+            )
         limit = self.config.max_streams_per_user
-        if len(self.registry.by_user.get(user, ())) >= limit:
-            return 429, f"at most {limit} streams per user (hub.js shares one among tabs)"
+        if len(self.registry.by_user.get(claims.user, ())) >= limit:
+            return Refusal(
+                RefusalKind.PER_USER,
+                f"at most {limit} streams per user (hub.js shares one among tabs)",
+            )
         return None
 
     def subscribe(
@@ -344,31 +333,31 @@ class Hub:
         fields["resume_from"] = resume
         return encode_frame(resume, "reset", ujson.dumps(fields))
 
-    def end(self, sub: Subscriber, reason: Reason) -> None:
-        """End a stream after it has been written everything it is owed. A stream whose token
-        expired gets a last `end` event that says so: it has no `id:`, so the client's last
-        event id stays that of the last real event, and a reconnect with a fresh token and
-        Last-Event-ID loses nothing. (Clients that listen only for the table's names, hub.js
-        among them, never see it.)"""
+    def end(self, sub: Subscriber, why: Disconnect, retry_ms: int | None = None) -> None:
+        """End a stream the one way: the flusher writes what it is owed, then the end frame
+        (with a `retry:` where given), then its transport closes once it has sent them (or
+        after a grace period). A slow stream is owed nothing more and closes at once, its end
+        frame written only if its socket holds nothing. The frame has no `id:`, so a
+        reconnect with Last-Event-ID loses nothing. Ending twice does nothing."""
         out = sub.outbox
-        if out is not None:
-            self.flusher.finish(out)
-            if reason is Reason.EXPIRED and not out.closed:
-                out.transport.write(_EXPIRED_FRAME)
-        self.disconnect(sub, reason, flush=True)
+        slow = why is SLOW  # its socket takes nothing: the frame only if it holds nothing
+        if out is not None and not sub.closed and not (slow and out.transport.pending):
+            self.flusher.finish(out, why.frame(retry_ms), owed=not slow)
+        self.disconnect(sub, why, flush=not slow)
 
-    def disconnect(self, sub: Subscriber, reason: Reason, flush: bool = False) -> None:
-        """Remove a stream from every index and close it. Idempotent: the first reason wins."""
+    def disconnect(self, sub: Subscriber, why: Disconnect, flush: bool = False) -> None:
+        """Remove a stream from every index and close it. Idempotent: the first reason wins.
+        (Without `end`, as when the client left: nothing is written.)"""
         if sub.closed:
             return
         sub.closed = True
         self.registry.remove(sub)
-        self.metrics.disconnects.labels(reason.value).inc()
-        log.debug("stream of %r ended: %s", sub.user, reason.value)
+        self.metrics.disconnects.labels(why.reason).inc()
+        log.debug("stream of %r ended: %s", sub.user, why.reason)
         out = sub.outbox
         if out is not None:
             self.flusher.close(out)
-            out.transport.close(reason, flush)
+            out.transport.close(why, flush)
 
     def _drained(self, sub: Subscriber) -> None:
         if sub.outbox is not None:
@@ -376,7 +365,7 @@ class Hub:
 
     def _cut_slow(self, sub: Subscriber, why: str) -> None:
         log.info("stream of %r cut as slow: %s", sub.user, why)
-        self.disconnect(sub, Reason.SLOW)
+        self.end(sub, SLOW)
 
     # -- the tick -------------------------------------------------------------------------
 
@@ -389,17 +378,7 @@ class Hub:
         logouts."""
         now = time.time()
         for sub in [s for s in self.registry.all if s.exp <= now]:
-            self.end(sub, Reason.EXPIRED)
+            self.end(sub, EXPIRED)
         self.flusher.tick()
-        self._expire_revocations((now - self.config.revoke_ttl) * 1000)
+        self.revocations.expire(now)
         self._schedule_tick()
-
-    def _expire_revocations(self, horizon: float) -> None:
-        """Forget the logouts older than `horizon` (ms) from the front of the table, at most
-        EXPIRIES_PER_TICK of them: the rest go on the next ticks, and no tick stalls the loop
-        (a logout behind a newer one, from another node's clock, waits for it)."""
-        revoked = self.revoked
-        for _ in range(min(EXPIRIES_PER_TICK, len(revoked))):
-            if revoked[next(iter(revoked))] >= horizon:
-                break
-            revoked.popitem(last=False)

@@ -1,5 +1,6 @@
 """The write loop: one per process, never one per stream. It is the only writer of streams
-and owns everything about a stream's writing (its `Outbox`).
+and owns everything about a stream's writing (its `Outbox`): events, heartbeats, a `reset`
+(queued in order like a broadcast, `interject`) and a stream's last frame (`finish`).
 
 An event for many streams is queued ONCE: a broadcast into the everyone `Channel`, a topic's
 event into that topic's channel, each a shared log that every reader reads at its own
@@ -38,6 +39,7 @@ from bisect import bisect_left
 from collections.abc import Callable
 from operator import attrgetter
 
+from hub.dispatch import Route
 from hub.history import History
 from hub.message import Event
 from hub.registry import Registry, Subscriber
@@ -326,17 +328,34 @@ class Flusher:
         if self._cut_short and transport.pending is None:
             self.mark(out)  # more than a window's worth: the rest in the next pass
 
-    def finish(self, out: Outbox) -> None:
-        """Write everything the stream owes, at once, whatever its socket holds: before it
-        ends (logout, expiry, shutdown)."""
-        while not out.closed:
+    def finish(self, out: Outbox, final: bytes = b"", owed: bool = True) -> None:
+        """The stream's last writes before it ends: everything it owes (unless `owed` is
+        false: a slow stream's socket takes nothing more), at once, then `final` (the end
+        frame). The transport keeps what the socket does not take, and closes after it."""
+        while owed and not out.closed:
             data = self._take(out, 1 << 62)
             if data is None:
-                return
+                break
             if data:
                 self.writes += 1
                 self.bytes_written += len(data)
                 out.transport.write(data)
+        if final and not out.closed:
+            out.transport.write(final)
+
+    def interject(self, frame: bytes) -> None:
+        """Queue `frame` (a `reset`) for every stream, in order: after what each is owed now,
+        before what comes next, written by the passes within the window like any broadcast.
+        A resume's replay still to read is dropped: the frame covers it. Call it with the
+        history empty (Hub.resync clears it first): the frame takes a seq of its own."""
+        now = time.time()
+        event = Event.restore(0, "reset", None, int(now * 1000), "", now)
+        event.frame = frame
+        event.route = Route(everyone=True)
+        event.seq = self.history.reserve_seq()
+        for out in self.everyone.readers:
+            out.replay = None
+        self.deliver(event)
 
     def ping(self, out: Outbox) -> None:
         if out.transport.pending is None:

@@ -108,6 +108,14 @@ class History:
             self.past_epochs.append(self.epoch)
         self.epoch = epoch
 
+    def reserve_seq(self) -> int:
+        """A seq for something delivered in order but not kept (a `reset`): only with no
+        event held, whose seqs must stay contiguous."""
+        assert not self.events, "a seq is reserved only in an empty history"
+        seq = self.end_seq
+        self.end_seq += 1
+        return seq
+
     @property
     def first_seq(self) -> int:
         """The seq of the oldest event held (end_seq when none is)."""

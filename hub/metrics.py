@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -24,31 +24,57 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from hub.disconnect import ENDS
 from hub.flusher import LATENCY_BUCKETS
 from hub.message import Event
-from hub.registry import Reason
 from hub.tickets import REJECTIONS
 
 if TYPE_CHECKING:
-    from hub.core import Hub
+    from hub.broker import Broker
+    from hub.dispatch import TypeTable
+    from hub.flusher import Flusher
+    from hub.history import History
+    from hub.limits import PublishLimiter
+    from hub.registry import Registry
+    from hub.revocations import Revocations
 
-__all__ = ["PUBLISH_LIMITS", "PUBLISH_REFUSALS", "STREAM_REFUSALS", "TICKET_REFUSALS", "Metrics"]
+__all__ = ["PUBLISH_LIMITS", "Metrics", "Observed"]
 
 # Every label value of a fixed set is exported from the start, at 0: a dashboard's rate() and
 # an alert on a series that appears only after its first event are both wrong until then.
-PUBLISH_REFUSALS = ("400", "401", "403", "413", "415", "422", "429", "503")
-# Publisher limits (hub.limits, hub.decode): rate is --publish-rate (429), batch --max-batch
-# or a batch over --publish-burst (413), event_bytes --max-event-bytes (413).
+# Publisher limits (hub.limits, hub.decode): rate is --publish-rate, batch --max-batch or a
+# batch over --publish-burst, event_bytes --max-event-bytes.
 PUBLISH_LIMITS = ("rate", "batch", "event_bytes")
-STREAM_REFUSALS = ("400", "401", "403", "429", "503")
-TICKET_REFUSALS = ("401", "503")  # of POST /tickets
 
 # `_created` series double the exposition and no dashboard reads them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
+class Observed(Protocol):
+    """What the metrics read of the hub (hub.core.Hub), at scrape time."""
+
+    @property
+    def registry(self) -> Registry: ...
+    @property
+    def flusher(self) -> Flusher: ...
+    @property
+    def history(self) -> History: ...
+    @property
+    def types(self) -> TypeTable: ...
+    @property
+    def broker(self) -> Broker: ...
+    @property
+    def publishers(self) -> PublishLimiter: ...
+    @property
+    def revocations(self) -> Revocations: ...
+
+
 class Metrics:
-    def __init__(self, hub: Hub) -> None:
+    """The hub's collectors. The refusals counted by HTTP status (hub_publish_rejected,
+    hub_streams_refused, hub_ticket_requests_refused) are labelled, and their label values
+    exported at 0, by the handlers (handlers.base), which alone know the statuses."""
+
+    def __init__(self, hub: Observed) -> None:
         self.registry = CollectorRegistry()
         self.streams = Gauge("hub_streams_open", "Open SSE streams.", registry=self.registry)
         self.streams.set_function(lambda: len(hub.registry))
@@ -66,8 +92,7 @@ class Metrics:
         )
         self.streams_refused = Counter(
             "hub_streams_refused",
-            "Stream requests refused, by HTTP status (400 bad query, 401/403 token, 429 per "
-            "user, 503 in all or shutting down).",
+            "Stream requests refused, by HTTP status (README, Operations).",
             ["status"],
             registry=self.registry,
         )
@@ -80,8 +105,8 @@ class Metrics:
         )
         self.streams_capped = Counter(
             "hub_streams_capped",
-            "Streams refused by a cap, by which (per_user: --max-streams-per-user, a 429; "
-            "total: --max-streams, a 503). Also counted in hub_streams_refused.",
+            "Streams refused by a cap, by which (per_user: --max-streams-per-user; total: "
+            "--max-streams). Also counted in hub_streams_refused.",
             ["limit"],
             registry=self.registry,
         )
@@ -121,13 +146,9 @@ class Metrics:
         )
         for kind in hub.types:
             self.published.labels(kind.name)
-        for status in PUBLISH_REFUSALS:
-            self.rejected.labels(status)
         self._limit_metrics(hub)
-        for status in STREAM_REFUSALS:
-            self.streams_refused.labels(status)
-        for reason in Reason:
-            self.disconnects.labels(reason.value)
+        for end in ENDS:
+            self.disconnects.labels(end.reason)
         self._ticket_metrics(hub)
         history = Gauge(
             "hub_history_events", "Events the history holds for resume.", registry=self.registry
@@ -145,7 +166,7 @@ class Metrics:
             "--max-revocations).",
             registry=self.registry,
         )
-        revocations.set_function(lambda: len(hub.revoked))
+        revocations.set_function(lambda: len(hub.revocations))
         self.registry.register(_RevocationsDropped(hub))
         Info("hub_broker", "The broker in use.", registry=self.registry).info(
             {"broker": type(hub.broker).__name__.removesuffix("Broker").lower()}
@@ -154,7 +175,7 @@ class Metrics:
         PlatformCollector(registry=self.registry)
         self.registry.register(_HotPath(hub))
 
-    def _ticket_metrics(self, hub: Hub) -> None:
+    def _ticket_metrics(self, hub: Observed) -> None:
         """One-time stream tickets (hub.tickets): issued, redeemed, refused, pushed out."""
         self.tickets_issued = Counter(
             "hub_tickets_issued",
@@ -163,13 +184,10 @@ class Metrics:
         )
         self.ticket_requests_refused = Counter(
             "hub_ticket_requests_refused",
-            "POST /tickets refused, by HTTP status (401 token, 503 shutting down or broker "
-            "unavailable).",
+            "POST /tickets refused, by HTTP status (README, Operations).",
             ["status"],
             registry=self.registry,
         )
-        for status in TICKET_REFUSALS:
-            self.ticket_requests_refused.labels(status)
         self.tickets_redeemed = Counter(
             "hub_tickets_redeemed",
             "Tickets taken from the store by a stream request (each at most once).",
@@ -177,7 +195,7 @@ class Metrics:
         )
         self.tickets_rejected = Counter(
             "hub_tickets_rejected",
-            "Stream requests whose ticket was refused (401), by why (malformed: not a ticket's "
+            "Stream requests whose ticket was refused, by why (malformed: not a ticket's "
             "shape; unknown: never issued, already used or expired; revoked: its session "
             "logged out since its token was issued).",
             ["reason"],
@@ -189,13 +207,13 @@ class Metrics:
         self.registry.register(_Evicted(lambda: getattr(broker, "tickets_evicted", 0)))
         self.registry.register(_Feed(broker))
 
-    def _limit_metrics(self, hub: Hub) -> None:
+    def _limit_metrics(self, hub: Observed) -> None:
         """Publishes refused by a publisher limit, and the rate buckets held."""
         self.limited = Counter(
             "hub_publish_limited",
-            "Publish requests refused by a publisher limit, by which (rate: --publish-rate, "
-            "a 429; batch: --max-batch or a batch over --publish-burst, event_bytes: "
-            "--max-event-bytes, 413s). Also counted in hub_publish_rejected.",
+            "Publish requests refused by a publisher limit, by which (rate: --publish-rate; "
+            "batch: --max-batch or a batch over --publish-burst; event_bytes: "
+            "--max-event-bytes). Also counted in hub_publish_rejected.",
             ["limit"],
             registry=self.registry,
         )
@@ -227,7 +245,7 @@ class Metrics:
 
 
 class _RevocationsDropped(Collector):
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: Observed) -> None:
         self.hub = hub
 
     def collect(self) -> Iterator[Metric]:
@@ -235,7 +253,7 @@ class _RevocationsDropped(Collector):
             "hub_revocations_dropped",
             "Logouts forgotten before --revoke-ttl because --max-revocations were remembered "
             "(the oldest first): tokens issued before them work again until their exp.",
-            value=self.hub.revocations_dropped,
+            value=self.hub.revocations.dropped,
         )
 
 
@@ -286,7 +304,7 @@ class _Feed(Collector):
 
 
 class _HotPath(Collector):
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: Observed) -> None:
         self.hub = hub
 
     def collect(self) -> Iterator[Metric]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -13,19 +12,9 @@ from hub.message import Event
 if TYPE_CHECKING:
     from hub.flusher import Outbox
 
-__all__ = ["Reason", "Registry", "Subscriber"]
+__all__ = ["Registry", "Subscriber"]
 
 log = logging.getLogger("hub")
-
-
-class Reason(enum.Enum):
-    """Why a stream ended; feeds logs and the disconnect metric's label."""
-
-    GONE = "gone"  # the client closed the connection
-    SLOW = "slow"  # it stopped draining, or fell further behind than the hub keeps for it
-    LOGOUT = "logout"  # a logout event ended its session
-    EXPIRED = "expired"  # its token's exp passed
-    SHUTDOWN = "shutdown"  # the hub is stopping
 
 
 class Subscriber:

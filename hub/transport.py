@@ -7,7 +7,9 @@ does not take is kept, by reference, and sent when the loop says the socket is w
 loop watches the socket for reads only to learn that the client went away.
 
 The flusher is the only writer and never queues a second write behind unsent bytes (it waits
-for `on_drained`), so what a stream holds here is at most one write's worth.
+for `on_drained`), so what a stream holds here is at most one write's worth; except at a
+stream's end, when it writes what the stream is owed and the end frame at once (bounded by
+--max-pending), and the transport closes after sending them, or after CLOSE_GRACE.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from hub.registry import Reason
+from hub.disconnect import GONE, Disconnect
 
 __all__ = ["CLOSE_GRACE", "SEND_BUFFER", "SocketTransport"]
 
@@ -61,15 +63,15 @@ class SocketTransport:
         self.sent = 0  # bytes the kernel has taken, ever: progress, for stall detection
         self.received = 0  # bytes the client sent on the stream (dropped)
         self.closing = False
-        self.reason = Reason.GONE
+        self.reason = GONE
         self.owner: Any = None
-        self.on_close: Callable[[Any, Reason], None] | None = None
+        self.on_close: Callable[[Any, Disconnect], None] | None = None
         self.on_drained: Callable[[Any], None] | None = None
 
     def watch(
         self,
         owner: Any,
-        on_close: Callable[[Any, Reason], None],
+        on_close: Callable[[Any, Disconnect], None],
         on_drained: Callable[[Any], None] | None = None,
     ) -> None:
         """From now on, report the end of the connection and the draining of held bytes (at
@@ -101,7 +103,7 @@ class SocketTransport:
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
-            self.reason = Reason.GONE
+            self.reason = GONE
             self._shut()
             return
         self.sent += sent
@@ -110,7 +112,7 @@ class SocketTransport:
         self._keep(data, sent)
         self.loop.add_writer(self.fd, self._on_writable)
 
-    def close(self, reason: Reason, flush: bool = False) -> None:
+    def close(self, reason: Disconnect, flush: bool = False) -> None:
         """End the stream; with `flush`, once what it holds has been sent (the logout event,
         say), or after a grace period if the client does not read it."""
         if self.socket is None or self.closing:
@@ -148,7 +150,7 @@ class SocketTransport:
         except (BlockingIOError, InterruptedError):
             return 0
         except OSError:
-            self.reason = Reason.GONE
+            self.reason = GONE
             self._shut()
             return -1
         self.sent += sent
@@ -170,14 +172,14 @@ class SocketTransport:
         except OSError:
             data = b""
         if not data:
-            self.reason = Reason.GONE
+            self.reason = GONE
             self._shut()
         else:
             # A client has nothing to send on a stream; one that keeps sending would make the
             # hub spend a read on it for ever. A few bytes (a pipelined request) pass.
             self.received += len(data)
             if self.received > MAX_RECEIVED:
-                self.reason = Reason.GONE
+                self.reason = GONE
                 self._shut()
 
     def _shut(self) -> None:

@@ -15,11 +15,12 @@ from sse import wait_for
 
 from hub.core import Hub
 from hub.decode import decode_json
+from hub.disconnect import EXPIRED, GONE, LOGOUT
 from hub.dispatch import DEFAULT_TYPES, Kind, Route
 from hub.flusher import WINDOW
 from hub.history import History, event_cost, parse_id, parse_position
 from hub.message import Event
-from hub.registry import Reason, Registry, Subscriber
+from hub.registry import Registry, Subscriber
 
 
 def run(fn: Callable[[], Awaitable[Any]]) -> Any:
@@ -106,6 +107,7 @@ def test_a_node_is_behind_a_client_ahead_of_it_in_its_epoch_or_in_one_it_has_not
         assert hub.behind("100-6-e1")
         assert not hub.behind("100-5-e1") and not hub.behind("99-0-e1")
         assert hub.behind("1-0-e0")  # an epoch it has not met: maybe a newer one
+        assert hub.ahead("100-6-e1") and not hub.ahead("1-0-e0")  # ahead: of its own epoch
         assert not hub.behind("1-0") and not hub.behind("junk")
         hub.resync("200-0-e2")
         assert not hub.behind("100-6-e1")  # an epoch it left
@@ -359,10 +361,10 @@ def test_the_transport_reports_a_peer_that_closes_once_and_releases_the_socket()
         peer.transport.watch("me", lambda owner, why: closed.append((owner, why)))
         peer.client.close()
         await until(lambda: closed)
-        assert closed == [("me", Reason.GONE)] and peer.transport.socket is None
+        assert closed == [("me", GONE)] and peer.transport.socket is None
         assert peer.server.fileno() == -1
         peer.transport.write(b"after")  # writing to a gone stream is a no-op, never an error
-        assert closed == [("me", Reason.GONE)]
+        assert closed == [("me", GONE)]
 
     run(scenario)
 
@@ -374,11 +376,11 @@ def test_the_transport_closes_after_flushing_what_it_holds():
         peer.transport.watch("me", lambda owner, why: closed.append((owner, why)))
         data = b"y" * 200_000
         peer.transport.write(data)
-        peer.transport.close(Reason.LOGOUT, flush=True)
+        peer.transport.close(LOGOUT, flush=True)
         assert closed == []  # still sending what it holds
         await until(lambda: peer.read() is not None and peer.eof)
         assert bytes(peer.received) == data
-        assert closed == [("me", Reason.LOGOUT)]
+        assert closed == [("me", LOGOUT)]
         peer.shutdown()
 
     run(scenario)
@@ -389,7 +391,7 @@ def test_a_stream_registered_for_a_client_already_gone_is_removed_at_once():
         hub = Hub(config())
         peer = Peer()
         peer.client.close()
-        peer.transport.close(Reason.GONE)  # the socket is shut before the hub subscribes it
+        peer.transport.close(GONE)  # the socket is shut before the hub subscribes it
         sub = hub.subscribe(peer.transport, "u1")
         assert sub.closed and len(hub.registry) == 0 and hub.flusher.everyone.readers == {}
 
@@ -481,11 +483,18 @@ def test_logout_ends_only_the_named_session_after_it_gets_the_event_and_revokes_
         issued = time.time() - 1
         [logout] = await publish(hub, {"type": 3, "user": "u1", "data": {"session": "s1"}})
         await until(lambda: s1.closed)
-        assert s1.events() == [(logout, "logout")]
+        assert s1.events() == [(logout, "logout"), ("", "end")]  # the end frame comes last
+        end = parse_blocks(bytes(s1.received))[-1]
+        assert ujson.loads(end["data"]) == {
+            "code": 4003,
+            "reason": "logout",
+            "reconnect": False,
+            "detail": "this session logged out",
+        }
         assert not s2.closed and len(hub.registry) == 1
-        assert hub.is_revoked("u1", "s1", issued)
-        assert not hub.is_revoked("u1", "s2", issued)
-        assert not hub.is_revoked("u1", "s1", time.time() + 2)  # a token issued later works
+        assert hub.revocations.is_revoked("u1", "s1", issued)
+        assert not hub.revocations.is_revoked("u1", "s2", issued)
+        assert not hub.revocations.is_revoked("u1", "s1", time.time() + 2)  # issued later: works
         s1.shutdown()
         s2.shutdown()
 
@@ -504,8 +513,10 @@ def test_quiet_streams_get_heartbeats_and_expired_tokens_end_their_streams():
         last = parse_blocks(bytes(expiring.received))[-1]
         assert last["event"] == "end" and "id" not in last  # says why, moves no last id
         assert ujson.loads(last["data"])["reason"] == "expired"
+        assert ujson.loads(last["data"])["code"] == 4002
+        assert ujson.loads(last["data"])["reconnect"] is True
         assert sub not in hub.registry.all
-        assert hub.metrics.disconnects.labels(Reason.EXPIRED.value)._value.get() == 1
+        assert hub.metrics.disconnects.labels(EXPIRED.reason)._value.get() == 1
         await hub.stop()
         assert quiet.closed and len(hub.registry) == 0
         quiet.shutdown()
@@ -521,7 +532,7 @@ def test_nothing_of_a_stream_remains_after_it_leaves():
         subs = [hub.subscribe(p.transport, f"u{i % 7}", topics=("t",)) for i, p in enumerate(peers)]
         await publish(hub, [{"type": 5}, {"type": 2, "user": "u1"}])
         for s in subs:
-            hub.disconnect(s, Reason.GONE)
+            hub.disconnect(s, GONE)
         assert (hub.registry.all, hub.registry.by_user, hub.registry.by_topic) == (set(), {}, {})
         flusher = hub.flusher
         assert (flusher.topics, flusher.everyone.readers) == ({}, {})
@@ -577,8 +588,11 @@ def test_on_shutdown_every_stream_gets_what_it_is_owed_then_a_spread_out_retry()
         for p in peers:
             await until(lambda p=p: p.read() is not None and p.eof)
             blocks = parse_blocks(bytes(p.received))
-            assert blocks[-2].get("id") == last  # what it was owed, then the retry
-            retries.append(int(blocks[-1]["retry"]))
+            # what it was owed, then the retry, then the end frame
+            assert blocks[-3].get("id") == last
+            retries.append(int(blocks[-2]["retry"]))
+            assert blocks[-1]["event"] == "end" and "id" not in blocks[-1]
+            assert ujson.loads(blocks[-1]["data"])["code"] == 4000
         assert all(2000 <= r <= 7000 for r in retries)
         assert len(set(retries)) > 10  # spread, not one second for all
         assert hub.metrics.disconnects.labels("shutdown")._value.get() == 30
@@ -622,5 +636,37 @@ def test_a_client_that_sends_on_its_stream_is_cut_rather_than_read_for_ever():
             peer.client.sendall(b"x" * 1000)
         await until(lambda: sub.closed)
         peer.shutdown()
+
+    run(scenario)
+
+
+def test_a_reset_goes_through_the_flusher_in_order_after_what_each_stream_is_owed():
+    """Hub.resync queues the `reset` behind what each stream is owed and before what comes
+    next, written by the passes like any broadcast (never past a socket that holds bytes)."""
+
+    async def scenario() -> None:
+        hub = Hub(config(flush_interval=0.01))
+        live, resuming = Peer(), Peer()
+        hub.subscribe(live.transport, "u1")
+        before = await publish(hub, [{"type": 5, "data": n} for n in range(3)])
+        hub.subscribe(resuming.transport, "u2", last_event_id=before[0])  # replay owed: 2
+        hub.resync("9000000000000-0-e1")
+        after = await publish(hub, [{"type": 5, "data": "after"}])
+        await until(lambda: len(live.events()) == 5 and len(resuming.events()) == 4)
+        reset = ("9000000000000-0-e1", "reset")
+        assert live.events() == [
+            *((i, "broadcast") for i in before),
+            reset,
+            (after[0], "broadcast"),
+        ]
+        # its replay was written when it opened: then the reset, then what came next
+        assert resuming.events() == [
+            *((i, "broadcast") for i in before[1:]),
+            reset,
+            (after[0], "broadcast"),
+        ]
+        for p in (live, resuming):
+            p.shutdown()
+        await hub.stop()
 
     run(scenario)

@@ -8,8 +8,8 @@ import itertools
 
 import pytest
 
-from hub.metrics import PUBLISH_REFUSALS, STREAM_REFUSALS
-from hub.registry import Reason
+from handlers.base import PUBLISH_REFUSALS, STREAM_REFUSALS
+from hub.disconnect import ENDS
 
 
 async def scrape(server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -28,8 +28,8 @@ async def test_a_fresh_hub_exports_every_fixed_series_at_zero_and_no_created_ser
         assert samples[("hub_publish_rejected_total", (("status", status),))] == 0
     for status in STREAM_REFUSALS:
         assert samples[("hub_streams_refused_total", (("status", status),))] == 0
-    for reason in Reason:
-        assert samples[("hub_disconnects_total", (("reason", reason.value),))] == 0
+    for end in ENDS:
+        assert samples[("hub_disconnects_total", (("reason", end.reason),))] == 0
     assert samples[("hub_stream_connects_total", ())] == 0
     assert samples[("hub_broker_info", (("broker", "memory"),))] == 1
     assert samples[("hub_history_events", ())] == 0

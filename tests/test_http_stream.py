@@ -279,6 +279,14 @@ async def test_logout_with_session_ends_only_that_sessions_stream_after_deliveri
     assert (event.id, event.event) == (logout_id, "logout")
     assert event.json()["data"] == {"session": "s1"}
     assert await s1.wait_closed(5), "the logged-out session's stream stayed open"
+    end = await s1.next_event()  # then the end frame: stop, do not reconnect
+    assert end.event == "end"
+    assert end.json() == {
+        "code": 4003,
+        "reason": "logout",
+        "reconnect": False,
+        "detail": "this session logged out",
+    }
     assert s1.pending() == 0
     event = await s2.next_event()
     assert (event.id, event.event) == (logout_id, "logout")
@@ -494,6 +502,7 @@ async def test_stream_ended_by_logout_raises_stream_ended_for_further_reads(hub_
     server = await hub_server()
     client = await server.stream("u1", sid="s1")
     await server.publish_ok({"type": "logout", "user": "u1", "data": {"session": "s1"}})
-    await client.next_event()
+    assert (await client.next_event()).event == "logout"
+    assert (await client.next_event()).event == "end"
     with pytest.raises(StreamEnded):
         await client.next_event(5)

@@ -393,7 +393,10 @@ def test_sigterm_with_streams_and_publishes_in_flight_exits_0_owing_no_accepted_
         ids, retries = stream_ids_and_retries(raw)
         assert set(accepted) <= set(ids), len(set(accepted) - set(ids))
         assert retries[0] == 1000 and 1000 <= retries[-1] <= 3000, retries
-        assert raw.endswith(b"retry: %d\n\n" % retries[-1])  # the last thing it got
+        # the last things it got: the retry, then the end frame (code 4000, reconnect)
+        assert raw.rsplit(b"event: end\ndata: ", 1)[0].endswith(b"retry: %d\n\n" % retries[-1])
+        assert b'"code":4000' in raw.rsplit(b"event: end\ndata: ", 1)[1]
+        assert raw.endswith(b"}\n\n")
     out = output[0] if output else proc.stdout.read()
     assert "shutting down: closing 4 streams" in out
     assert "Traceback" not in out and " ERROR " not in out, out[-3000:]
