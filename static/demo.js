@@ -112,6 +112,9 @@ function signIn(user) {
   state.hub = hub;
 }
 
+/** The code of the hub's end frame when a logout ended the stream (README, Subscribing). */
+const END_LOGOUT = 4003;
+
 /** @type {Record<Status, string>} */
 const STATUS_TEXT = {
   connecting: "Connecting…",
@@ -121,7 +124,7 @@ const STATUS_TEXT = {
 };
 
 /** @type {import("./hub.js").StatusListener} */
-function renderStatus(status, { role, error }) {
+function renderStatus(status, { role, error, code }) {
   const pill = $("conn");
   pill.dataset.status = status;
   $("status").textContent = STATUS_TEXT[status] || status;
@@ -132,7 +135,7 @@ function renderStatus(status, { role, error }) {
     status === "closed" ? "" :
     role === "leader" ? "This tab holds the connection" :
     role === "follower" ? "Shared from another tab" : "";
-  if (status === "closed" && error === "logged out") {
+  if (status === "closed" && code === END_LOGOUT) {
     const user = state.user ?? "";
     showNotice(`${user} was logged out: the hub ended the stream.`, "Sign in again", () =>
       signIn(user),

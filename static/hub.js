@@ -12,14 +12,16 @@
 // every event to the other tabs over a BroadcastChannel (hub/relay.js). When the leader tab
 // goes away another tab takes over and resumes from the last event id it has seen. Every tab
 // delivers an event id at most once, so a handover, a replay or a stale leader never doubles
-// an event. When the hub ends the stream for good (a logout, a refused token or topic), every
+// an event. A follower believes only what the current leader signed (hub/relay.js): another
+// script of the origin posting on the channel moves nothing. When the hub ends the stream for
+// good (its end frame says `reconnect: false`, e.g. a logout; a refused token or topic), every
 // tab closes with the reason; when one of them connects again with the same key (signs in
 // again), the others follow it rather than staying closed (unless they called close()).
 
 import { elect } from "./hub/election.js";
 import { Dedupe, Relay } from "./hub/relay.js";
 import { Source } from "./hub/source.js";
-import { report, tokenClaims } from "./hub/util.js";
+import { report } from "./hub/util.js";
 
 export { FALLBACK_TYPES, fetchTypes } from "./hub/types.js";
 export { tokenClaims } from "./hub/util.js";
@@ -55,7 +57,12 @@ const failed = new Set();
  * @property {unknown} data
  */
 
-/** @typedef {(status: Status, info: {role: Role | null, error: string | null}) => void} StatusListener */
+/**
+ * `error`: why the stream closed; `code`: the code of the hub's end frame when the hub ended it
+ * on the stream (4003: logout), null otherwise.
+ * @typedef {{role: Role | null, error: string | null, code: number | null}} StatusInfo
+ * @typedef {(status: Status, info: StatusInfo) => void} StatusListener
+ */
 
 /**
  * @typedef {object} Options
@@ -80,8 +87,6 @@ const failed = new Set();
  * @property {{base?: number, max?: number}} [backoff]  ms, for the retries EventSource does not
  *   do itself; default {base: 500, max: 30000}
  * @property {boolean} [withCredentials]  send cookies to a hub on another origin
- * @property {boolean} [closeOnLogout]  default true: a logout event for this token's user (and
- *   session, if the logout names one) closes the stream instead of reconnecting
  */
 
 /**
@@ -100,7 +105,6 @@ class HubConnection {
     const topics = [...(options.topics || [])];
     const params = { ...(options.params || {}) };
     this._onReset = options.onReset || null;
-    this._closeOnLogout = options.closeOnLogout !== false;
 
     /** @type {Map<string, Set<(event: HubEvent) => void>>} event name or "*" -> listeners */
     this._listeners = new Map();
@@ -110,13 +114,15 @@ class HubConnection {
     this._status = "connecting";
     /** @type {string | null} */
     this._error = null;
+    /** @type {number | null} */
+    this._code = null;
     /** @type {Role | null} */
     this._role = null;
     this._closed = false;
     /** closed by the hub for good (see `failed`) */
     this._failed = false;
     this._everOpen = false;
-    /** @type {{status: Status, error: string | null, role: Role | null} | null} */
+    /** @type {{status: Status, error: string | null, code: number | null, role: Role | null} | null} */
     this._notified = null;
     this._dedupe = new Dedupe(options.lastEventId || null);
 
@@ -138,7 +144,7 @@ class HubConnection {
           this._setStatus(status === "trying" ? this._pending() : status);
         },
         event: (name, id, data) => this._fromServer(name, id, data),
-        fail: (error) => this._fail(error),
+        fail: (error, code) => this._fail(error, code),
       },
     );
 
@@ -150,9 +156,16 @@ class HubConnection {
     this._relay = null;
     /** @type {Election | null} */
     this._election = null;
-    if (options.share !== false && typeof BroadcastChannel === "function") {
-      this._relay = new Relay(this._channelName, this._channelHandlers());
+    // Sharing needs a way to verify the leader: WebCrypto, which insecure origins (http: other
+    // than localhost) lack. Without it every tab keeps its own connection.
+    const canVerify = typeof crypto !== "undefined" && !!crypto.subtle;
+    if (options.share !== false && typeof BroadcastChannel === "function" && canVerify) {
+      this._relay = new Relay(this._channelName, this._channelHandlers(), {
+        announce: (keyId) => (this._election ? this._election.announce(keyId) : Promise.resolve()),
+        leaderKeys: () => (this._election ? this._election.leaderKeys() : Promise.resolve([])),
+      });
       this._elect();
+      if (!this._election) this._letGo(); // no election: no leader to believe
     }
     // Nothing to share or elect with: this tab keeps its own connection.
     if (!this._election) this._becomeLeader();
@@ -162,7 +175,7 @@ class HubConnection {
     this._election = elect(this._channelName, {
       lead: () => this._becomeLeader(),
       follow: () => this._becomeFollower(),
-      leaving: () => this._post({ t: "resign" }),
+      leaving: () => this._relay?.resignNow(),
     });
   }
 
@@ -189,7 +202,7 @@ class HubConnection {
   onStatus(fn) {
     this._statusListeners.add(fn);
     try {
-      fn(this._status, { role: this._role, error: this._error });
+      fn(this._status, { role: this._role, error: this._error, code: this._code });
     } catch (e) {
       report(e);
     }
@@ -227,6 +240,7 @@ class HubConnection {
   _becomeFollower() {
     this._source.stop(); // a leader that lost its lease steps down
     this._role = "follower";
+    this._relay?.follow();
     this._setStatus(this._pending(), null, false);
     this._post({ t: "hello" });
   }
@@ -234,6 +248,7 @@ class HubConnection {
   _becomeLeader() {
     if (this._closed) return;
     this._role = "leader";
+    this._relay?.lead();
     this._source.start();
   }
 
@@ -241,8 +256,9 @@ class HubConnection {
    * End this handle. A leader that ends normally tells the others to take over at once. One
    * that the hub ended (`error`) keeps its channel, to follow a new connect() in another tab.
    * @param {string | null} error
+   * @param {number | null} code
    */
-  _shutdown(error) {
+  _shutdown(error, code = null) {
     if (this._closed) return;
     if (this._role === "leader" && this._relay && error === null) this._post({ t: "resign" });
     this._closed = true;
@@ -256,7 +272,7 @@ class HubConnection {
         failed.add(this);
       }
     }
-    this._setStatus("closed", error, false);
+    this._setStatus("closed", error, false, code);
   }
 
   /**
@@ -282,14 +298,16 @@ class HubConnection {
   }
 
   /**
-   * The hub will not take this stream back (logout, refused token or topic): every tab that
-   * shares it closes with the reason. This tab keeps the lock until a new connect() (in any
-   * tab) says hello, so that no follower takes over and signs in again meanwhile.
+   * The hub will not take this stream back (its end frame said so, or it refused the token or
+   * a topic): every tab that shares it closes with the reason. This tab keeps the lock until a
+   * new connect() (in any tab) says hello, so that no follower takes over and signs in again
+   * meanwhile.
    * @param {string} error
+   * @param {number | null} code
    */
-  _fail(error) {
-    this._post({ t: "status", status: "closed", error, final: true });
-    this._shutdown(error);
+  _fail(error, code) {
+    this._post({ t: "status", status: "closed", error, code, final: true });
+    this._shutdown(error, code);
   }
 
   // ---- events -------------------------------------------------------------------------------
@@ -306,24 +324,6 @@ class HubConnection {
     if (!this._dedupe.accept(msg)) return;
     this._post({ t: "event", ...msg });
     this._deliver(msg);
-    if (name === "logout" && this._closeOnLogout && this._isOwnLogout(data)) {
-      // The hub ends the stream after a logout; reconnecting would only sign in again.
-      this._fail("logged out");
-    }
-  }
-
-  /** @param {string} raw */
-  _isOwnLogout(raw) {
-    const claims = tokenClaims(this._source.token);
-    if (!claims) return false;
-    let event;
-    try {
-      event = JSON.parse(raw);
-    } catch {
-      return false;
-    }
-    const session = event && event.data && event.data.session;
-    return event.user === claims.sub && (!session || session === claims.sid);
   }
 
   /** @param {Relayed} msg */
@@ -382,11 +382,13 @@ class HubConnection {
         }
       },
       event: (m) => {
-        if (!this._closed && this._dedupe.accept(m)) this._deliver(m);
+        // The relay passes only what the current leader signed: its ids came from its stream.
+        if (this._closed || this._role !== "follower") return;
+        if (this._dedupe.accept(m)) this._deliver(m);
       },
       status: (m) => {
         if (this._closed || this._role !== "follower") return;
-        if (m.final) this._shutdown(m.error || "closed");
+        if (m.final) this._shutdown(m.error || "closed", m.code ?? null);
         else {
           if (m.status === "open") this._everOpen = true;
           this._setStatus(m.status, m.error || null, false);
@@ -404,15 +406,25 @@ class HubConnection {
    * @param {Status} status
    * @param {string | null} error
    * @param {boolean} broadcast  a leader tells the followers
+   * @param {number | null} code  the end frame's code, when the hub ended the stream
    */
-  _setStatus(status, error = null, broadcast = true) {
+  _setStatus(status, error = null, broadcast = true, code = null) {
     const seen = this._notified;
     this._status = status;
     this._error = error;
+    this._code = code;
     if (broadcast && this._role === "leader") this._post({ t: "status", status, error });
-    if (seen && seen.status === status && seen.error === error && seen.role === this._role) return;
-    this._notified = { status, error, role: this._role };
-    const info = { role: this._role, error };
+    if (
+      seen &&
+      seen.status === status &&
+      seen.error === error &&
+      seen.code === code &&
+      seen.role === this._role
+    ) {
+      return;
+    }
+    this._notified = { status, error, code, role: this._role };
+    const info = { role: this._role, error, code };
     for (const fn of this._statusListeners) {
       try {
         fn(status, info);

@@ -1,5 +1,9 @@
 // Tab election: of the tabs that share one stream, exactly one (the leader) holds the connection.
-// Web Locks where the browser has them; a lease in localStorage where it does not.
+// Web Locks where the browser has them; a lease in localStorage where it does not. The election
+// also vouches for the leader's signing key (relay.js): with Web Locks, the leader holds a
+// second lock named after its key, and a key counts only if the page that holds it holds the
+// election's lock too (no other page can hold a lock in that page's name). With the lease, the
+// key is in the lease: weaker, since any script of the origin can write localStorage.
 
 import { randomId, report } from "./util.js";
 
@@ -19,6 +23,8 @@ const LEASE_TICK_MS = 1000; // ... and is renewed (or checked by followers) this
  * @property {() => void} stop     stop taking part; a leader's lease is cleared, the lock kept
  * @property {() => void} release  give the lock up (after stop)
  * @property {() => void} claim    the leader resigned: try to take over now rather than later
+ * @property {(keyId: string) => Promise<void>} announce  this tab leads and signs with this key
+ * @property {() => Promise<string[]>} leaderKeys  the keys the current leader announced
  */
 
 /**
@@ -47,9 +53,13 @@ class LockElection {
    * @param {Candidate} candidate
    */
   constructor(name, candidate) {
+    this._name = name;
     this._stopped = false;
+    this._released = false;
     /** @type {(() => void) | null} */
     this._release = null;
+    /** @type {(() => void) | null} gives the key's lock up */
+    this._withdraw = null;
     /** @type {AbortController | null} */
     this._abort = new AbortController();
     navigator.locks
@@ -72,13 +82,56 @@ class LockElection {
   }
 
   release() {
+    this._released = true;
     if (this._release) this._release();
     this._release = null;
+    this._withdrawKey();
   }
 
   claim() {
     // The lock manager grants the lock to the next waiting tab by itself.
   }
+
+  /** @param {string} keyId */
+  announce(keyId) {
+    this._withdrawKey();
+    return new Promise((resolve) => {
+      navigator.locks
+        .request(keyLock(this._name, keyId), () => {
+          resolve(undefined);
+          if (this._released) return undefined;
+          return new Promise((done) => (this._withdraw = () => done(undefined)));
+        })
+        .catch((e) => {
+          resolve(undefined); // unannounced: the followers will not believe this tab
+          report(e);
+        });
+    });
+  }
+
+  async leaderKeys() {
+    const { held = [] } = await navigator.locks.query();
+    const leader = held.find((lock) => lock.name === this._name);
+    if (!leader || !leader.clientId) return [];
+    const prefix = keyLock(this._name, "");
+    return held
+      .filter((lock) => lock.clientId === leader.clientId && lock.name?.startsWith(prefix))
+      .map((lock) => (lock.name ?? "").slice(prefix.length));
+  }
+
+  _withdrawKey() {
+    if (this._withdraw) this._withdraw();
+    this._withdraw = null;
+  }
+}
+
+/**
+ * The lock a leader holds to say which key it signs with.
+ * @param {string} name
+ * @param {string} keyId
+ */
+function keyLock(name, keyId) {
+  return name + " leader-key " + keyId;
 }
 
 /**
@@ -95,6 +148,12 @@ class LeaseElection {
     const me = randomId();
     this._key = key;
     this._leading = false;
+    /** @type {string | null} the key this tab signs with while it leads */
+    this._keyId = null;
+    this._me = me;
+    /** @param {number} now */
+    const mine = (now) => ({ id: me, exp: now + LEASE_MS, key: this._keyId });
+    this._mine = mine;
     let claimed = false;
     this._tick = () => {
       const now = Date.now();
@@ -102,16 +161,19 @@ class LeaseElection {
       if (this._leading) {
         if (lease && lease.id !== me && lease.exp > now) {
           this._leading = false;
+          this._keyId = null;
           candidate.follow();
-        } else writeLease(key, { id: me, exp: now + LEASE_MS });
+        } else writeLease(key, mine(now));
       } else if (claimed && lease && lease.id === me) {
         claimed = false;
-        writeLease(key, { id: me, exp: now + LEASE_MS });
+        this._keyId = null;
+        writeLease(key, mine(now));
         this._leading = true;
         candidate.lead();
       } else if (!lease || lease.exp <= now) {
         claimed = true;
-        writeLease(key, { id: me, exp: now + LEASE_MS });
+        this._keyId = null;
+        writeLease(key, mine(now));
       } else {
         claimed = false;
       }
@@ -140,6 +202,18 @@ class LeaseElection {
   claim() {
     this._tick();
   }
+
+  /** @param {string} keyId */
+  async announce(keyId) {
+    this._keyId = keyId;
+    const lease = readLease(this._key);
+    if (this._leading && lease && lease.id === this._me) writeLease(this._key, this._mine(Date.now()));
+  }
+
+  async leaderKeys() {
+    const lease = readLease(this._key);
+    return lease && lease.exp > Date.now() && lease.key ? [lease.key] : [];
+  }
 }
 
 function hasLocalStorage() {
@@ -150,7 +224,7 @@ function hasLocalStorage() {
   }
 }
 
-/** @typedef {{id: string, exp: number}} Lease */
+/** @typedef {{id: string, exp: number, key?: string | null}} Lease */
 
 /**
  * @param {string} key
@@ -159,7 +233,8 @@ function hasLocalStorage() {
 function readLease(key) {
   try {
     const lease = JSON.parse(localStorage.getItem(key) ?? "null");
-    return lease && typeof lease.id === "string" && typeof lease.exp === "number" ? lease : null;
+    if (!lease || typeof lease.id !== "string" || typeof lease.exp !== "number") return null;
+    return typeof lease.key === "string" || lease.key == null ? lease : null;
   } catch {
     return null;
   }

@@ -1,5 +1,8 @@
 // The leader's EventSource: its token, the event names it listens for, and what happens when
-// it fails (EventSource retries network errors itself; on a refusal, ask the hub why).
+// it fails (EventSource retries network errors itself; on a refusal, ask the hub why) or when
+// the hub ends it. Every stream the hub ends closes with one `end` frame,
+// {code, reason, reconnect, detail} and no id: `reconnect: false` stops for good, `true`
+// reconnects (a fresh token for an expired one). A close without it is a network cut.
 //
 // With a ticket endpoint (`ticketUrl`), every EventSource opens with a one-time ticket that the
 // token buys just before (POST, token in the Authorization header), so the token never sits in
@@ -21,8 +24,17 @@ const TICKET_TIMEOUT_MS = 5000;
  * @property {(status: "trying" | "reconnecting" | "open") => void} status
  *   "trying": not open, an attempt is on its way (connecting, or reconnecting once it was open)
  * @property {(name: string, id: string | null, data: string) => void} event
- * @property {(error: string) => void} fail  the hub will not take this stream back
+ * @property {(error: string, code: number | null) => void} fail  the hub will not take this
+ *   stream back: why, and the end frame's code if the hub said so on the stream
  */
+
+/**
+ * The frame that ends a stream the hub ends; its name is the protocol's, not an event type.
+ * @typedef {{code: number | null, reason: string, reconnect: boolean, detail: string | null}} End
+ */
+export const END = "end";
+/** The end frame's code for an expired token: reconnect with a fresh one. */
+export const EXPIRED = 4002;
 
 /**
  * @typedef {object} SourceOptions
@@ -55,11 +67,6 @@ export class Source {
     this._retryTimer = undefined;
     /** the names of the last good GET /types; the fallback until there is one */
     this._typeNames = FALLBACK_TYPES.map((t) => t.name);
-  }
-
-  /** The token the stream was last opened with (its claims name the user and session). */
-  get token() {
-    return this._token;
   }
 
   start() {
@@ -108,7 +115,9 @@ export class Source {
     } catch {
       // an older hub, or none reachable (then the stream fails too, and the retry asks again)
     }
-    return new Set([...this._typeNames, "reset", "message", ...this._options.events]);
+    const names = new Set([...this._typeNames, "reset", "message", ...this._options.events]);
+    names.delete(END);
+    return names;
   }
 
   /**
@@ -154,6 +163,9 @@ export class Source {
         if (es === this._es) this._hooks.event(name, ev.lastEventId || null, ev.data);
       });
     }
+    es.addEventListener(END, (ev) => {
+      if (es === this._es) this._ended(parseEnd(ev.data));
+    });
     es.onerror = () => {
       if (es !== this._es) return;
       if (this._options.ticketUrl && es.readyState === EventSource.CONNECTING) {
@@ -177,6 +189,26 @@ export class Source {
       this._close();
       this._recover(url);
     };
+  }
+
+  /**
+   * The hub ended the stream and said how. Stop for good, or reconnect: a fresh token for an
+   * expired one; a new EventSource (new ticket) after the backoff with a ticket endpoint;
+   * otherwise EventSource reconnects by itself after the stream's `retry:`, with Last-Event-ID.
+   * @param {End} end
+   */
+  _ended(end) {
+    if (!end.reconnect) {
+      this.stop();
+      this._hooks.fail(end.reason, end.code);
+      return;
+    }
+    const fresh = this._renewable() && (end.code === EXPIRED || this._tokenExpired());
+    if (fresh || this._options.ticketUrl) {
+      this._close();
+      this._retryLater(fresh);
+    }
+    // else: the close that follows is EventSource's to reconnect from (onerror: CONNECTING)
   }
 
   /**
@@ -229,7 +261,7 @@ export class Source {
     if (status === 401 && this._renewable()) {
       this._retryLater(true);
     } else if (status === 401 || status === 403 || status === 400 || status === 404) {
-      this._hooks.fail(detail || `HTTP ${status}`); // asking again will not help
+      this._hooks.fail(detail || `HTTP ${status}`, null); // asking again will not help
     } else {
       this._retryLater(false);
     }
@@ -293,6 +325,21 @@ async function requestTicket(ticketUrl, token, withCredentials) {
   } finally {
     clearTimeout(timer);
   }
+}
+
+/**
+ * An end frame's data. A frame that does not say `reconnect: false` reconnects, as a plain
+ * close would.
+ * @param {string} data
+ * @returns {End}
+ */
+function parseEnd(data) {
+  const body = parseJson(data);
+  const ok = body && typeof body === "object";
+  const code = ok && Number.isInteger(body.code) ? body.code : null;
+  const reason = ok && typeof body.reason === "string" && body.reason ? body.reason : "ended";
+  const detail = ok && typeof body.detail === "string" ? body.detail : null;
+  return { code, reason, reconnect: !(ok && body.reconnect === false), detail };
 }
 
 /**
