@@ -20,22 +20,38 @@ publishing again, so a retried publish is delivered once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import http.client
 import json
 import random
 import ssl
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlencode, urlsplit
 
-__all__ = ["AsyncPublisher", "HubError", "Publisher", "SSEParser", "StreamEvent", "subscribe"]
+__all__ = [
+    "AsyncPublisher",
+    "Disconnected",
+    "HubError",
+    "ProtocolError",
+    "Publisher",
+    "SSEParser",
+    "StreamEvent",
+    "subscribe",
+]
 
 RETRY_STATUSES = frozenset({502, 503, 504})
-MAX_LINE = 64 * 1024  # an SSE line or response head line longer than this is refused
+MAX_LINE = 64 * 1024  # a response head line or chunk size line longer than this is refused
+MAX_HEADERS = 100  # header (or trailer) lines in one answer
+MAX_INTERIM = 8  # 1xx answers skipped before the real one
+MAX_BODY = 8 * 1024 * 1024  # an answer that is not a stream
+MAX_SSE_LINE = 1024 * 1024  # an event-stream line (an event's data line: its whole JSON)
+MAX_SSE_EVENT = 8 * 1024 * 1024  # the data of one event, all its lines
+HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
+
+T = TypeVar("T")
 
 
 class HubError(Exception):
@@ -184,66 +200,161 @@ class Publisher:
         self.close()
 
 
+class ProtocolError(ConnectionError):
+    """The server's bytes are not the HTTP/1.1 this client reads (a bad status line, chunk
+    size or Content-Length, a line or head too long, too many interim answers)."""
+
+
+async def _timed(awaitable: Awaitable[T], timeout: float, what: str) -> T:
+    try:
+        return await asyncio.wait_for(awaitable, timeout)
+    except TimeoutError:
+        raise TimeoutError(f"nothing read for {timeout} s ({what})") from None
+
+
 class _Connection:
     """A minimal HTTP/1.1 client connection on asyncio streams: what the hub's answers need
-    (Content-Length or chunked bodies, keep-alive), nothing more."""
+    (Content-Length, chunked or close-delimited bodies, keep-alive, interim 1xx answers
+    skipped), nothing more. Every read and write has a deadline: a server that stalls
+    anywhere (head, chunk size, mid-chunk, trailers) raises TimeoutError."""
 
     def __init__(self, scheme: str, host: str, port: int, timeout: float) -> None:
         self.scheme, self.host, self.port, self.timeout = scheme, host, port, timeout
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self.reusable = True  # false once an answer says close or is delimited by the close
 
     async def open(self) -> None:
         ctx = ssl.create_default_context() if self.scheme == "https" else None
-        self.reader, self.writer = await asyncio.wait_for(
-            asyncio.open_connection(self.host, self.port, ssl=ctx, limit=MAX_LINE), self.timeout
+        self.reader, self.writer = await _timed(
+            asyncio.open_connection(self.host, self.port, ssl=ctx, limit=MAX_LINE),
+            self.timeout,
+            "connect",
         )
+        self.reusable = True
 
-    async def send_head(self, method: str, path: str, headers: Mapping[str, str]) -> None:
+    async def send(
+        self, method: str, path: str, headers: Mapping[str, str], body: bytes = b""
+    ) -> None:
         if self.writer is None:
             await self.open()
         assert self.writer is not None
         lines = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}"]
         lines += [f"{name}: {value}" for name, value in headers.items()]
-        self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        await _timed(self.writer.drain(), self.timeout, "sending the request")
+
+    async def _line(self, what: str, timeout: float | None = None) -> bytes:
+        assert self.reader is not None
+        try:
+            line = await _timed(self.reader.readline(), timeout or self.timeout, what)
+        except ValueError:  # the StreamReader's limit: a line longer than MAX_LINE
+            raise ProtocolError(f"a line longer than {MAX_LINE} bytes ({what})") from None
+        if not line.endswith(b"\n"):
+            raise ConnectionResetError(f"the server closed the connection ({what})")
+        return line
 
     async def read_head(self) -> tuple[int, dict[str, str]]:
-        assert self.reader is not None
-        status_line = await asyncio.wait_for(self.reader.readline(), self.timeout)
-        if not status_line:
-            raise ConnectionResetError("the hub closed the connection")
+        """The final answer's status and headers (names lower-cased, repeats joined); 1xx
+        interim answers (100 Continue, 103 Early Hints) are read and dropped."""
+        for _ in range(MAX_INTERIM + 1):
+            status, headers = await self._head()
+            if status == 101:
+                raise ProtocolError("101 Switching Protocols, and no upgrade was asked for")
+            if not 100 <= status < 200:
+                if headers.get("connection", "").lower() == "close":
+                    self.reusable = False
+                return status, headers
+        raise ProtocolError(f"more than {MAX_INTERIM} interim (1xx) answers")
+
+    async def _head(self) -> tuple[int, dict[str, str]]:
+        status_line = await self._line("the status line")
         parts = status_line.split(None, 2)
-        if len(parts) < 2 or not parts[1].isdigit():
-            raise ConnectionError(f"not an HTTP answer: {status_line[:80]!r}")
+        if (
+            len(parts) < 2
+            or not parts[0].startswith(b"HTTP/1.")
+            or not (len(parts[1]) == 3 and parts[1].isdigit())
+        ):
+            raise ProtocolError(f"not an HTTP/1.x answer: {status_line[:80]!r}")
+        if parts[0] == b"HTTP/1.0":
+            self.reusable = False
         headers: dict[str, str] = {}
-        while True:
-            line = await asyncio.wait_for(self.reader.readline(), self.timeout)
-            if line in (b"\r\n", b"\n", b""):
-                break
-            name, _, value = line.decode("latin-1").partition(":")
-            headers[name.strip().lower()] = value.strip()
-        return int(parts[1]), headers
+        for _ in range(MAX_HEADERS + 1):
+            line = await self._line("the headers")
+            if line in (b"\r\n", b"\n"):
+                return int(parts[1]), headers
+            name, colon, value = line.decode("latin-1").partition(":")
+            if not colon:
+                raise ProtocolError(f"a header line without a colon: {line[:80]!r}")
+            key = name.strip().lower()
+            headers[key] = f"{headers[key]}, {value.strip()}" if key in headers else value.strip()
+        raise ProtocolError(f"more than {MAX_HEADERS} header lines")
+
+    async def body(
+        self, headers: Mapping[str, str], timeout: float | None = None
+    ) -> AsyncIterator[bytes]:
+        """The answer's body as it arrives, by its framing; each read waits at most `timeout`
+        (the connection's by default). A body cut short raises ConnectionResetError."""
+        assert self.reader is not None
+        reader, wait = self.reader, timeout or self.timeout
+        coding = headers.get("transfer-encoding", "").strip().lower()
+        if coding:
+            if coding != "chunked":
+                raise ProtocolError(f"unsupported Transfer-Encoding: {coding}")
+            while True:
+                size_line = await self._line("a chunk size", wait)
+                size = size_line.split(b";", 1)[0].strip()
+                if not (0 < len(size) <= 16 and all(c in HEX_DIGITS for c in size)):
+                    raise ProtocolError(f"not a chunk size: {size_line[:80]!r}")
+                left = int(size, 16)
+                if left == 0:
+                    for _ in range(MAX_HEADERS + 1):  # trailers, up to the blank line
+                        if await self._line("the trailers", wait) in (b"\r\n", b"\n"):
+                            return
+                    raise ProtocolError(f"more than {MAX_HEADERS} trailer lines")
+                while left:
+                    piece = await _timed(reader.read(min(left, 65536)), wait, "a chunk")
+                    if not piece:
+                        raise ConnectionResetError("the server closed the connection mid-chunk")
+                    left -= len(piece)
+                    yield piece
+                if await self._line("a chunk's end", wait) not in (b"\r\n", b"\n"):
+                    raise ProtocolError("a chunk longer than its size")
+        elif "content-length" in headers:
+            length = headers["content-length"].strip()
+            if not (length.isascii() and length.isdigit()):
+                raise ProtocolError(f"not a Content-Length: {length[:80]!r}")
+            left = int(length)
+            while left:
+                piece = await _timed(reader.read(min(left, 65536)), wait, "the body")
+                if not piece:
+                    raise ConnectionResetError("the server closed the connection mid-body")
+                left -= len(piece)
+                yield piece
+        else:
+            self.reusable = False  # delimited by the close
+            while piece := await _timed(reader.read(65536), wait, "the body"):
+                yield piece
 
     async def read_body(self, headers: Mapping[str, str]) -> bytes:
-        assert self.reader is not None
-        if headers.get("transfer-encoding", "").lower() == "chunked":
-            chunks: list[bytes] = []
-            while True:
-                size = int((await self.reader.readline()).split(b";")[0], 16)
-                if size == 0:
-                    await self.reader.readline()
-                    return b"".join(chunks)
-                chunks.append(await self.reader.readexactly(size + 2))
-                chunks[-1] = chunks[-1][:-2]
-        length = int(headers.get("content-length", "0"))
-        return await asyncio.wait_for(self.reader.readexactly(length), self.timeout)
+        """The whole body of an answer that is not a stream, up to MAX_BODY bytes."""
+        pieces: list[bytes] = []
+        size = 0
+        async for piece in self.body(headers):
+            size += len(piece)
+            if size > MAX_BODY:
+                raise ProtocolError(f"an answer longer than {MAX_BODY} bytes")
+            pieces.append(piece)
+        return b"".join(pieces)
 
     async def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            with contextlib.suppress(OSError):
-                await self.writer.wait_closed()
-        self.reader = self.writer = None
+        writer, self.reader, self.writer = self.writer, None, None
+        if writer is not None:
+            writer.close()
+            try:
+                await asyncio.wait_for(writer.wait_closed(), self.timeout)
+            except (OSError, TimeoutError):
+                writer.transport.abort()
 
 
 class AsyncPublisher:
@@ -276,7 +387,7 @@ class AsyncPublisher:
             while True:
                 try:
                     status, answer, answer_headers = await self._post(body, headers)
-                except (OSError, asyncio.IncompleteReadError, TimeoutError):
+                except (OSError, TimeoutError):
                     await self._conn.close()
                     wait = self.retry.wait(attempt, None)
                     if wait < 0:
@@ -292,12 +403,10 @@ class AsyncPublisher:
         self, body: bytes, headers: Mapping[str, str]
     ) -> tuple[int, Any, dict[str, str]]:
         conn = self._conn
-        await conn.send_head("POST", self.path + "/publish", headers)
-        assert conn.writer is not None
-        conn.writer.write(body)
+        await conn.send("POST", self.path + "/publish", headers, body)
         status, answer_headers = await conn.read_head()
         raw = await conn.read_body(answer_headers)
-        if answer_headers.get("connection", "").lower() == "close":
+        if not conn.reusable:
             await conn.close()
         return status, _decode_body(raw), answer_headers
 
@@ -325,33 +434,56 @@ class StreamEvent:
 
 
 class SSEParser:
-    """The WHATWG event-stream parser, fed bytes as they come: `feed()` returns the complete
-    events (id, name, data). Comments and blocks without data (the hub's opening, a `retry:`)
-    dispatch nothing, but an `id:` in them still moves the last event id, and `retry:` sets
-    the reconnection delay."""
+    """The event-stream parser of the WHATWG HTML standard (9.2.6, "Interpreting an event
+    stream"), fed bytes as they arrive; the project's only one (the tests read the hub through
+    it too). `feed()` returns the events the bytes complete, as (id, name, data).
 
-    def __init__(self) -> None:
-        self.buffer = b""
-        self.last_id = ""
+    The rules: one leading BOM is dropped; a line ends at CRLF, CR or LF (a CRLF may be cut
+    between two feeds); `:` starts a comment (handed to `on_comment`, the text after the
+    colon); `field: value` loses one space after the colon, and a line without colon is a
+    field with an empty value; `data` lines are joined with LF; `event` names the event
+    ("message" if none); an `id` without NUL becomes the last event id when its block ends,
+    even a block without data (so the hub's opening moves it); `retry` takes ASCII digits
+    only; a blank line dispatches the block, which has no event unless it had a `data` line;
+    other fields are ignored, and so is a block the stream ends in the middle of. A line
+    longer than `max_line` bytes, or an event's data past `max_event`, raises ValueError.
+    """
+
+    def __init__(
+        self,
+        on_comment: Callable[[str], None] | None = None,
+        *,
+        max_line: int = MAX_SSE_LINE,
+        max_event: int = MAX_SSE_EVENT,
+    ) -> None:
+        self.buffer = b""  # the start of a line whose end has not arrived
+        self.last_id = ""  # what a reconnect sends as Last-Event-ID
         self.retry_ms: int | None = None
+        self.on_comment = on_comment
+        self.max_line, self.max_event = max_line, max_event
+        self._id = ""  # the id buffer: becomes last_id when the block ends
         self._name = ""
         self._data: list[str] = []
+        self._size = 0
         self._first = True
         self._after_cr = False
 
     def feed(self, chunk: bytes) -> list[tuple[str, str, str]]:
-        buffer = self.buffer + chunk
-        out = []
+        if not chunk:
+            return []
+        buffer = self.buffer + chunk if self.buffer else chunk
+        out: list[tuple[str, str, str]] = []
         start = 0
         if self._after_cr and buffer[:1] == b"\n":
-            start = 1  # the LF of a CRLF whose CR ended the previous chunk
+            start = 1  # the LF of a CRLF whose CR ended the previous feed
         self._after_cr = False
-        while True:
+        end = len(buffer)
+        while start < end:
             lf = buffer.find(b"\n", start)
-            cr = buffer.find(b"\r", start, lf if lf >= 0 else len(buffer))
+            cr = buffer.find(b"\r", start, lf if lf >= 0 else end)
             if cr >= 0:
                 cut = cr
-                if cr + 1 == len(buffer):
+                if cr + 1 == end:
                     skip, self._after_cr = 1, True
                 else:
                     skip = 2 if buffer[cr + 1] == 10 else 1
@@ -364,8 +496,8 @@ class SSEParser:
                 out.append(event)
             start = cut + skip
         self.buffer = buffer[start:]
-        if len(self.buffer) > MAX_LINE:
-            raise ValueError(f"an event-stream line longer than {MAX_LINE} bytes")
+        if len(self.buffer) > self.max_line:
+            raise ValueError(f"an event-stream line longer than {self.max_line} bytes")
         return out
 
     def _line(self, line: str) -> tuple[str, str, str] | None:
@@ -373,26 +505,54 @@ class SSEParser:
             self._first = False
             line = line.removeprefix("\ufeff")
         if not line:
+            self.last_id = self._id
+            name, self._name = self._name, ""
             if not self._data:
-                self._name = ""
                 return None
-            event = (self.last_id, self._name or "message", "\n".join(self._data))
-            self._name = ""
-            self._data = []
-            return event
-        if line.startswith(":"):
+            data, self._data, self._size = "\n".join(self._data), [], 0
+            return self._id, name or "message", data
+        if line[0] == ":":
+            if self.on_comment is not None:
+                self.on_comment(line[1:])
             return None
         field, _, value = line.partition(":")
         value = value.removeprefix(" ")
         if field == "data":
+            self._size += len(value) + 1
+            if self._size > self.max_event:
+                raise ValueError(f"an event's data longer than {self.max_event} characters")
             self._data.append(value)
         elif field == "event":
             self._name = value
         elif field == "id" and "\x00" not in value:
-            self.last_id = value
+            self._id = value
         elif field == "retry" and value.isascii() and value.isdigit():
             self.retry_ms = int(value)
         return None
+
+
+class Disconnected(Exception):
+    """The hub ended the stream for good: its last frame (`event: end`) said `reconnect:
+    false` (code 4003, logout). `code`, `reason` and `detail` are the frame's."""
+
+    def __init__(self, code: int, reason: str, detail: str) -> None:
+        self.code, self.reason, self.detail = code, reason, detail
+        super().__init__(f"the hub ended the stream for good: {code} {reason}: {detail}")
+
+
+def _end(data: str) -> Disconnected | None:
+    """The Disconnected an `end` frame's data asks for, or None: reconnect (what a frame that
+    does not say `"reconnect": false` means, as a close without a frame does)."""
+    try:
+        body = json.loads(data)
+    except ValueError:
+        return None
+    if not isinstance(body, dict) or body.get("reconnect") is not False:
+        return None
+    code = body.get("code")
+    return Disconnected(
+        code if isinstance(code, int) else 0, str(body.get("reason")), str(body.get("detail"))
+    )
 
 
 def _stream_event(event_id: str, name: str, data: str) -> StreamEvent:
@@ -414,15 +574,21 @@ async def subscribe(
     last_event_id: str | None = None,
     *,
     timeout: float = 10.0,
+    idle_timeout: float = 45.0,
     max_backoff: float = 30.0,
     params: Mapping[str, str] | None = None,
 ) -> AsyncIterator[StreamEvent]:
-    """The stream's events, for ever: on a cut, an expired token (the hub's `end` event) or a
-    hub that is restarting, it reconnects by itself with `Last-Event-ID` and loses nothing the
-    hub's history holds; when the history cannot reach back, a `reset` event comes (name
-    "reset"): refetch your state. `token` may be a function, called for each connection (a
-    fresh token after expiry). A 4xx other than 429 (bad token, forbidden topic) is raised as
-    HubError: retrying would not help."""
+    """The stream's events until the hub ends it for good. It ends a stream with a last
+    frame, `event: end`, whose data says whether to reconnect: on `"reconnect": false` (a
+    logout) this raises Disconnected, which says why; on any other end (shutdown, a slow
+    stream, an expired token, a cut, a close without an end frame, no byte for
+    `idle_timeout` seconds, which the hub's heartbeats prevent) it reconnects by itself
+    after the hub's `retry:` delay, with `Last-Event-ID`, and loses nothing the hub's history
+    holds; when the history cannot reach back, a `reset` event comes (name "reset"): refetch
+    your state. `token` may be a function, called for each connection (a fresh token after
+    expiry). A 4xx other than 429 (bad token, forbidden topic) is raised as HubError:
+    retrying would not help. `timeout` bounds every other wait (connect, each read of an
+    answer's head and body)."""
     scheme, host, port, path = _target(base_url)
     query: dict[str, str] = dict(params or {})
     names = list(topics)
@@ -434,6 +600,7 @@ async def subscribe(
     retry_ms: int | None = None
     while True:
         conn = _Connection(scheme, host, port, timeout)
+        ended: Disconnected | None = None
         try:
             headers = {
                 "Accept": "text/event-stream",
@@ -441,7 +608,7 @@ async def subscribe(
             }
             if last:
                 headers["Last-Event-ID"] = last
-            await conn.send_head("GET", target, headers)
+            await conn.send("GET", target, headers)
             status, answer_headers = await conn.read_head()
             if status != 200:
                 body = _decode_body(await conn.read_body(answer_headers))
@@ -450,24 +617,26 @@ async def subscribe(
                 raise ConnectionError(f"hub answered {status}")
             attempt = 0
             parser = SSEParser()
-            assert conn.reader is not None
-            while True:
-                chunk = await conn.reader.read(65536)
-                if not chunk:
-                    break
+            over = False  # the hub's end frame came: no need to wait for its close
+            async for chunk in conn.body(answer_headers, idle_timeout):
                 for event_id, name, data in parser.feed(chunk):
-                    if name == "end":
-                        continue  # the hub ends the stream (token expiry): reconnect
+                    if name == "end":  # the last frame: no id; says whether to come back
+                        ended, over = _end(data), True
+                        break
                     if event_id:
                         last = event_id
                     yield _stream_event(event_id, name, data)
                 if parser.last_id:
                     last = parser.last_id  # the opening's id too: a cut before any event
                 retry_ms = parser.retry_ms if parser.retry_ms is not None else retry_ms
-        except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError):
+                if over:
+                    break
+        except (OSError, TimeoutError, ValueError):
             pass
         finally:
             await conn.close()
+        if ended is not None:
+            raise ended
         delay = (retry_ms or 1000) / 1000 if attempt == 0 else min(max_backoff, 2**attempt)
         await asyncio.sleep(delay * random.uniform(0.5, 1.0) if attempt else delay)
         attempt += 1

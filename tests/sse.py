@@ -1,13 +1,12 @@
 """A small Server-Sent Events client for the tests that need the bytes: raw HTTP/1.1 over a
 loopback socket (the response head as sent, comments, `retry:`, line endings, injection).
-Tests that only care which events arrive use a maintained client instead (sse_httpx).
+Tests that only care which events arrive use httpx instead (sse_httpx).
 
 It sends one GET, reads the status line and headers, then parses the body as an event stream
-by the WHATWG rules (lines end in CRLF, CR or LF; `field: value` with one leading space
-stripped; `:` starts a comment; data lines joined by LF; an event is dispatched on a blank
-line; `retry` takes digits only). It reads only what the hub sends: a stream body delimited by
-the close, other answers by Content-Length or the close. A `Transfer-Encoding` is refused
-loudly rather than decoded, so a hub that starts chunking its answers fails the tests.
+with hub.client.SSEParser, the project's one parser (the WHATWG rules). It reads only what
+the hub sends: a stream body delimited by the close, other answers by Content-Length or the
+close. A `Transfer-Encoding` is refused loudly rather than decoded, so a hub that starts
+chunking its answers fails the tests.
 
 Every await has a deadline: nothing here can hang a test.
 """
@@ -15,17 +14,15 @@ Every await has a deadline: nothing here can hang a test.
 from __future__ import annotations
 
 import asyncio
-import codecs
 import contextlib
 import json
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-__all__ = ["EventReads", "SSEClient", "SSEEvent", "StreamEnded", "http_request", "wait_for"]
+from hub.client import SSEParser
 
-_LINE_END = re.compile(r"[\r\n]")
+__all__ = ["EventReads", "SSEClient", "SSEEvent", "StreamEnded", "http_request", "wait_for"]
 
 
 class StreamEnded(Exception):
@@ -43,67 +40,28 @@ class SSEEvent:
 
 
 class _EventParser:
-    """The WHATWG event-stream interpretation, fed text as it arrives."""
+    """hub.client's SSEParser (the project's one event-stream parser), calling back with each
+    event and each comment (one leading space of a comment dropped)."""
 
     def __init__(self, on_event: Callable[[SSEEvent], None], on_comment: Callable[[str], None]):
         self._on_event = on_event
-        self._on_comment = on_comment
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._buf = ""
-        self._skip_lf = False  # the last line ended in CR: a LF right after it is part of it
-        self._data: list[str] = []
-        self._event = ""
-        self.last_event_id = ""
-        self.retry: int | None = None
+        self._parser = SSEParser(
+            lambda comment: on_comment(comment.removeprefix(" ")),
+            max_line=1 << 30,  # the hub's limits are tested, not this reader's
+            max_event=1 << 30,
+        )
+
+    @property
+    def last_event_id(self) -> str:
+        return self._parser.last_id
+
+    @property
+    def retry(self) -> int | None:
+        return self._parser.retry_ms
 
     def feed(self, raw: bytes) -> None:
-        self._buf += self._decoder.decode(raw)
-        buf = self._buf
-        pos = 0
-        while True:
-            if self._skip_lf and pos < len(buf):
-                if buf[pos] == "\n":
-                    pos += 1
-                self._skip_lf = False
-            match = _LINE_END.search(buf, pos)
-            if match is None:
-                break
-            line = buf[pos : match.start()]
-            self._skip_lf = match.group() == "\r"
-            pos = match.end()
-            self._line(line)
-        self._buf = buf[pos:]
-
-    def _line(self, line: str) -> None:
-        if not line:
-            self._dispatch()
-            return
-        if line.startswith(":"):
-            comment = line[1:]
-            self._on_comment(comment[1:] if comment.startswith(" ") else comment)
-            return
-        field, colon, value = line.partition(":")
-        if colon and value.startswith(" "):
-            value = value[1:]
-        if field == "event":
-            self._event = value
-        elif field == "data":
-            self._data.append(value)
-        elif field == "id":
-            if "\x00" not in value:
-                self.last_event_id = value
-        elif field == "retry" and value and value.isascii() and value.isdigit():
-            self.retry = int(value)
-        # any other field is ignored
-
-    def _dispatch(self) -> None:
-        if not self._data:
-            self._event = ""
-            return
-        event = SSEEvent(self.last_event_id, self._event or "message", "\n".join(self._data))
-        self._data = []
-        self._event = ""
-        self._on_event(event)
+        for event_id, name, data in self._parser.feed(raw):
+            self._on_event(SSEEvent(event_id, name, data))
 
 
 def _parse_head(head: bytes) -> tuple[int, str, dict[str, str], list[tuple[str, str]]]:
@@ -338,7 +296,7 @@ class SSEClient(EventReads[SSEEvent]):
                 self.raw += piece
                 self._parser.feed(piece)
                 self._signal()
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: the parser refused a line
             self.error = exc
         finally:
             self._closed.set()

@@ -1,6 +1,8 @@
-"""Event streams read with a maintained client (httpx + httpx-sse), for the tests that care
-which events arrive, in which order, and not about the bytes on the wire. Tests of the bytes
-(the head as sent, comments, `retry:`, line endings, injection) use sse.SSEClient.
+"""Event streams read over httpx (a maintained HTTP client: its own framing, pooling and
+errors), for the tests that care which events arrive, in which order, and not about the bytes
+on the wire; the body is parsed by hub.client.SSEParser, the project's one event-stream
+parser. Tests of the bytes (the head as sent, comments, `retry:`, line endings, injection)
+use sse.SSEClient.
 
 A stream is read in a background task into a queue, so a test can open several streams,
 publish, and then take each stream's events under a deadline.
@@ -16,29 +18,15 @@ from typing import Any
 from urllib.parse import urlencode
 
 import httpx
-from httpx_sse import EventSource, ServerSentEvent, aconnect_sse
-from sse import EventReads, StreamEnded
+from sse import EventReads, SSEEvent, StreamEnded, _EventParser
 
-__all__ = ["HttpxStream", "is_event", "open_stream", "open_url"]
+__all__ = ["HttpxStream", "open_stream", "open_url"]
 
 _END = object()  # queued by the reader when the stream has ended
 
 
-def is_event(event: ServerSentEvent) -> bool:
-    """Whether httpx-sse's `event` is an event by the WHATWG rules.
-
-    httpx-sse 0.4 dispatches on every blank line once an `event:`, `data:`, `id:` or `retry:`
-    has been seen, and never forgets the last id (httpx_sse/_decoders.py, SSEDecoder.decode).
-    So the hub's opening block (`retry:`, `id:`, a comment) and every `: ping` after the first
-    id reach it as an event with empty data, where a browser fires nothing. The hub never
-    sends an event with empty data, so those are skipped here. test_http_sse_client pins this
-    behaviour down so that a change in httpx-sse is noticed.
-    """
-    return event.data != ""
-
-
-class HttpxStream(EventReads[ServerSentEvent]):
-    """One GET /events read by httpx-sse. A 200 is read in the background until closed;
+class HttpxStream(EventReads[SSEEvent]):
+    """One GET /events read by httpx. A 200 is read in the background until closed;
     any other answer is read whole into `body` (its JSON) and `raw_body`."""
 
     def __init__(self, resources: contextlib.AsyncExitStack, response: httpx.Response) -> None:
@@ -46,7 +34,7 @@ class HttpxStream(EventReads[ServerSentEvent]):
         self.headers = response.headers
         self.body: Any = None
         self.raw_body = b""
-        self.received: list[ServerSentEvent] = []  # every event, in arrival order
+        self.received: list[SSEEvent] = []  # every event, in arrival order
         self.error: BaseException | None = None  # why the reader stopped, if not a clean close
         self._resources = resources  # the client and the response, closed by aclose
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -61,18 +49,21 @@ class HttpxStream(EventReads[ServerSentEvent]):
         """Events received but not yet taken."""
         return self._queue.qsize() - (1 if self.closed and self._task is not None else 0)
 
-    async def _read(self, source: EventSource) -> None:
+    def _got(self, event: SSEEvent) -> None:
+        self.received.append(event)
+        self._queue.put_nowait(event)
+
+    async def _read(self, response: httpx.Response) -> None:
+        parser = _EventParser(self._got, lambda comment: None)
         try:
-            async for event in source.aiter_sse():
-                if is_event(event):
-                    self.received.append(event)
-                    self._queue.put_nowait(event)
-        except httpx.HTTPError as exc:
+            async for piece in response.aiter_bytes():
+                parser.feed(piece)
+        except (httpx.HTTPError, ValueError) as exc:  # ValueError: the parser refused a line
             self.error = exc
         finally:
             self._queue.put_nowait(_END)
 
-    async def next_event(self, timeout: float = 5.0) -> ServerSentEvent:
+    async def next_event(self, timeout: float = 5.0) -> SSEEvent:
         """The next event not yet taken. TimeoutError if none comes in time; StreamEnded if
         the stream ends first."""
         if self._task is None:
@@ -84,7 +75,7 @@ class HttpxStream(EventReads[ServerSentEvent]):
         if item is _END:
             self._queue.put_nowait(_END)  # every later call sees the end too
             raise StreamEnded(f"stream ended with no further event ({self._describe()})")
-        assert isinstance(item, ServerSentEvent)
+        assert isinstance(item, SSEEvent)
         return item
 
     def _describe(self) -> str:
@@ -108,17 +99,22 @@ async def open_url(
     resources = contextlib.AsyncExitStack()
     try:
         await resources.enter_async_context(client)
-        source = await asyncio.wait_for(
+        response = await asyncio.wait_for(
             resources.enter_async_context(
-                aconnect_sse(client, "GET", url, headers=dict(headers or {}))
+                client.stream(
+                    "GET",
+                    url,
+                    headers={"Accept": "text/event-stream", "Cache-Control": "no-store"}
+                    | dict(headers or {}),
+                )
             ),
             timeout,
         )
-        stream = HttpxStream(resources, source.response)
+        stream = HttpxStream(resources, response)
         if stream.status == 200:
-            stream._task = asyncio.get_running_loop().create_task(stream._read(source))
+            stream._task = asyncio.get_running_loop().create_task(stream._read(response))
         else:
-            stream.raw_body = await asyncio.wait_for(source.response.aread(), timeout)
+            stream.raw_body = await asyncio.wait_for(response.aread(), timeout)
             with contextlib.suppress(ValueError):
                 stream.body = json.loads(stream.raw_body)
     except BaseException:

@@ -11,13 +11,11 @@ from typing import Any
 import jwt
 import pytest
 from browser_support import free_port, wait_until
-from hypothesis import given
-from hypothesis import strategies as st
 from net_support import proxy
 from sse import wait_for
 from test_process import SECRET, healthy, start_hub  # noqa: F401  (start_hub: a fixture)
 
-from hub.client import AsyncPublisher, HubError, Publisher, SSEParser, StreamEvent, subscribe
+from hub.client import AsyncPublisher, HubError, Publisher, StreamEvent, subscribe
 
 
 def token(sub: str, ttl: float = 600, **claims: Any) -> str:
@@ -204,55 +202,3 @@ def test_subscribe_takes_a_fresh_token_after_expiry_and_misses_nothing(hub):
 
     sent, received = asyncio.run(main())
     assert received == sent
-
-
-@given(
-    st.lists(
-        st.tuples(
-            st.text(
-                alphabet=st.characters(
-                    blacklist_categories=("Cs",), blacklist_characters="\r\n\x00"
-                ),
-                max_size=12,
-            ),
-            st.sampled_from(["payment", "reset", "", "log"]),
-            st.lists(
-                st.text(
-                    alphabet=st.characters(
-                        blacklist_categories=("Cs",), blacklist_characters="\r\n"
-                    ),
-                    max_size=20,
-                )
-            ),
-        ),
-        max_size=8,
-    ),
-    st.sampled_from(["\n", "\r\n", "\r"]),
-    st.lists(st.integers(min_value=1, max_value=7), min_size=1, max_size=20),
-)
-def test_the_sse_parser_gives_the_same_events_however_the_bytes_are_cut(events, eol, cuts):
-    text = "retry: 100" + eol + ": comment" + eol + eol
-    expected = []
-    for event_id, name, lines in events:
-        block = f"id: {event_id}{eol}" + (f"event: {name}{eol}" if name else "")
-        block += "".join(f"data: {line}{eol}" for line in lines)
-        text += block + eol
-        if lines:
-            expected.append((event_id, name or "message", "\n".join(lines)))
-    raw = text.encode()
-    whole = SSEParser().feed(raw)
-    parser = SSEParser()
-    pieces, at, i = [], 0, 0
-    while at < len(raw):
-        step = cuts[i % len(cuts)]
-        pieces += parser.feed(raw[at : at + step])
-        at += step
-        i += 1
-    assert whole == pieces == expected
-    assert parser.retry_ms == 100
-
-
-def test_the_sse_parser_refuses_a_line_without_end_past_its_limit():
-    parser = SSEParser()
-    with pytest.raises(ValueError):
-        parser.feed(b"data: " + b"x" * (1 << 17))

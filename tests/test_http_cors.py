@@ -1,6 +1,6 @@
 """Pages on another origin: the stream and its refusals carry CORS headers for the origins the
-operator listed, and for no other. Read with httpx-sse (sse_httpx): headers and events, not
-bytes."""
+operator listed, and for no other. Read with httpx and hub.client's parser (sse_httpx):
+headers and events, not bytes."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Routing and ordering over real sockets: who gets which event, once, in order.
 
-Streams are read with httpx-sse (sse_httpx): these tests check events, not bytes. The one
-test of the frame's bytes reads them with the raw client (sse.SSEClient).
+Streams are read with httpx and hub.client's parser (sse_httpx): these tests check events,
+not bytes. The one test of the frame's bytes reads them with the raw client (sse.SSEClient).
 """
 
 from __future__ import annotations
