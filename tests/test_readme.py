@@ -112,7 +112,12 @@ def test_the_keyed_recipe_and_the_python_client_work_as_written(runs):
     keyed = Run(language, code + "\nenv | grep -E '^(PUBLISHER_)?TOKEN=' | sed 's/^/ENV /'\n",
                 port, environment())  # fmt: skip
     runs.append(keyed)
-    wait_until(lambda: "ENV PUBLISHER_TOKEN=" in keyed.read(), what="the block ran", timeout=30)
+    # both lines: `env` prints them in any order, and a read may end between them
+    wait_until(
+        lambda: all(f"ENV {n}=" in keyed.read() for n in ("TOKEN", "PUBLISHER_TOKEN")),
+        what="the block ran",
+        timeout=30,
+    )
     out = keyed.read()
     assert '"ids"' in out  # the curl publish
     wait_until(lambda: '"data":"hello"' in keyed.read(), what="the broadcast on the stream")
