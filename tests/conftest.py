@@ -288,3 +288,13 @@ def browser() -> Any:
 
     with chromium() as b:
         yield b
+
+
+@pytest.fixture
+def context(browser: Any) -> Any:
+    """A fresh browser context (its own storage, locks and channels) for one test, with the
+    browser tests' default timeout (a module may override it, with another viewport, say)."""
+    ctx = browser.new_context()
+    ctx.set_default_timeout(15_000)
+    yield ctx
+    ctx.close()

@@ -51,14 +51,6 @@ def hub(tmp_path) -> Iterator[HubProcess]:
     server.stop()
 
 
-@pytest.fixture
-def context(browser) -> Iterator[Any]:
-    ctx = browser.new_context()
-    ctx.set_default_timeout(TIMEOUT_MS)
-    yield ctx
-    ctx.close()
-
-
 def token(user: str, topics: list[str], ttl: float = 3600, sid: str | None = None) -> str:
     now = time.time()
     claims = {"sub": user, "iat": int(now), "exp": int(now + ttl), "topics": topics}

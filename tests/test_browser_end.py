@@ -110,14 +110,6 @@ def scripted() -> Iterator[Callable[[list[str]], ScriptedHub]]:
         hub.close()
 
 
-@pytest.fixture
-def context(browser) -> Iterator[Any]:
-    ctx = browser.new_context()
-    ctx.set_default_timeout(TIMEOUT_MS)
-    yield ctx
-    ctx.close()
-
-
 def open_page(context: Any, hub: ScriptedHub, **options: Any) -> Any:
     page = context.new_page()
     page.expose_function("nextToken", lambda: "a.b.c")

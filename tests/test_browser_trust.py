@@ -7,7 +7,6 @@ Checked on hub.js pages and on the demo page."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -94,14 +93,6 @@ def hostile_page(context: Any, base_url: str) -> Any:
     )
     page.goto(base_url + "/hostile")
     return page
-
-
-@pytest.fixture
-def context(browser) -> Iterator[Any]:
-    ctx = browser.new_context()
-    ctx.set_default_timeout(TIMEOUT_MS)
-    yield ctx
-    ctx.close()
 
 
 def test_forged_channel_messages_show_nothing_and_lose_nothing_on_hub_js_pages(context, tmp_path):
