@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import tornado
 import tornado.testing
+from sse import wait_for
 from tornado.httpserver import HTTPServer
 from tornado.httputil import (
     HTTPHeaders,
@@ -191,10 +192,7 @@ async def answer(reader: asyncio.StreamReader) -> bytes:
 
 
 async def until(condition, timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "timed out"
-        await asyncio.sleep(0.01)
+    assert await wait_for(condition, timeout), "timed out"
 
 
 @pytest.mark.gen_test(timeout=10)
