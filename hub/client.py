@@ -205,6 +205,18 @@ class ProtocolError(ConnectionError):
     size or Content-Length, a line or head too long, too many interim answers)."""
 
 
+async def _exactly(
+    reader: asyncio.StreamReader, left: int, wait: float, what: str
+) -> AsyncIterator[bytes]:
+    """`left` bytes of `what` as they come, each read within `wait` seconds."""
+    while left:
+        piece = await _timed(reader.read(min(left, 65536)), wait, what)
+        if not piece:
+            raise ConnectionResetError(f"the server closed the connection in {what}")
+        left -= len(piece)
+        yield piece
+
+
 async def _timed(awaitable: Awaitable[T], timeout: float, what: str) -> T:
     try:
         return await asyncio.wait_for(awaitable, timeout)
@@ -312,11 +324,7 @@ class _Connection:
                         if await self._line("the trailers", wait) in (b"\r\n", b"\n"):
                             return
                     raise ProtocolError(f"more than {MAX_HEADERS} trailer lines")
-                while left:
-                    piece = await _timed(reader.read(min(left, 65536)), wait, "a chunk")
-                    if not piece:
-                        raise ConnectionResetError("the server closed the connection mid-chunk")
-                    left -= len(piece)
+                async for piece in _exactly(reader, left, wait, "a chunk"):
                     yield piece
                 if await self._line("a chunk's end", wait) not in (b"\r\n", b"\n"):
                     raise ProtocolError("a chunk longer than its size")
@@ -324,12 +332,7 @@ class _Connection:
             length = headers["content-length"].strip()
             if not (length.isascii() and length.isdigit()):
                 raise ProtocolError(f"not a Content-Length: {length[:80]!r}")
-            left = int(length)
-            while left:
-                piece = await _timed(reader.read(min(left, 65536)), wait, "the body")
-                if not piece:
-                    raise ConnectionResetError("the server closed the connection mid-body")
-                left -= len(piece)
+            async for piece in _exactly(reader, int(length), wait, "the body"):
                 yield piece
         else:
             self.reusable = False  # delimited by the close
