@@ -57,7 +57,7 @@ from hub.broker import (
     IdempotencyConflict,
     Node,
     OutcomeUnknown,
-    Replayed,
+    PublishResult,
 )
 from hub.dispatch import Route
 from hub.history import EventKey, format_id, parse_id
@@ -79,6 +79,11 @@ READ_BLOCK_MS = 500
 # The feed is live while Redis answered within this many seconds (an idle XREAD returns every
 # READ_BLOCK_MS): past it, the node is not ready and publishes are refused before they are sent.
 LIVE_FOR = 1.5
+# How often that is judged, by a timer: a judgement that runs late is skipped. A loop held up
+# (a reconnect storm, a long flush pass) has not let the feed take Redis's answer yet; "not
+# heard for 1.5 s" then says nothing about Redis, and a node must not turn unready (and refuse
+# every stream) exactly while its clients reconnect.
+LIVE_CHECK = 0.25
 CHECK_EVERY = 1.0  # seconds between looks at the head (lost or rolled-back data) and trims
 # The most bytes of batches one script call carries; the rest go in the next call.
 SEND_BYTES = 4 * 1024 * 1024
@@ -142,6 +147,20 @@ def _key(stream_id: str) -> EventKey:
     return key
 
 
+async def _round_trip(conn: Any, commands: list[tuple[Any, ...]]) -> tuple[Any, Any]:
+    """The script's reply, and WAIT's when it was sent too (else None). Both replies are read
+    even when the script's is an error, so the connection stays in step."""
+    await conn.send_packed_command(conn.pack_commands(commands))
+    try:
+        reply = await conn.read_response()
+    except ResponseError:
+        if len(commands) > 1:
+            await conn.read_response()
+        raise
+    acked = await conn.read_response() if len(commands) > 1 else None
+    return reply, acked
+
+
 def _fresh_epoch() -> str:
     return secrets.token_hex(4)
 
@@ -155,8 +174,13 @@ class RedisBroker:
         history: int,
         revoke_ttl: float,
         max_revocations: int = 100_000,
+        wait_replicas: int = 0,
+        wait_timeout: float = 1.0,
     ) -> None:
         self.url = url
+        # Each script call is followed by WAIT on its connection (in the same write): its
+        # publishes are answered 202 only once this many replicas took them.
+        self.wait = ("WAIT", wait_replicas, max(1, int(wait_timeout * 1000)))
         self.stream = f"{prefix}:events"
         self.keys = [self.stream, f"{prefix}:head", f"{prefix}:revoked"]
         self.idempotency_prefix = f"{prefix}:idempotency:"  # + the key's SHA-256
@@ -179,6 +203,8 @@ class RedisBroker:
         self.last_id = "0-0"
         self.witness: EventKey = (0, 0)
         self.live_at = float("-inf")  # monotonic time of Redis's last answer to the feed
+        self.quiet = True  # Redis has not answered for LIVE_FOR (judged by _judge_live)
+        self.judging: asyncio.TimerHandle | None = None
         self.misconfigured: str | None = None  # a Redis setting that breaks the promise
         self.check_reported = False  # check() (at start) reports a misconfiguration itself
         self.stuck: str | None = None  # an entry this node cannot read without skipping it
@@ -216,7 +242,23 @@ class RedisBroker:
 
     def start(self, node: Node) -> None:
         self.node = node
-        self.follower = asyncio.get_running_loop().create_task(self._follow())
+        loop = asyncio.get_running_loop()
+        self.follower = loop.create_task(self._follow())
+        if self.judging is not None:
+            self.judging.cancel()
+        self.judging = loop.call_later(LIVE_CHECK, self._judge_live, loop.time() + LIVE_CHECK)
+
+    def _heard(self) -> None:
+        self.live_at = time.monotonic()
+        self.quiet = False
+
+    def _judge_live(self, due: float) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if now - due < LIVE_CHECK:  # on time: the feed had its chances to hear
+            self.quiet = time.monotonic() - self.live_at >= LIVE_FOR
+        if not self.closing:
+            self.judging = loop.call_later(LIVE_CHECK, self._judge_live, now + LIVE_CHECK)
 
     @property
     def ready(self) -> bool:
@@ -225,7 +267,7 @@ class RedisBroker:
             and not self.closing
             and self.misconfigured is None
             and self.stuck is None
-            and time.monotonic() - self.live_at < LIVE_FOR
+            and not self.quiet
         )
 
     def unready_reason(self) -> str:
@@ -271,7 +313,7 @@ class RedisBroker:
 
     async def publish(
         self, events: Sequence[Event], idempotency: Idempotency | None = None
-    ) -> list[str]:
+    ) -> PublishResult:
         if self.closing:
             raise BrokerUnavailable("the hub is shutting down")
         if not self.ready:  # refused before it is sent: provably not published
@@ -298,7 +340,7 @@ class RedisBroker:
             first, epoch = parts
         ms, seq = _key(first)
         ids = [format_id((ms, n), epoch) for n in range(seq, seq + len(events))]
-        return Replayed(ids) if kind == "=" else ids
+        return PublishResult(ids, replayed=kind == "=")
 
     async def _send(self) -> None:
         """Send what is queued, in as few script calls as its size allows, one at a time:
@@ -389,17 +431,15 @@ class RedisBroker:
             conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         except (RedisError, OSError) as exc:
             raise BrokerUnavailable(f"Redis did not take it: {exc}") from None
+        command = ("EVALSHA", SCRIPT_SHA, len(keys), *keys, *args)
+        commands = [command, self.wait] if self.wait[1] else [command]
         try:
-            command = ("EVALSHA", SCRIPT_SHA, len(keys), *keys, *args)
             try:
-                await conn.send_command(*command)
-                reply: Any = await conn.read_response()
+                reply, acked = await _round_trip(conn, commands)
             except NoScriptError:  # an answer: it did not run. Load it, then send again.
                 await conn.send_command("SCRIPT", "LOAD", SCRIPT)
                 await conn.read_response()
-                await conn.send_command(*command)
-                reply = await conn.read_response()
-            return list(reply)
+                reply, acked = await _round_trip(conn, commands)
         except ResponseError as exc:
             raise BrokerUnavailable(f"Redis refused it: {exc}") from None
         except (RedisError, OSError) as exc:
@@ -410,6 +450,14 @@ class RedisBroker:
             raise
         finally:
             await pool.release(conn)
+        if acked is not None and int(acked) < self.wait[1]:
+            raise OutcomeUnknown(
+                f"outcome unknown: stored on the Redis master, but {acked} of {self.wait[1]} "
+                f"replicas took it within {self.wait[2]} ms (--redis-wait-replicas), so a "
+                "failover may lose it: retry it under the same Idempotency-Key (never "
+                "published twice)"
+            )
+        return list(reply)
 
     # -- the feed ---------------------------------------------------------------------------
 
@@ -476,7 +524,7 @@ class RedisBroker:
                 "1" if bump else "0",
             ],
         )
-        self.live_at = time.monotonic()
+        self._heard()
         last, new_epoch, start = _head(reply[0])
         return last, new_epoch, start, new_epoch == fresh
 
@@ -548,12 +596,12 @@ class RedisBroker:
             user, sid = ujson.loads(member)
             node.revoke(user, sid, at)
         self._hand_over(keep)
-        self.live_at = time.monotonic()
+        self._heard()
         self.synced = True
 
     async def _read(self) -> None:
         await self.feed.ping()  # ready now, not when the first blocking read returns
-        self.live_at = time.monotonic()
+        self._heard()
         if self.failing is not None:
             log.info("Redis broker reachable again: following from %s", self.last_id)
             self.failing = None  # the next failure is logged again
@@ -562,7 +610,7 @@ class RedisBroker:
             reply: Any = await self.feed.xread(
                 {self.stream: self.last_id}, count=READ_COUNT, block=READ_BLOCK_MS
             )
-            self.live_at = time.monotonic()
+            self._heard()
             broke = self._hand_over(reply[0][1]) if reply else None
             self.stuck = None
             if broke or not reply or time.monotonic() - checked >= CHECK_EVERY:
@@ -708,6 +756,8 @@ class RedisBroker:
         still waiting on Redis now is answered OutcomeUnknown, rather than cut without an
         answer at the shutdown's deadline."""
         self.closing = True
+        if self.judging is not None:
+            self.judging.cancel()
         if self.follower is not None:
             self.follower.cancel()
             with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):

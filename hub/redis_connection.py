@@ -24,6 +24,7 @@ process may write there a little longer): the broker has to notice such a rollba
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import re
@@ -34,6 +35,7 @@ from urllib.parse import unquote
 
 import redis.asyncio as aioredis
 from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
+from redis.exceptions import RedisError
 
 __all__ = [
     "SENTINEL_SCHEMES",
@@ -199,6 +201,40 @@ class _MasterPool(SentinelConnectionPool):
         return connection
 
 
+class _NewestSentinel(Sentinel):
+    """Sentinels asked together, the newest view taken. redis-py takes the first sentinel's
+    answer; during a failover a sentinel not yet told names the old master, and a node that
+    had moved to the new one went back and wrote there (its writes acknowledged, then lost
+    when the old master was demoted: `python -m bench.faults`, 21 events in one run). Each
+    sentinel's answer carries the configuration epoch it knows (raised by every failover):
+    the highest one reachable wins, and the process never goes back below the highest it
+    has taken."""
+
+    newest: tuple[int, tuple[str, int]] | None = None
+
+    async def discover_master(self, service_name: str) -> tuple[str, int]:
+        answers = await asyncio.gather(
+            *(sentinel.sentinel_master(service_name) for sentinel in self.sentinels),
+            return_exceptions=True,
+        )
+        best: tuple[int, tuple[str, int]] | None = None
+        for state in answers:
+            if isinstance(state, BaseException):
+                if not isinstance(state, RedisError | OSError):
+                    raise state
+                continue
+            if not isinstance(state, dict) or not self.check_master_state(state, service_name):
+                continue
+            epoch = int(state.get("config-epoch", 0))
+            if best is None or epoch > best[0]:
+                best = (epoch, (str(state["ip"]), int(state["port"])))
+        if best is None:
+            raise MasterNotFoundError(f"No master found for {service_name!r}")
+        if self.newest is None or best[0] >= self.newest[0]:
+            self.newest = best
+        return self.newest[1]
+
+
 class _SentinelClient(aioredis.Redis):
     """The master's client; closing it closes the clients of its sentinels too."""
 
@@ -230,7 +266,7 @@ def redis_client(url: str, **options: Any) -> aioredis.Redis:
         sentinel_options[key] = SENTINEL_TIMEOUT if given is None else min(given, SENTINEL_TIMEOUT)
     if tls:
         sentinel_options["ssl"] = True
-    sentinel = Sentinel(parsed.sentinels, sentinel_kwargs=sentinel_options)  # type: ignore[no-untyped-call]
+    sentinel = _NewestSentinel(parsed.sentinels, sentinel_kwargs=sentinel_options)  # type: ignore[no-untyped-call]
     master_options = dict(options)
     if tls:
         master_options["ssl"] = True

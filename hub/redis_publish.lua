@@ -123,6 +123,9 @@ for b = 1, #batches do
   else
     local seen = batch.key and redis.call('GET', batch.key)
     if seen then
+      -- A write, so that a WAIT after this call (--redis-wait-replicas) covers the first
+      -- publish too: replicas apply writes in order. The key's window restarts.
+      redis.call('PEXPIRE', batch.key, ARGV[4])
       answers[b] = '=' .. seen
     else
       local id = string.format('%d-%d', ms, seq + batch.count - 1)

@@ -55,6 +55,10 @@ const failed = new Set();
  * @property {string | null} user
  * @property {number | null} ts
  * @property {unknown} data
+ * @property {boolean} [backwards]  on a reset only: true when its id is of the same epoch as
+ *   the last event id and older (an older hub, a buggy node, a proxy). Refetch state as for
+ *   any reset; the last event id stays where it was (a reconnect resumes from there), and the
+ *   events up to it that come again are dropped as duplicates.
  */
 
 /**
@@ -79,7 +83,8 @@ const failed = new Set();
  *   lists them, are always included)
  * @property {string | null} [lastEventId]  resume after this id (say, one kept in sessionStorage)
  * @property {(event: HubEvent) => void} [onReset]  called with the reset event when the hub's
- *   history no longer reaches back to the last id: the page should refetch its state
+ *   history no longer reaches back to the last id: the page should refetch its state. Its
+ *   `backwards` is true when its id is older than the last id (which then stays)
  * @property {boolean} [share]  false: this tab holds its own connection (default true: one per
  *   origin and key)
  * @property {string} [key]  tabs with the same key share one connection; default url + topics +
@@ -321,13 +326,34 @@ class HubConnection {
     /** @type {Relayed} */
     const msg = { id, name, data };
     if (name === RESET) msg.reset = true; // always delivered; its id is where replay resumes
-    if (!this._dedupe.accept(msg)) return;
+    const verdict = this._accept(msg);
+    if (verdict === "duplicate") return;
     this._post({ t: "event", ...msg });
-    this._deliver(msg);
+    this._deliver(msg, verdict === "backwards");
   }
 
-  /** @param {Relayed} msg */
-  _deliver(msg) {
+  /**
+   * Whether this tab delivers the event: the events it has are dropped, and a reset older than
+   * its last id (of the same epoch) is delivered marked `backwards`, the last id kept.
+   * @param {Relayed} msg
+   */
+  _accept(msg) {
+    const last = this._dedupe.lastId;
+    const verdict = this._dedupe.accept(msg);
+    if (verdict === "backwards") {
+      console.warn(
+        `hub.js: a reset to ${msg.id}, older than the last event id ${last} (same epoch): ` +
+          "the last event id stays, and the events up to it that come again are dropped",
+      );
+    }
+    return verdict;
+  }
+
+  /**
+   * @param {Relayed} msg
+   * @param {boolean} backwards  a reset older than the last id
+   */
+  _deliver(msg, backwards = false) {
     /** @type {any} */
     let body;
     try {
@@ -347,6 +373,7 @@ class HubConnection {
           data: body.data,
         }
       : { id: msg.id, name: msg.name, type: null, user: null, ts: null, data: body };
+    if (msg.reset) event.backwards = backwards;
     if (msg.name === RESET && this._onReset) this._call(this._onReset, event);
     for (const fn of this._listeners.get(msg.name) || []) this._call(fn, event);
     for (const fn of this._listeners.get("*") || []) this._call(fn, event);
@@ -384,7 +411,8 @@ class HubConnection {
       event: (m) => {
         // The relay passes only what the current leader signed: its ids came from its stream.
         if (this._closed || this._role !== "follower") return;
-        if (this._dedupe.accept(m)) this._deliver(m);
+        const verdict = this._accept(m);
+        if (verdict !== "duplicate") this._deliver(m, verdict === "backwards");
       },
       status: (m) => {
         if (this._closed || this._role !== "follower") return;

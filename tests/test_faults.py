@@ -220,11 +220,11 @@ def test_what_a_publish_answer_says() -> None:
     assert classify(503, None) == UNKNOWN
 
 
-def run_bench(*args: str, timeout: float) -> tuple[int, str]:
-    """`python -m bench.faults` as a child; SIGTERM at the deadline (it ends every process it
+def run_bench(*args: str, timeout: float, module: str = "bench.faults") -> tuple[int, str]:
+    """`python -m <module>` as a child; SIGTERM at the deadline (it ends every process it
     started, by PID, on the way out), SIGKILL only if it does not go."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.faults", *args],
+        [sys.executable, "-m", module, *args],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -239,7 +239,7 @@ def run_bench(*args: str, timeout: float) -> tuple[int, str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             out, _ = proc.communicate()
-        raise AssertionError(f"bench.faults did not finish in {timeout} s:\n{out}") from None
+        raise AssertionError(f"{module} did not finish in {timeout} s:\n{out}") from None
     return proc.returncode, out
 
 

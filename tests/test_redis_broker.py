@@ -47,7 +47,7 @@ async def started(target: RedisTarget, **overrides: Any) -> Hub:
 
 
 async def publish(hub: Hub, body: object) -> list[str]:
-    return await hub.publish(decode_json(ujson.dumps(body).encode()))
+    return (await hub.publish(decode_json(ujson.dumps(body).encode()))).ids
 
 
 def broadcasts(*tags: object) -> list[dict[str, Any]]:

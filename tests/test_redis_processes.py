@@ -189,9 +189,9 @@ def test_a_publish_reaches_the_other_hub_and_a_client_resumes_there_exactly(redi
 
 
 def test_redis_stopping_and_returning(private_redis: PrivateRedis, hubs):
-    """Redis stops: readiness turns 503, publishes are refused (503 JSON), open streams stay
-    open with heartbeats; it returns: publishes and delivery resume in the same processes,
-    and every event that was answered 202 arrives."""
+    """Redis stops: readiness turns 503, publishes and new streams are refused (503 JSON),
+    open streams stay open with heartbeats; it returns: publishes and delivery resume in the
+    same processes, and every event that was answered 202 arrives."""
     target = private_redis.target()
     a = hubs(target, "--heartbeat", "0.3")
     b = hubs(target, "--heartbeat", "0.3")
@@ -213,6 +213,11 @@ def test_redis_stopping_and_returning(private_redis: PrivateRedis, hubs):
                 assert await wait_for(lambda h=hub: readyz(h) == 503, 5), "readyz still 200"
                 status, answer = await post(hub, [{"type": 5, "data": "refused"}])
                 assert status == 503 and "not published" in answer["error"], (status, answer)
+                # no new stream either: this node cannot say where a resume stands now
+                refused = await streams.connect(hub, token("u2"))
+                assert refused.status == 503, refused.status
+                assert "Retry-After" in {k.title() for k in refused.headers}
+                assert "cannot serve streams now" in refused.body["error"]
             for client in clients:
                 pings = client.comments.count("ping")
                 assert await client.wait_until(pinged(client, pings + 2), 5), "no heartbeats"
@@ -252,7 +257,7 @@ def test_a_hub_started_while_redis_is_down_serves_once_it_has_loaded_the_history
             assert readyz(late) == 503
             refused = await streams.connect(late, token("u1"), last_id=ids[0])
             assert refused.status == 503 and "Retry-After" in {k.title() for k in refused.headers}
-            assert "not loaded the shared history" in refused.body["error"]
+            assert "shared history is not loaded" in refused.body["error"]
             private_redis.start()
             assert await wait_for(lambda: readyz(late) == 200, 15), "not ready after Redis"
             resumed = await streams.open(late, "u1", last_id=ids[0])

@@ -31,11 +31,11 @@ from test_redis_processes import PUBLISHER, Streams, hubs, ids_of, post, readyz
 from test_redis_processes import publish as http_publish
 
 from bench.faults_clients import Blackhole
-from hub.broker import BrokerUnavailable, Idempotency, OutcomeUnknown, Replayed
+from hub.broker import BrokerUnavailable, Idempotency, OutcomeUnknown
 from hub.client import Publisher
 from hub.core import Hub
 from hub.decode import decode_json
-from hub.redis_broker import RedisBroker
+from hub.redis_broker import LIVE_FOR, RedisBroker
 
 redis_url = redis_support.redis_url
 private_redis = redis_support.private_redis
@@ -76,7 +76,7 @@ def broker(hub: Hub) -> RedisBroker:
 
 async def publish(hub: Hub, *tags: object, idempotency: Idempotency | None = None) -> list[str]:
     body = ujson.dumps([{"type": 5, "data": tag} for tag in tags]).encode()
-    return await hub.publish(decode_json(body), idempotency)
+    return (await hub.publish(decode_json(body), idempotency)).ids
 
 
 async def publish_when_ready(hub: Hub, *tags: object) -> list[str]:
@@ -330,8 +330,10 @@ def test_a_publish_to_a_stalled_redis_is_outcome_unknown_and_a_keyed_retry_publi
             private_redis.resume()
             await until(lambda: data_of(live) == ["warm", "sent"], what="the unknown one, stored")
             await until(lambda: hub.ready, 10, "ready again")
-            again = await publish(hub, "sent", idempotency=key)
-            assert isinstance(again, Replayed)
+            body = ujson.dumps([{"type": 5, "data": "sent"}]).encode()
+            replay = await hub.publish(decode_json(body), key)
+            assert replay.replayed
+            again = replay.ids
             after = await publish(hub, "after")
             await until(lambda: data_of(live) == ["warm", "sent", "after"], what="the next one")
             assert [i for i, _ in live.events()] == [*warm, *again, *after]
@@ -741,3 +743,123 @@ async def test_a_client_ahead_of_a_node_that_does_not_catch_up_is_told_to_retry_
     assert refused.status == 503, (refused.status, bytes(refused.raw)[:200])
     assert refused.headers.get("retry-after") == "1"
     assert b"reset" not in bytes(refused.raw)
+
+
+@pytest.mark.gen_test(timeout=40)
+async def test_a_node_behind_a_paused_link_never_sends_its_client_back(redis_url, hub_server):
+    """The lagging node a fault run found: B reads Redis through a link that stops forwarding
+    (no error, no close). A client that took E1..E3 from A and resumes on B is never given B's
+    older position (no reset, no opening id, nothing twice): it is told to retry. Once B's
+    feed has been silent past the live bound, B admits no stream at all, and /readyz says so.
+    When the link heals, the same resume on B is exact."""
+    url = redis_url.url
+    link = await Blackhole(int(url.rsplit(":", 1)[1].split("/")[0])).start()
+    a = await hub_server(broker=url, redis_prefix=redis_url.prefix)
+    b = await hub_server(
+        broker=f"redis://127.0.0.1:{link.port}/{url.rsplit('/', 1)[1]}",
+        redis_prefix=redis_url.prefix,
+    )
+    try:
+        await until(lambda: a.hub.ready and b.hub.ready, 10, "both ready")
+        on_b = await b.stream("u1")
+        first = await a.publish_ok([{"type": 5, "data": 1}])
+        assert ids_of(await on_b.events(1)) == first
+        link.block()
+        later = await a.publish_ok([{"type": 5, "data": n} for n in (2, 3)])
+        refused = await b.stream("u1", last_event_id=later[-1], timeout=10)
+        assert refused.status == 503, (refused.status, bytes(refused.raw)[:200])
+        assert refused.headers.get("retry-after")
+        assert b"reset" not in bytes(refused.raw) and b"id:" not in bytes(refused.raw)
+
+        await until(lambda: not b.hub.ready, 5, "B unready")
+        fresh = await b.stream("u2", timeout=10)
+        assert fresh.status == 503 and fresh.headers.get("retry-after"), fresh.status
+        assert "cannot serve streams now" in json.loads(fresh.raw_body)["error"]
+        assert (await http_request(b.port, "GET", "/readyz")).status == 503
+
+        link.heal()
+        await until(lambda: b.hub.ready, 10, "B ready again")
+        resumed = await b.stream("u1", last_event_id=later[-1], timeout=10)
+        assert resumed.status == 200
+        after = await a.publish_ok([{"type": 5, "data": 4}])
+        assert ids_of(await resumed.events(1)) == after
+        assert [e.event for e in resumed.received] == ["broadcast"], resumed.received
+        assert ids_of(await on_b.events(3)) == later + after
+        assert ids_of(on_b.received) == first + later + after  # B's own: in order, once
+    finally:
+        await link.close()
+
+
+def test_a_loop_held_up_does_not_turn_a_node_with_a_live_redis_unready(redis_url):
+    """A reconnect storm or a long flush pass can hold the event loop for over a second: Redis
+    has answered the feed, which has not had its turn to take the answer. The node stays
+    ready (it admits the clients reconnecting) rather than judging Redis by its own delay;
+    a Redis that is really silent still turns it unready (the stalled-Redis tests)."""
+
+    async def scenario() -> None:
+        hub = await started(redis_url)
+        try:
+            loop = asyncio.get_running_loop()
+            seen: list[bool] = []
+            held: asyncio.Future[None] = loop.create_future()
+
+            def hold_up() -> None:
+                time.sleep(LIVE_FOR + 0.5)  # the fault: a loop busy for 2 s, not a wait
+                seen.append(hub.ready)
+                held.set_result(None)
+
+            loop.call_soon(hold_up)
+            await held
+            seen.append(hub.ready)
+            assert seen == [True, True]
+            later = await publish(hub, "after")
+            assert later and hub.ready
+        finally:
+            await hub.stop()
+
+    run(scenario)
+
+
+def test_with_redis_wait_replicas_a_publish_is_answered_only_once_a_replica_took_it(tmp_path):
+    """--redis-wait-replicas 1: a 202 means a replica has the events (a failover to it loses
+    nothing). A replica that does not take them in time makes the publish `unknown` (stored
+    on the master); once it is back, the keyed retry is answered with the first ids, and
+    only when the replica has them."""
+    master = PrivateRedis(tmp_path / "master").start()
+    replica = PrivateRedis(
+        tmp_path / "replica", extra_args=["--replicaof", "127.0.0.1", str(master.port)]
+    ).start()
+
+    def replicated() -> bool:
+        with master.client() as client:
+            return int(client.execute_command("WAIT", 1, 100)) == 1
+
+    async def scenario() -> None:
+        await until(replicated, 15, "the replica in sync")
+        target = master.target()
+        hub = await started(target, redis_wait_replicas=1, redis_wait_timeout=0.5)
+        try:
+            (first,) = await publish(hub, "taken")
+            with replica.client() as client:  # at once: the 202 waited for it
+                assert client.xlen(f"{target.prefix}:events") >= 1
+            replica.pause()
+            key = Idempotency(f"waited-{time.monotonic_ns()}", "body", 60.0)
+            with pytest.raises(OutcomeUnknown) as unknown:
+                await publish(hub, "unsure", idempotency=key)
+            assert "0 of 1 replicas took it" in str(unknown.value)
+            replica.resume()
+            body = ujson.dumps([{"type": 5, "data": "unsure"}]).encode()
+            again = await hub.publish(decode_json(body), key)
+            assert again.replayed and again.ids[0] > first
+            with replica.client() as client:
+                entries = client.xrange(f"{target.prefix}:events")
+            assert len(entries) == 2
+        finally:
+            replica.resume()
+            await hub.stop()
+
+    try:
+        run(scenario)
+    finally:
+        replica.close()
+        master.close()

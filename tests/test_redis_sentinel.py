@@ -17,10 +17,12 @@ from typing import Any
 
 import redis_support
 import test_redis_processes as processes
-from browser_support import HubProcess
-from redis_support import RedisTarget, SentinelGroup, unique_prefix
+from browser_support import HubProcess, wait_until
+from redis_support import PrivateRedis, RedisTarget, SentinelGroup, SentinelProcess, unique_prefix
 from sse import SSEClient, SSEEvent, wait_for
 from test_redis_processes import Streams, ids_of, post, publish, run, token
+
+from hub.redis_connection import redis_client
 
 sentinel_group = redis_support.sentinel_group
 hubs = processes.hubs
@@ -285,3 +287,48 @@ def test_a_failover_to_a_lagging_replica_resets_and_never_skips(
             assert later  # publishing resumed on both hubs
 
     run(scenario)
+
+
+def test_the_master_of_the_newest_sentinel_view_is_taken(tmp_path):
+    """Two sentinels name two masters: one as of configuration epoch 1 (a sentinel not yet
+    told of a failover), the other as of epoch 5. The hub's client writes to the newest
+    view's master, whichever sentinel it asks first (redis-py alone takes the first answer:
+    during a failover, a node went back to the old master and its acknowledged writes were
+    lost when that master was demoted)."""
+    old = PrivateRedis(tmp_path / "old").start()
+    new = PrivateRedis(tmp_path / "new").start()
+    stale, fresh = SentinelProcess(tmp_path / "stale"), SentinelProcess(tmp_path / "fresh")
+    try:
+        for sentinel, server, epoch in ((stale, old, 1), (fresh, new, 5)):
+            sentinel.conf.write_text(
+                f'port {sentinel.port}\nbind 127.0.0.1\ndaemonize no\nlogfile ""\n'
+                f"dir {sentinel.dir}\nsentinel myid {sentinel.myid}\n"
+                f"sentinel monitor hubmaster 127.0.0.1 {server.port} 1\n"
+                f"sentinel config-epoch hubmaster {epoch}\n"
+            )
+            sentinel.start()
+
+        def named(sentinel: SentinelProcess, port: int) -> bool:
+            sentinel.check_alive()
+            answer = sentinel.ask("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "hubmaster")
+            return isinstance(answer, list) and int(answer[1]) == port
+
+        wait_until(lambda: named(stale, old.port), 10, "the stale sentinel up")
+        wait_until(lambda: named(fresh, new.port), 10, "the fresh sentinel up")
+
+        async def scenario() -> None:
+            client = redis_client(
+                f"redis+sentinel://127.0.0.1:{stale.port},127.0.0.1:{fresh.port}/hubmaster/0"
+            )
+            try:
+                await client.set("written", "here")
+            finally:
+                await client.aclose()
+
+        asyncio.run(scenario())
+        with new.client() as on_new, old.client() as on_old:
+            assert on_new.get("written") == b"here"
+            assert on_old.get("written") is None
+    finally:
+        for process in (stale, fresh, old, new):
+            process.close()

@@ -10,7 +10,7 @@
 // key the election names as the leader's, with a sequence number above the last it took from
 // that key (no replays). `hello` is the one unsigned kind: any tab may join.
 
-import { parseId, report } from "./util.js";
+import { comparePositions, parseId, report } from "./util.js";
 
 /** @typedef {"connecting" | "open" | "reconnecting" | "closed"} Status */
 
@@ -243,8 +243,18 @@ async function importKey(id) {
 }
 
 /**
- * Which events this tab has delivered. Ids from one hub sort numerically, so one number pair
- * says everything; other ids are remembered in a bounded set.
+ * What to do with an event: "new", deliver it (its id, if any, becomes the last id);
+ * "duplicate", drop it (this tab has it: a position of the last id's epoch and not newer, or
+ * another id seen lately); "backwards", deliver it marked so: a reset older than the last id,
+ * which stays.
+ * @typedef {"new" | "duplicate" | "backwards"} Verdict
+ */
+
+/**
+ * Which events this tab has delivered. Ids from one hub only increase within an epoch, so the
+ * last id says everything for positions; other ids are remembered in a bounded set. The last id
+ * never moves back: a reset older than it (an older hub, a buggy node, a proxy) is delivered
+ * as "backwards", and the events up to the last id that come after it are duplicates.
  */
 export class Dedupe {
   /** @param {string | null} lastId  resume after this id */
@@ -257,27 +267,23 @@ export class Dedupe {
   }
 
   /**
-   * True the first time this tab sees the event's id.
+   * Whether to deliver the event: "new" the first time this tab sees its id.
    * @param {Relayed} event
+   * @returns {Verdict}
    */
   accept(event) {
     const id = event.id;
-    if (!id) return true;
+    if (!id) return "new";
     const key = parseId(id);
+    const order = comparePositions(key, this._lastKey);
     if (event.reset) {
-      // The hub says where its history resumes: take that as the last id, even if it is lower.
-      this.lastId = id;
-      this._lastKey = key;
-      return true;
-    }
-    if (key) {
-      const last = this._lastKey;
-      if (last && key[2] === last[2]) {
-        if (key[0] < last[0] || (key[0] === last[0] && key[1] <= last[1])) return false;
-      }
-      this._lastKey = key;
+      // The hub says where its history resumes: take that as the last id, unless it is an
+      // older position of the same epoch (then the client still has what it has).
+      if (order !== null && order < 0) return "backwards";
+    } else if (key) {
+      if (order !== null && order <= 0) return "duplicate";
     } else {
-      if (this._recent.has(id)) return false;
+      if (this._recent.has(id)) return "duplicate";
       this._recent.add(id);
       if (this._recent.size > RECENT_IDS) {
         const oldest = this._recent.values().next();
@@ -285,6 +291,7 @@ export class Dedupe {
       }
     }
     this.lastId = id;
-    return true;
+    this._lastKey = key;
+    return "new";
   }
 }

@@ -3,6 +3,9 @@
 // the hub ends it. Every stream the hub ends closes with one `end` frame,
 // {code, reason, reconnect, detail} and no id: `reconnect: false` stops for good, `true`
 // reconnects (a fresh token for an expired one). A close without it is a network cut.
+// EventSource's own reconnect sends the id of the last event it read; where the connection
+// dropped that event (hub.js's last id stays when an event is a duplicate, or a reset goes
+// backwards), a new EventSource resumes from hub.js's last id instead.
 //
 // With a ticket endpoint (`ticketUrl`), every EventSource opens with a one-time ticket that the
 // token buys just before (POST, token in the Authorization header), so the token never sits in
@@ -158,9 +161,13 @@ export class Source {
       this._attempt = 0;
       this._hooks.status("open");
     };
+    /** @type {string | null} the id of the last event this EventSource gave: its reconnect's */
+    let seen = null;
     for (const name of names) {
       es.addEventListener(name, (ev) => {
-        if (es === this._es) this._hooks.event(name, ev.lastEventId || null, ev.data);
+        if (es !== this._es) return;
+        seen = ev.lastEventId;
+        this._hooks.event(name, ev.lastEventId || null, ev.data);
       });
     }
     es.addEventListener(END, (ev) => {
@@ -180,6 +187,11 @@ export class Source {
         if (this._renewable() && this._tokenExpired()) {
           this._close();
           this._open(true);
+        } else if (seen !== null && seen !== (this._hooks.lastId() ?? "")) {
+          // Its Last-Event-ID would be that of an event the connection dropped (a duplicate,
+          // or a reset older than the last id): a new EventSource from the last id instead.
+          this._close();
+          this._retryLater();
         } else {
           this._hooks.status("reconnecting");
         }
