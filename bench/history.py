@@ -43,7 +43,7 @@ from hub.dispatch import DEFAULT_TYPES
 from hub.flusher import WINDOW
 from hub.history import EVENT_OVERHEAD, History
 from hub.message import Event
-from hub.registry import Subscriber
+from hub.stream import Stream
 
 REPO = Path(__file__).resolve().parent.parent
 HISTORY = 10_000  # the defaults of --history and --history-bytes
@@ -255,9 +255,9 @@ def windows(events: list[Event]) -> list[list[Event]]:
 def filter_ns(design: str, shape: str, streams: int, runs: int = 3) -> float:
     """Nanoseconds per event for `streams` streams with ?level=warning to read every event of
     a full history once, as flush passes do (each stream checks a window of events in turn:
-    hub.registry's Subscriber.accepts), best of `runs`."""
+    hub.stream's Stream.accepts), best of `runs`."""
     filters = DEFAULT_TYPES.stream_filters({"level": ["warning"]})
-    subs = [Subscriber(f"u{i}", topics=("logs",), filters=filters) for i in range(streams)]
+    subs = [Stream(f"u{i}", topics=("logs",), filters=filters) for i in range(streams)]
     best = float("inf")
     n = 0
     for _ in range(runs):

@@ -165,7 +165,7 @@ def _body_deadlines(hub: Hub) -> BodyDeadlines:
     """The publish route's deadlines and byte budget (one route per process: public, or
     internal), shown in /metrics as hub_publish_body_bytes."""
     deadlines = BodyDeadlines(hub.config.body_timeout, hub.config.max_body_memory)
-    hub.metrics.body_bytes.set_function(lambda: deadlines.held)
+    hub.metrics.watch_bodies(lambda: deadlines.held)
     return deadlines
 
 
@@ -241,7 +241,7 @@ async def serve(config: Config, worker: int | None = None) -> None:
         sockets = _listen(config.port, config.host, "--port", shared, LISTEN_BACKLOG)
         descriptors = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         limit = config.connection_limit(descriptors)
-        hub.stream_limit = config.stream_limit(descriptors)
+        hub.limit_streams(config.stream_limit(descriptors))
         servers = [server]
 
         def count_open() -> int:
@@ -249,19 +249,20 @@ async def serve(config: Config, worker: int | None = None) -> None:
             SocketTransport), so they are counted by the registry."""
             return sum(open_connections(s) for s in servers) + len(hub.registry)
 
-        def paused(why: str) -> None:
-            hub.metrics.accept_paused.labels(why).inc()
-
-        hub.metrics.connections.set_function(count_open)
+        paused = hub.metrics.accept_paused_for
+        hub.metrics.watch_connections(count_open)
         # A client that stops taking answers is cut after --slow-after, like a stream that stops
         # draining (handlers.server).
         accept_within(server, sockets, limit, count_open, paused, config.slow_after)
         port = sockets[0].getsockname()[1]
         log.info(
-            "listening on http://%s:%d%s (at most %d connections, %d streams, %d per user)",
+            "listening on http://%s:%d%s: broker %s, %s; at most %d connections, %d streams, "
+            "%d per user",
             config.host,
             port,
-            " (demo mode)" if config.demo else "",
+            " in demo mode" if config.demo else "",
+            config.broker_shown(),
+            "1 worker" if config.workers == 1 else f"{config.workers} workers",
             limit,
             hub.stream_limit,
             config.max_streams_per_user,
@@ -394,6 +395,8 @@ def main(argv: list[str] | None = None) -> None:
     handler.setFormatter(SafeFormatter(_log_format(None)))
     logging.basicConfig(level=config.log_level.upper(), handlers=[handler])
     logging.captureWarnings(True)  # warnings too: they would go to stderr as they are
+    for note in config.notes():  # a WEB_CONCURRENCY set aside
+        log.info("%s", note)
     if config.demo:
         log.warning(
             "DEMO MODE: anyone who can reach this port gets tokens at /demo/token, for any user "
@@ -404,9 +407,9 @@ def main(argv: list[str] | None = None) -> None:
     if config.workers > 1:
         if config.metrics_port is None:
             log.warning(
-                "--workers %d without --metrics-port: /metrics answers 404 (each worker is its "
+                "%s without --metrics-port: /metrics answers 404 (each worker is its "
                 "own scrape target: set --metrics-port P to scrape worker i on P + i)",
-                config.workers,
+                config.workers_named(),
             )
         # The demo secret was made up above (require_key), before the fork: every worker
         # signs and accepts the same tokens. Each worker bounds its own shutdown; the grace

@@ -7,11 +7,12 @@ import weakref
 from collections.abc import Callable, Iterable
 from http.client import responses
 from typing import Any
+from urllib.parse import urlsplit
 
 import ujson
 from tornado.web import HTTPError, RequestHandler
 
-from hub.auth import AuthError, Claims, Verifier
+from hub.auth import PUBLISHER_MAY_NOT_SUBSCRIBE, AuthError, Claims, Verifier
 from hub.core import Hub
 from hub.logs import redact
 from hub.metrics import Metrics
@@ -23,8 +24,11 @@ __all__ = [
     "STREAM_REFUSALS",
     "TICKET_REFUSALS",
     "HubHandler",
+    "JsonErrors",
     "access_logger",
+    "json_body",
     "redact",
+    "same_origin",
 ]
 
 access_log = logging.getLogger("tornado.access")
@@ -34,9 +38,9 @@ access_log = logging.getLogger("tornado.access")
 MAX_ERROR_LENGTH = 512
 
 # The one place where the core's refusals become HTTP: each kind's status, and whether the
-# answer says when to come back (Retry-After: --retry).
+# answer says when to come back (Retry-After: the refusal's retry_after, else --retry).
 ANSWERS: dict[RefusalKind, tuple[int, bool]] = {
-    RefusalKind.NOT_SYNCED: (503, True),
+    RefusalKind.UNREADY: (503, True),
     RefusalKind.CAPACITY: (503, True),
     RefusalKind.PER_USER: (429, True),
     RefusalKind.TOKEN_MISSING: (401, False),
@@ -46,6 +50,7 @@ ANSWERS: dict[RefusalKind, tuple[int, bool]] = {
     RefusalKind.REVOKED: (401, False),
     RefusalKind.TICKET_MALFORMED: (401, False),
     RefusalKind.TICKET_UNKNOWN: (401, False),
+    RefusalKind.BEHIND: (503, True),
 }
 
 _TOKEN = (RefusalKind.TOKEN_MISSING, RefusalKind.TOKEN_INVALID, RefusalKind.TOKEN_EXPIRED)
@@ -58,29 +63,57 @@ def _labels(kinds: Iterable[RefusalKind], own: Iterable[int]) -> tuple[str, ...]
 
 
 # The label values of the refusals counted by status, each exported at 0 from the start. The
-# handlers' own: 400 a malformed request, 403 a topic the token does not allow, 413/415/422 a
-# publish body, 429 the publish rate, 503 shutting down or the broker unavailable.
+# handlers' own: 400 a malformed request, 403 a topic the token does not allow, a publisher
+# token opening a stream or a cookie from a page of another origin, 413/415/422 a publish
+# body, 429 the publish rate, 503 shutting down or the broker unavailable.
 PUBLISH_REFUSALS = _labels((*_TOKEN, RefusalKind.NOT_PUBLISHER), (400, 413, 415, 422, 429, 503))
 STREAM_REFUSALS = _labels(
     (k for k in RefusalKind if k is not RefusalKind.NOT_PUBLISHER), (400, 403, 503)
 )
-TICKET_REFUSALS = _labels((*_TOKEN, RefusalKind.REVOKED), (503,))  # of POST /tickets
+TICKET_REFUSALS = _labels((*_TOKEN, RefusalKind.REVOKED), (403, 503))  # of POST /tickets
+
+# Methods that change nothing: a cookie may authenticate them from any page (what a page of
+# another origin can then read is CORS's business). Any other method authenticated by the
+# hub_token cookie alone needs an Origin the hub trusts (HubHandler.cookie_refusal).
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+MAX_ORIGIN_SHOWN = 100
+
+
+def json_body(body: Any) -> str:
+    """Every JSON answer of the hub, as written: one line, ending with a newline (so curl's
+    output does not run into the prompt)."""
+    return ujson.dumps(body, escape_forward_slashes=False) + "\n"
+
+
+def same_origin(origin: str, host: str) -> bool:
+    """Whether a browser's `Origin` names the server the request reached (its `Host`): the same
+    host name and port, the port by default that of the origin's scheme. The scheme is not
+    compared: behind a proxy that ends TLS the hub is reached over http by an https page."""
+    try:
+        page = urlsplit(origin)
+        reached = urlsplit("//" + host)
+        if page.scheme not in ("http", "https") or not page.hostname or not reached.hostname:
+            return False
+        default = 443 if page.scheme == "https" else 80
+        return page.hostname == reached.hostname and (page.port or default) == (
+            reached.port or default
+        )
+    except ValueError:  # a port that is not one
+        return False
+
 
 _labelled: weakref.WeakSet[Metrics] = weakref.WeakSet()
 
 
 def label_refusals(metrics: Metrics) -> None:
-    """Export every refusal's label value at 0, once per hub (before its first answer: a
-    scrape is a request too)."""
+    """Declare the statuses each route refuses with, once per hub (before its first answer:
+    a scrape is a request too)."""
     if metrics in _labelled:
         return
     _labelled.add(metrics)
-    for status in PUBLISH_REFUSALS:
-        metrics.rejected.labels(status)
-    for status in STREAM_REFUSALS:
-        metrics.streams_refused.labels(status)
-    for status in TICKET_REFUSALS:
-        metrics.ticket_requests_refused.labels(status)
+    metrics.declare_refusals("publish", PUBLISH_REFUSALS)
+    metrics.declare_refusals("stream", STREAM_REFUSALS)
+    metrics.declare_refusals("ticket", TICKET_REFUSALS)
 
 
 def access_logger(success_level: int) -> Callable[[RequestHandler], None]:
@@ -91,6 +124,8 @@ def access_logger(success_level: int) -> Callable[[RequestHandler], None]:
 
     def log_request(handler: RequestHandler) -> None:
         status = handler.get_status()
+        if status >= 400 and isinstance(handler, HubHandler) and handler.route:
+            handler.hub.metrics.refused(handler.route, status)  # each answer counted once
         if status < 400:
             level = success_level
         elif status < 500 or status == 503:
@@ -114,7 +149,40 @@ def access_logger(success_level: int) -> Callable[[RequestHandler], None]:
     return log_request
 
 
-class HubHandler(RequestHandler):
+class JsonErrors(RequestHandler):
+    """Tornado's own errors (an HTTPError raised, an uncaught exception, a 405) as the hub's JSON
+    error body, for every handler: the hub's and the static files'."""
+
+    # Whether an HTTPError's log_message is the answer's error: the hub's handlers write theirs
+    # for the client; Tornado's static file handler writes them for the log (absolute paths).
+    shows_log_message = True
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        reason = responses.get(status_code, "error").lower()
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, HTTPError) and exc.log_message and self.shows_log_message:
+            reason = exc.log_message % exc.args if exc.args else exc.log_message
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Cache-Control", "no-store")
+        self.finish(json_body({"error": reason[:MAX_ERROR_LENGTH]}))
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        # Tornado's own version logs the full request, query string (and so a token) included.
+        if isinstance(value, HTTPError):
+            return
+        logging.getLogger("hub").error(
+            "uncaught exception in %s %s",
+            self.request.method,
+            redact(self.request.uri or ""),
+            exc_info=(typ, value, tb),
+        )
+
+
+class HubHandler(JsonErrors):
+    # Whose refusals this route's answers are (hub.metrics.Metrics.refused): counted by the
+    # access log's hook, never by the handler's own code.
+    route = ""
+
     def initialize(self, hub: Hub, verifier: Verifier) -> None:
         self.hub = hub
         self.verifier = verifier
@@ -140,21 +208,20 @@ class HubHandler(RequestHandler):
     def fail(self, status: int, error: str, **extra: Any) -> None:
         """Answer with a JSON error body and stop."""
         self._start_error(status)
-        body = {"error": error[:MAX_ERROR_LENGTH], **extra}
-        self.finish(ujson.dumps(body, escape_forward_slashes=False))
+        self.finish(json_body({"error": error[:MAX_ERROR_LENGTH], **extra}))
 
     def fail_retry(self, status: int, error: str, retry_after: float, **extra: Any) -> None:
         """fail(), telling the client when to come back (429, 503)."""
         self._start_error(status)
         self.set_header("Retry-After", str(max(1, round(retry_after))))
-        body = {"error": error[:MAX_ERROR_LENGTH], **extra}
-        self.finish(ujson.dumps(body, escape_forward_slashes=False))
+        self.finish(json_body({"error": error[:MAX_ERROR_LENGTH], **extra}))
 
     def answer_refusal(self, refusal: Refusal) -> int:
         """Answer a refusal of the core as ANSWERS says; return its status."""
         status, retry = ANSWERS[refusal.kind]
         if retry:
-            self.fail_retry(status, refusal.message, self.hub.config.retry)
+            after = self.hub.config.retry if refusal.retry_after is None else refusal.retry_after
+            self.fail_retry(status, refusal.message, after)
         else:
             self.fail(status, refusal.message)
         return status
@@ -173,41 +240,61 @@ class HubHandler(RequestHandler):
         self.set_status(status)
         self.set_header("Content-Type", "application/json")
         self.set_header("Cache-Control", "no-store")
-        self.finish(ujson.dumps(body, escape_forward_slashes=False))
+        self.finish(json_body(body))
 
     def token(self) -> str | None:
         """Authorization: Bearer, else ?token= (EventSource cannot set headers), else the
         hub_token cookie."""
+        return self._token()[0]
+
+    def _token(self) -> tuple[str | None, bool]:
+        """token(), and whether it is the hub_token cookie's (which a browser sends by itself,
+        whichever page makes the request)."""
         header = self.request.headers.get("Authorization", "")
         if header[:7].lower() == "bearer ":
-            return header[7:].strip()
-        return self.get_query_argument("token", None) or self.get_cookie("hub_token")
+            return header[7:].strip(), False
+        query = self.get_query_argument("token", None)
+        if query:
+            return query, False
+        cookie = self.get_cookie("hub_token")
+        return cookie, bool(cookie)
 
     def authenticate(self, publisher: bool = False) -> Claims | None:
-        """The verified claims, or None after answering 401/403."""
+        """The verified claims of a publisher's token (`publisher`) or a subscriber's, or None
+        after answering: 401 for a token refused; 403 for a subscriber's token that may not
+        publish, for a publisher's token where a subscriber's is needed (README, Tokens and
+        roles), or for the hub_token cookie on a state-changing request from a page the hub
+        does not trust (cookie_refusal)."""
+        token, by_cookie = self._token()
+        if by_cookie and self.request.method not in SAFE_METHODS:
+            refused = self.cookie_refusal()
+            if refused is not None:
+                self.fail(403, refused)
+                return None
         try:
             if publisher:
-                return self.verifier.verify_publisher(self.token())
-            return self.verifier.verify(self.token())
+                return self.verifier.verify_publisher(token)
+            claims = self.verifier.verify(token)
         except AuthError as exc:
             self.answer_refusal(exc.refusal)
             return None
+        if claims.publish:
+            self.fail(403, PUBLISHER_MAY_NOT_SUBSCRIBE)
+            return None
+        return claims
 
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        reason = responses.get(status_code, "error").lower()
-        exc = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(exc, HTTPError) and exc.log_message:
-            reason = exc.log_message % exc.args if exc.args else exc.log_message
-        self.set_header("Content-Type", "application/json")
-        self.finish(ujson.dumps({"error": reason}))
-
-    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
-        # Tornado's own version logs the full request, query string (and so a token) included.
-        if isinstance(value, HTTPError):
-            return
-        logging.getLogger("hub").error(
-            "uncaught exception in %s %s",
-            self.request.method,
-            redact(self.request.uri or ""),
-            exc_info=(typ, value, tb),
-        )
+    def cookie_refusal(self) -> str | None:
+        """Why a state-changing request authenticated by the hub_token cookie alone is refused
+        (None: it is not). A browser attaches the cookie to a request any page makes (a form
+        another site posts, its fetch()): only the Origin header says whose page it is. It must
+        be the hub's own (same_origin) or one listed in --cors-origins ("*" does not count: it
+        allows any origin without credentials). No Origin: refused, as a browser sends one with
+        every POST and a client that is not a browser sends its token in Authorization."""
+        origin = self.request.headers.get("Origin")
+        how = "send the token in Authorization: Bearer, or list the page's origin in --cors-origins"
+        if not origin:
+            return f"the hub_token cookie needs an Origin header on a {self.request.method}: {how}"
+        if same_origin(origin, self.request.host) or origin in self.hub.config.allowed_origins():
+            return None
+        shown = origin[:MAX_ORIGIN_SHOWN]
+        return f'the hub_token cookie is not accepted from a page of origin "{shown}": {how}'

@@ -11,19 +11,13 @@ import hashlib
 from tornado.web import stream_request_body
 
 from handlers.base import HubHandler
-from handlers.server import BodyDeadlines
+from handlers.server import DRAIN_FACTOR, BodyDeadlines, DrainsRefusedBody
 from handlers.tornado_internals import response_finished
 from hub.auth import Verifier
-from hub.broker import (
-    BrokerUnavailable,
-    Idempotency,
-    IdempotencyConflict,
-    OutcomeUnknown,
-    Replayed,
-)
+from hub.broker import BrokerUnavailable, Idempotency, IdempotencyConflict, OutcomeUnknown
 from hub.core import Hub
 from hub.decode import Decoder, decode_frames, decode_json, decode_ndjson
-from hub.limits import INTERNAL, retry_after
+from hub.limits import INTERNAL, Throttled, retry_after
 from hub.message import ParseError, Rejected, TooLarge
 
 __all__ = ["DECODERS", "PublishHandler"]
@@ -46,9 +40,14 @@ def idempotency_key_ok(key: str) -> bool:
 
 
 @stream_request_body
-class PublishHandler(HubHandler):
+class PublishHandler(DrainsRefusedBody, HubHandler):
     """The body is streamed in so that the size limit and the auth check cost nothing:
-    a request over the limit or without a valid token is answered before its body is read."""
+    a request over the limit or without a valid token is answered before its body is read.
+    What is left of a body refused at the head is then read and dropped (nothing decoded or
+    kept), up to twice --max-body and within --body-timeout, so that a proxy writing it gets the
+    answer (handlers.server.DrainsRefusedBody)."""
+
+    route = "publish"
 
     def initialize(
         self,
@@ -68,16 +67,13 @@ class PublishHandler(HubHandler):
         self.publisher = INTERNAL  # the rate bucket's identity: the token's sub, if any
         self.idempotency_key: str | None = None
 
-    def refuse(self, status: int, error: str, **extra: object) -> None:
-        self.hub.metrics.rejected.labels(str(status)).inc()
-        self.fail(status, error, **extra)
-
     def prepare(self) -> None:
         if self.request.method != "POST":
             return
         self.deadlines.start(self)  # the body must arrive within --body-timeout
+        self.body_expected()  # an answer from here on, before the body is in, drains it
         if self.hub.stopping:
-            self.refuse(
+            self.fail(
                 503,
                 "not published: the hub is shutting down: publish to another instance or retry",
                 outcome="not_published",
@@ -86,19 +82,17 @@ class PublishHandler(HubHandler):
         if self.authenticated:
             claims = self.authenticate(publisher=True)
             if claims is None:
-                self.hub.metrics.rejected.labels(str(self.get_status())).inc()
                 return
             self.publisher = claims.user
-        # An empty bucket is refused before the body is read: a throttled publisher costs
-        # the hub a request head, not a body's read and decode.
-        wait = self.hub.publishers.delay(self.publisher, 1, take=False)
-        if wait:
-            self.throttle(wait)
+        try:
+            self.hub.check_rate(self.publisher)
+        except Throttled as exc:
+            self.throttle(exc)
             return
         key = self.request.headers.get("Idempotency-Key")
         if key is not None:
             if not idempotency_key_ok(key):
-                self.refuse(
+                self.fail(
                     400,
                     f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII "
                     "characters (a UUID, say)",
@@ -108,7 +102,7 @@ class PublishHandler(HubHandler):
         ctype = self.request.headers.get("Content-Type", "").split(";")[0].strip().lower()
         decoder = DECODERS.get(ctype)
         if decoder is None:
-            self.refuse(
+            self.fail(
                 415,
                 f"unsupported content type {ctype[:64] or 'none'!r}",
                 accepted=sorted(DECODERS),
@@ -118,20 +112,24 @@ class PublishHandler(HubHandler):
         limit = self.hub.config.max_body
         length = self.request.headers.get("Content-Length")
         if length is not None and length.isdigit() and int(length) > limit:
-            self.refuse(413, f"body of {length} bytes is over the limit of {limit}", limit=limit)
+            self.fail(413, f"body of {length} bytes is over the limit of {limit}", limit=limit)
+
+    def drain_limit(self) -> int:
+        # A body refused midway (the --max-body-memory budget full: the hub is short of room
+        # for bodies) is cut, not drained.
+        return DRAIN_FACTOR * self.hub.config.max_body if self.size == 0 else 0
 
     def data_received(self, chunk: bytes) -> None:
-        if response_finished(self):
-            return
+        if self.draining or response_finished(self):
+            return  # refused: the rest is dropped
         self.size += len(chunk)
         limit = self.hub.config.max_body
         if self.size > limit:
             self.chunks = []
-            self.refuse(413, f"body is over the limit of {limit} bytes", limit=limit)
+            self.fail(413, f"body is over the limit of {limit} bytes", limit=limit)
             return
         if not self.deadlines.hold(self, len(chunk)):
             self.chunks = []
-            self.hub.metrics.rejected.labels("503").inc()
             self.fail_retry(
                 503,
                 "the hub holds its most bytes of publish bodies in progress "
@@ -152,64 +150,51 @@ class PublishHandler(HubHandler):
         # as an ERROR 500.
         super().on_connection_close()
 
-    def throttle(self, wait: float) -> None:
-        """429: the publisher's bucket will hold what it asked for in `wait` seconds."""
-        limiter = self.hub.publishers
-        self.hub.metrics.limited.labels("rate").inc()
-        self.hub.metrics.rejected.labels("429").inc()
+    def throttle(self, exc: Throttled) -> None:
+        """429: the publisher's bucket will hold what it asked for in `exc.wait` seconds."""
         self.fail_retry(
             429,
-            f"publish rate over the limit of {limiter.rate:g} events/s (bursts of "
-            f"{limiter.burst}) for this publisher: retry after the time Retry-After says",
-            retry_after(wait),
-            rate=limiter.rate,
-            burst=limiter.burst,
+            f"publish rate over the limit of {exc.rate:g} events/s (bursts of "
+            f"{exc.burst}) for this publisher: retry after the time Retry-After says",
+            retry_after(exc.wait),
+            rate=exc.rate,
+            burst=exc.burst,
         )
 
     async def post(self) -> None:
+        if self.body_in():
+            return  # refused before the body was in, which was then read and dropped
         body = b"".join(self.chunks)
         self.chunks = []
         config = self.hub.config
-        limiter = self.hub.publishers
-        # With a rate, no batch over the burst can ever pass: a 413 says so, not 429s for ever.
-        max_events = config.max_batch
-        if limiter.enabled:
-            max_events = min(max_events, limiter.burst)
         try:
-            events = self.decoder(
-                body,
-                self.hub.types,
-                max_events=max_events,
-                max_event_bytes=config.max_event_bytes,
-            )
+            events = self.hub.decode(body, self.decoder, self.publisher)
+        except Throttled as exc:
+            self.throttle(exc)
+            return
         except TooLarge as exc:
-            self.hub.metrics.limited.labels(exc.what).inc()
             if exc.what == "event_bytes":
                 message = f"{exc.message} (--max-event-bytes)"
             elif exc.limit < config.max_batch:
                 message = (
                     f"{exc.message}: over the publish burst ({exc.limit} events at "
-                    f"{limiter.rate:g}/s), a batch this large can never pass; split it"
+                    f"{config.publish_rate:g}/s), a batch this large can never pass; split it"
                 )
             else:
                 message = f"{exc.message}: over the limit of {exc.limit} (--max-batch); split it"
-            self.refuse(413, message, limit=exc.limit, index=exc.index)
+            self.fail(413, message, limit=exc.limit, index=exc.index)
             return
         except ParseError as exc:
             extra: dict[str, object] = {"offset": exc.offset}
             if exc.index is not None:
                 extra["index"] = exc.index
-            self.refuse(400, exc.message, **extra)
+            self.fail(400, exc.message, **extra)
             return
         except Rejected as exc:
             extra = {"known_types": self.hub.types.describe()}
             if exc.index is not None:
                 extra["index"] = exc.index
-            self.refuse(422, exc.message, **extra)
-            return
-        wait = limiter.delay(self.publisher, len(events))
-        if wait:
-            self.throttle(wait)
+            self.fail(422, exc.message, **extra)
             return
         idempotency = None
         if self.idempotency_key is not None:
@@ -221,20 +206,20 @@ class PublishHandler(HubHandler):
                 config.idempotency_window,
             )
         try:
-            ids = await self.hub.publish(events, idempotency)
+            result = await self.hub.publish(events, idempotency)
         except OutcomeUnknown as exc:
-            self.refuse(503, str(exc), outcome="unknown")
+            self.fail(503, str(exc), outcome="unknown")
             return
         except BrokerUnavailable as exc:
-            self.refuse(503, f"not published: {exc}", outcome="not_published")
+            self.fail(503, f"not published: {exc}", outcome="not_published")
             return
         except IdempotencyConflict:
-            self.refuse(
+            self.fail(
                 422,
                 "this Idempotency-Key was used for a different body within "
                 f"{config.idempotency_window:g} s: use a new key for a new publish",
             )
             return
-        if isinstance(ids, Replayed):
+        if result.replayed:
             self.set_header("Idempotent-Replayed", "true")
-        self.answer(202, {"ids": ids})
+        self.answer(202, {"ids": result.ids})

@@ -1,7 +1,8 @@
 """GET /events: authenticate (a token, or a one-time ticket from POST /tickets), parse the
-query, then hand the socket to the core.
+query, then ask the core to open the stream (Hub.open_stream), which admits it or refuses it,
+and takes the socket from the handler once it is admitted.
 
-After the checks, the handler writes the response head itself and detaches the connection.
+The response head goes out with the stream's first bytes, and the connection is detached.
 The body is close-delimited (`Connection: close`, no Content-Length, no chunked encoding),
 which HTTP/1.1 allows for a response that ends when the connection does; an SSE stream ends
 only that way anyway. So the bytes the hub writes are the SSE frames themselves, and one
@@ -18,37 +19,36 @@ from handlers.base import HubHandler, access_log, redact
 from handlers.server import USER_TIMEOUT
 from hub.auth import Claims
 from hub.broker import BrokerUnavailable
-from hub.query import QueryError, parse_topics
-from hub.refusal import RefusalKind
+from hub.query import QueryError, check_names, parse_topics
+from hub.refusal import Refusal
+from hub.stream import StreamRequest
 from hub.tickets import TicketRefused, parse_ticket
 from hub.transport import SocketTransport
 
 __all__ = ["EventsHandler"]
 
-# How long a stream whose Last-Event-ID is ahead of this node waits for the node's feed to
-# read that far (nodes of one Redis are milliseconds apart; a node further behind is
-# overloaded, and its client gets `reset` or, with the feed not live, a 503).
-CATCH_UP_WAIT = 1.0
-
 log = logging.getLogger("hub")
 
-# The refusals that are a stream cap: hub_streams_capped_total's label.
-CAPS = {RefusalKind.CAPACITY: "total", RefusalKind.PER_USER: "per_user"}
+# The query parameters GET /events reads, besides the type table's filter parameters
+# (TypeTable.filter_params: `level`, `service`): any other name is a 400 that lists these.
+# `_` is the one name read and ignored: the cache-buster that jQuery (`cache: false`) and
+# many request wrappers add; a stream is never cached anyway (Cache-Control: no-cache).
+STREAM_PARAMS = ("token", "ticket", "topic", "lastEventId", "_")
 
 
 class EventsHandler(HubHandler):
-    def fail(self, status: int, error: str, **extra: object) -> None:
-        """Every refusal of a stream is counted by status (hub_streams_refused_total)."""
-        self.hub.metrics.streams_refused.labels(str(status)).inc()
-        super().fail(status, error, **extra)
-
-    def fail_retry(self, status: int, error: str, retry_after: float, **extra: object) -> None:
-        self.hub.metrics.streams_refused.labels(str(status)).inc()
-        super().fail_retry(status, error, retry_after, **extra)
+    route = "stream"
 
     async def get(self) -> None:
         if self.hub.stopping:
             self.fail(503, "the hub is shutting down")
+            return
+        try:  # a misspelt name (`topics=`) must not open a stream without what it asked for
+            check_names(
+                self.request.query_arguments, (*STREAM_PARAMS, *self.hub.types.filter_params)
+            )
+        except QueryError as exc:
+            self.fail(400, exc.message, **exc.extra)
             return
         ticket = bool(self.get_query_arguments("ticket"))
         claims = await self._redeem() if ticket else self.authenticate()
@@ -56,15 +56,6 @@ class EventsHandler(HubHandler):
             return
         if self.hub.stopping:  # it began while the ticket was looked up
             self.fail(503, "the hub is shutting down")
-            return
-        refused = self.hub.admit(claims)
-        if refused is not None:
-            if ticket and refused.kind is RefusalKind.REVOKED:
-                self.hub.tickets.reject("revoked")
-            cap = CAPS.get(refused.kind)
-            if cap is not None:
-                self.hub.metrics.streams_capped.labels(cap).inc()
-            self.answer_refusal(refused)
             return
         try:
             topics = parse_topics(self.get_query_arguments("topic"))
@@ -85,33 +76,6 @@ class EventsHandler(HubHandler):
         last_id = self.request.headers.get("Last-Event-ID") or self.get_query_argument(
             "lastEventId", None
         )
-        if last_id and self.hub.behind(last_id):
-            # Served by a node further ahead: wait for this one's feed to read as far. Still
-            # behind a client of its own epoch, the client retries (here or elsewhere): a
-            # reset would move it back to where this node is, and it would take again what it
-            # already has. (An epoch still unknown after the wait is an old one: reset.)
-            await self.hub.catch_up(last_id, CATCH_UP_WAIT)
-            if self.hub.ahead(last_id):
-                self.fail_retry(503, "this node has not read up to Last-Event-ID yet: retry", 1.0)
-                return
-
-        access_log.log(
-            self.settings["access_success_level"],
-            "200 GET %s (%s) stream open",
-            redact(self.request.uri or ""),
-            self.request.remote_ip,
-        )
-        stream = self.detach()
-        if stream.closed():  # the client left while its request was being checked
-            return
-        sock = stream.socket
-        stream.io_loop.remove_handler(sock.fileno())
-        # Each write is already a whole pass's worth of frames, coalesced in the flusher;
-        # Nagle would only hold it back waiting for the client's (possibly delayed) ACK.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if USER_TIMEOUT is not None:  # the flusher, not the kernel, cuts a stalled stream
-            sock.setsockopt(socket.IPPROTO_TCP, USER_TIMEOUT, 0)
-        transport = SocketTransport(sock, asyncio.get_running_loop())
         # The origin is one the operator listed (or the request's own, echoed only when it
         # is listed): no CR/LF can reach the head.
         cors = "".join(f"{name}: {value}\r\n" for name, value in self.cors_headers())
@@ -122,16 +86,32 @@ class EventsHandler(HubHandler):
             b"X-Accel-Buffering: no\r\n"
             b"Connection: close\r\n" + cors.encode("latin-1") + b"\r\n"
         )
-        self.hub.subscribe(
-            transport,
-            claims.user,
-            prefix=head,  # one send for the head and the stream's opening
-            sid=claims.sid,
-            topics=topics,
-            exp=claims.exp,
-            last_event_id=last_id,
-            filters=filters,
+        # one send for the head and the stream's opening
+        request = StreamRequest(claims, topics, filters, last_id, prefix=head, by_ticket=ticket)
+        opened = await self.hub.open_stream(request, self._take_transport)
+        if isinstance(opened, Refusal):
+            self.answer_refusal(opened)
+
+    def _take_transport(self) -> SocketTransport | None:
+        """The request's socket, detached from Tornado, as the stream's transport; None if
+        the client left while its request was being checked."""
+        access_log.log(
+            self.settings["access_success_level"],
+            "200 GET %s (%s) stream open",
+            redact(self.request.uri or ""),
+            self.request.remote_ip,
         )
+        stream = self.detach()
+        if stream.closed():
+            return None
+        sock = stream.socket
+        stream.io_loop.remove_handler(sock.fileno())
+        # Each write is already a whole pass's worth of frames, coalesced in the flusher;
+        # Nagle would only hold it back waiting for the client's (possibly delayed) ACK.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if USER_TIMEOUT is not None:  # the flusher, not the kernel, cuts a stalled stream
+            sock.setsockopt(socket.IPPROTO_TCP, USER_TIMEOUT, 0)
+        return SocketTransport(sock, asyncio.get_running_loop())
 
     async def _redeem(self) -> Claims | None:
         """The claims of the request's `?ticket=` (spent here, whatever the answer), or None

@@ -2,6 +2,10 @@
 
 `GET /events?ticket=...` then opens the stream with the ticket instead of the token, so the
 long-lived JWT never sits in a URL (hub.tickets says what a ticket is bound to).
+
+A publisher's token gets no ticket (403: it opens no stream), and the hub_token cookie alone
+buys one only from a page of the hub's own origin or of --cors-origins (HubHandler.authenticate):
+a browser sends the cookie with a POST any site makes.
 """
 
 from __future__ import annotations
@@ -16,14 +20,7 @@ PREFLIGHT_MAX_AGE = 600  # seconds a browser may keep the preflight's answer
 
 
 class TicketsHandler(HubHandler):
-    def fail(self, status: int, error: str, **extra: object) -> None:
-        """Every refusal is counted by status (hub_ticket_requests_refused_total)."""
-        self.hub.metrics.ticket_requests_refused.labels(str(status)).inc()
-        super().fail(status, error, **extra)
-
-    def fail_retry(self, status: int, error: str, retry_after: float, **extra: object) -> None:
-        self.hub.metrics.ticket_requests_refused.labels(str(status)).inc()
-        super().fail_retry(status, error, retry_after, **extra)
+    route = "ticket"
 
     def options(self) -> None:
         """CORS preflight: a page on a listed origin posts with an Authorization header,

@@ -31,7 +31,7 @@ __all__ = [
     "MemoryBroker",
     "Node",
     "OutcomeUnknown",
-    "Replayed",
+    "PublishResult",
 ]
 
 # Live tickets the memory broker holds at most: past it, a new ticket pushes out the oldest
@@ -60,9 +60,14 @@ class IdempotencyConflict(Exception):
     """An Idempotency-Key already used, within its window, for a different body."""
 
 
-class Replayed(list[str]):
-    """The ids of a batch published before under the same Idempotency-Key: nothing was
-    published this time."""
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    """What a publish came to: its events' ids, in order, and whether they are those of a
+    batch published before under the same Idempotency-Key (then nothing was published this
+    time: a client's retry)."""
+
+    ids: list[str]
+    replayed: bool = False
 
 
 class BrokerUnavailable(Exception):
@@ -108,8 +113,6 @@ class Broker(Protocol):
     # Ids at or before `floor` predate this broker's history: a client that resumes from
     # one of them is told it missed events.
     floor: tuple[int, int]
-    # synced: the node has the shared history (it can serve streams and resumes).
-    synced: bool
 
     @property
     def ready(self) -> bool:
@@ -132,12 +135,12 @@ class Broker(Protocol):
 
     async def publish(
         self, events: Sequence[Event], idempotency: Idempotency | None = None
-    ) -> list[str]:
+    ) -> PublishResult:
         """Give the events ids, in order, and send them to every node; return the ids.
         All or nothing: BrokerUnavailable means none of them was stored; OutcomeUnknown (a
         BrokerUnavailable) means the broker may or may not have stored them. With `idempotency`,
-        a batch already stored under its key is not stored again: its ids come back as
-        Replayed (IdempotencyConflict if that batch had another body)."""
+        a batch already stored under its key is not stored again: its ids come back, marked
+        replayed (IdempotencyConflict if that batch had another body)."""
         ...
 
     async def put_ticket(self, key: str, claims: bytes, ttl: float) -> None:
@@ -162,7 +165,6 @@ class MemoryBroker:
         self.boot = int(time.time() * 1000)
         self.seq = 0
         self.floor = (self.boot, 0)
-        self.synced = True
         self.running = True
         self._deliver: Callable[[Event], None] | None = None
         # key -> (monotonic expiry, claims), oldest first: expired ones are purged from the
@@ -188,7 +190,7 @@ class MemoryBroker:
 
     async def publish(
         self, events: Sequence[Event], idempotency: Idempotency | None = None
-    ) -> list[str]:
+    ) -> PublishResult:
         deliver = self._deliver
         if deliver is None:
             raise BrokerUnavailable("the hub is not running (starting or shutting down)")
@@ -207,9 +209,9 @@ class MemoryBroker:
         if idempotency is not None:
             expires = time.monotonic() + idempotency.window
             self.keys[idempotency.key] = (expires, idempotency.body, first, len(ids))
-        return ids
+        return PublishResult(ids)
 
-    def _seen(self, idempotency: Idempotency) -> Replayed | None:
+    def _seen(self, idempotency: Idempotency) -> PublishResult | None:
         """The ids published under this key within its window (forgetting expired keys, and
         the oldest past MAX_MEMORY_KEYS)."""
         keys = self.keys
@@ -224,7 +226,8 @@ class MemoryBroker:
             return None
         if seen[1] != idempotency.body:
             raise IdempotencyConflict()
-        return Replayed(f"{self.boot}-{n}" for n in range(seen[2], seen[2] + seen[3]))
+        ids = [f"{self.boot}-{n}" for n in range(seen[2], seen[2] + seen[3])]
+        return PublishResult(ids, replayed=True)
 
     async def put_ticket(self, key: str, claims: bytes, ttl: float) -> None:
         tickets = self.tickets

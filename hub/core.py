@@ -1,5 +1,5 @@
-"""The hub: publish, deliver, subscribe, unsubscribe. The HTTP layer calls these and
-nothing below them.
+"""The hub: publish, deliver, open streams (a stream ends itself: hub.stream.Stream.end).
+The HTTP layer calls these and nothing below them.
 
 Life of an event: a handler decodes and routes it (hub.decode, with the hub's type table),
 `publish` hands it to the broker, which gives it its id and feeds it to `deliver` on every
@@ -10,32 +10,40 @@ flusher writes.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 
 import ujson
 
 from hub.auth import Claims
-from hub.broker import Broker, BrokerUnavailable, Idempotency, MemoryBroker, Replayed
+from hub.broker import Broker, BrokerUnavailable, Idempotency, MemoryBroker, PublishResult
 from hub.config import Config
-from hub.disconnect import EXPIRED, LOGOUT, SHUTDOWN, SLOW, Disconnect
+from hub.decode import Decoder
+from hub.disconnect import EXPIRED, LOGOUT, SHUTDOWN, Disconnect
 from hub.dispatch import DEFAULT_TYPES, EventFilter, TypeTable
 from hub.flusher import Flusher
 from hub.history import History, parse_position
-from hub.limits import PublishLimiter
-from hub.message import Event, encode_frame
+from hub.limits import PublishLimiter, Throttled
+from hub.message import Event, TooLarge, encode_frame
 from hub.metrics import Metrics
 from hub.refusal import Refusal, RefusalKind
-from hub.registry import Registry, Subscriber
+from hub.registry import Registry
 from hub.revocations import Revocations
+from hub.stream import Stream, StreamRequest
 from hub.tickets import Tickets
 from hub.transport import SocketTransport
 
 __all__ = ["Hub"]
 
 log = logging.getLogger("hub")
+
+# The refusals that are a stream cap: hub_streams_capped_total's label.
+_CAPS = {RefusalKind.CAPACITY: "total", RefusalKind.PER_USER: "per_user"}
+_NEVER = 2**63  # a position past every event's (`<ms>-<seq>` never reaches it)
 
 
 def _make_broker(config: Config) -> Broker:
@@ -50,6 +58,8 @@ def _make_broker(config: Config) -> Broker:
         history=config.history,
         revoke_ttl=config.revoke_ttl,
         max_revocations=config.max_revocations,
+        wait_replicas=config.redis_wait_replicas,
+        wait_timeout=config.redis_wait_timeout,
     )
 
 
@@ -71,29 +81,33 @@ class Hub:
             max_lag=config.max_pending,
             slow_after=config.slow_after,
             heartbeat=config.heartbeat,
-            on_slow=self._cut_slow,
+            on_end=self._ended,
         )
         # Token buckets by publisher identity (--publish-rate; the handler asks them).
         self.publishers = PublishLimiter(config.publish_rate, config.publish_burst)
         self.publishing = 0  # publishes handed to the broker and not answered yet
+        # Counted here, read by the metrics at scrape time (hub_events_published_total by type,
+        # hub_publish_replayed_total): plain integers on the publish path.
+        self.published: Counter[str] = Counter()
+        self.replayed = 0
         self.metrics = Metrics(self)
         # One-time stream tickets, kept by the broker: shared where it is (hub.tickets).
         self.tickets = Tickets(self.broker, config.ticket_ttl, self.metrics)
         # Logouts refusing the tokens issued before them (--revoke-ttl, --max-revocations).
         self.revocations = Revocations(config.revoke_ttl, config.max_revocations)
         self.stopping = False
-        self._closing: list[SocketTransport] = []  # the streams stop() ended (streams_closing)
         # Open streams in all past which new ones are refused (serve() sets it from the
         # descriptor limit unless --max-streams does).
         self.stream_limit = config.max_streams or 1_000_000
         # One tick for the whole process: expiry, heartbeats, stalled sockets.
         self.tick_interval = min(1.0, config.heartbeat)
         self._tick_handle: asyncio.TimerHandle | None = None
-        # Streams waiting for this node's feed to read up to their Last-Event-ID (catch_up).
-        self._catching_up: list[asyncio.Future[None]] = []
-        # bound once: every stream's transport shares them (see SocketTransport.watch)
-        self._stream_closed = self.disconnect
-        self._stream_drained = self._drained
+        # Streams waiting for this node's feed to read up to their Last-Event-ID (catch_up):
+        # a heap by the position each waits for, so an event wakes only those it reaches
+        # (a storm of resumes must not cost every delivered event a pass over all of them).
+        self._catching_up: list[tuple[tuple[int, int], int, asyncio.Future[None]]] = []
+        self._waiters = 0  # a tie-break for the heap: futures do not compare
+        self._gone = 0  # entries of waiters that stopped waiting (swept when they are many)
         self.broker.start(self)
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -103,8 +117,8 @@ class Hub:
         finish, for up to `publish_wait` seconds (their events then reach the streams below;
         a broker that does not answer must not keep the streams from what they are owed);
         end every stream after writing what it is owed; wait until each has taken it (or
-        had CLOSE_GRACE to), then close the broker. The caller bounds the whole
-        (handlers.app: --shutdown-timeout)."""
+        had the flusher's grace to: hub.flusher.CLOSE_GRACE), then close the broker. The
+        caller bounds the whole (handlers.app: --shutdown-timeout)."""
         self.stopping = True
         if self._tick_handle is not None:
             self._tick_handle.cancel()
@@ -113,27 +127,25 @@ class Hub:
         until = loop.time() + publish_wait
         while self.publishing and loop.time() < until:
             await asyncio.sleep(0.01)
-        self.flusher.cancel()
         # Each stream's last bytes are a `retry:` drawn from [retry, retry + spread] and the
         # end frame: a fleet of clients cut at once then comes back spread out, not in the
         # same second.
         low = int(self.config.retry * 1000)
         high = low + int(self.config.shutdown_spread * 1000)
-        closing = self._closing
-        for sub in list(self.registry.all):
-            if sub.outbox is not None:
-                closing.append(sub.outbox.transport)
-            self.end(sub, SHUTDOWN, random.randint(low, high))
-        # A stream that still holds bytes closes once the client has taken them, or after
-        # CLOSE_GRACE: the loop must keep running until then, or they would be lost.
+        for stream in list(self.registry.all):
+            stream.end(SHUTDOWN, random.randint(low, high))
+        # The flusher writes each what it is owed, a window at a time, then its end frame;
+        # it closes once the client has taken them, or after the grace: the loop must keep
+        # running until then, or they would be lost.
         while self.streams_closing():
             await asyncio.sleep(0.02)
+        self.flusher.cancel()
         await self.broker.close()
 
     def streams_closing(self) -> int:
-        """Streams ended by stop() whose sockets still hold bytes their clients have not
-        taken."""
-        return sum(transport.socket is not None for transport in self._closing)
+        """Ended streams whose sockets are still open: their clients have not taken what
+        they are owed and the end frame yet (within the flusher's grace)."""
+        return self.flusher.closing()
 
     @property
     def ready(self) -> bool:
@@ -142,13 +154,46 @@ class Hub:
 
     # -- publishing -----------------------------------------------------------------------
 
+    def check_rate(self, publisher: str) -> None:
+        """Throttled if `publisher`'s bucket is empty: asked at a request's head, so that a
+        throttled publisher costs the hub a head, not a body's read and decode."""
+        if not self.publishers.rate:
+            return
+        wait = self.publishers.delay(publisher, 1, take=False)
+        if wait:
+            self.metrics.limited.labels("rate").inc()
+            raise Throttled(wait, self.publishers.rate, self.publishers.burst)
+
+    def decode(self, body: bytes, decoder: Decoder, publisher: str) -> list[Event]:
+        """A publish body's events, decoded whole within the publish limits and routed, with
+        the publisher's rate taken for them. ParseError, Rejected (hub.message); TooLarge
+        over --max-batch, --max-event-bytes, or a burst no rate lets through; Throttled over
+        the rate. Limits reached are counted (hub_publish_limited)."""
+        config, limiter = self.config, self.publishers
+        max_events = config.max_batch
+        if limiter.rate:  # no batch over the burst can ever pass: TooLarge, not Throttled
+            max_events = min(max_events, limiter.burst)
+        try:
+            events = decoder(
+                body, self.types, max_events=max_events, max_event_bytes=config.max_event_bytes
+            )
+        except TooLarge as exc:
+            self.metrics.limited.labels(exc.what).inc()
+            raise
+        if limiter.rate:
+            wait = limiter.delay(publisher, len(events))
+            if wait:
+                self.metrics.limited.labels("rate").inc()
+                raise Throttled(wait, limiter.rate, limiter.burst)
+        return events
+
     async def publish(
         self, events: Sequence[Event], idempotency: Idempotency | None = None
-    ) -> list[str]:
-        """Send validated, routed events (see hub.decode) to every node; return their ids.
-        BrokerUnavailable if they cannot be taken now: nothing of them is published. A batch
-        repeated under its Idempotency-Key is not published again: its first ids come back
-        (as hub.broker.Replayed)."""
+    ) -> PublishResult:
+        """Send validated, routed events (see decode) to every node; their ids.
+        BrokerUnavailable if they cannot be taken now: nothing of them is published
+        (OutcomeUnknown: they may have been). A batch repeated under its Idempotency-Key is
+        not published again: its first ids come back, marked replayed."""
         if self.stopping:
             raise BrokerUnavailable("the hub is shutting down")
         accepted = time.time()
@@ -156,22 +201,28 @@ class Hub:
             event.accepted = accepted
         self.publishing += 1
         try:
-            ids = await self.broker.publish(events, idempotency)
+            result = await self.broker.publish(events, idempotency)
         finally:
             self.publishing -= 1
-        if isinstance(ids, Replayed):
-            self.metrics.replayed.inc()
+        if result.replayed:
+            self.replayed += 1
         else:
-            self.metrics.count_published(events)
-        return ids
+            published = self.published
+            for event in events:
+                published[event.name] += 1
+        return result
 
     def deliver(self, event: Event) -> None:
         """Keep one event (with its id) in the history and queue it for the local streams
         its route reaches."""
         self.history.append(event)
         self.flusher.deliver(event)
-        if self._catching_up:
-            self._wake_catching_up()
+        waiting = self._catching_up
+        if waiting and waiting[0][0] <= event.key:
+            while waiting and waiting[0][0] <= event.key:
+                waiter = heapq.heappop(waiting)[2]
+                if not waiter.done():
+                    waiter.set_result(None)
         route = event.route
         if route is not None and route.ends is not None:
             self._end_sessions(*route.ends, event.accepted * 1000 or time.time() * 1000)
@@ -182,8 +233,8 @@ class Hub:
         `revoke_ttl` seconds. (A node loading the history meets old logouts: a token issued
         since one of them must keep working.)"""
         self.revoke(user, sid, at_ms)
-        for sub in self.registry.sessions(user, sid):
-            self.end(sub, LOGOUT)
+        for stream in self.registry.sessions(user, sid):
+            stream.end(LOGOUT)
 
     def revoke(self, user: str, sid: str | None, at_ms: float) -> None:
         """Refuse the tokens of the session (every session: sid None) issued before `at_ms`,
@@ -233,17 +284,28 @@ class Hub:
         reset, the events between where this node is and where the client is."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while self.behind(last_event_id) and loop.time() < deadline:
+        position = parse_position(last_event_id)
+        while position is not None and self.behind(last_event_id) and loop.time() < deadline:
+            # An epoch not met yet is waited for by resync, which wakes everyone.
+            key = position[0] if position[1] == self.history.epoch else (_NEVER, _NEVER)
             waiter: asyncio.Future[None] = loop.create_future()
-            self._catching_up.append(waiter)
+            self._waiters += 1
+            heapq.heappush(self._catching_up, (key, self._waiters, waiter))
             try:
                 await asyncio.wait_for(waiter, deadline - loop.time())
             except TimeoutError:
                 return
+            finally:
+                if waiter.cancelled():  # timed out, or the client left: an entry left behind
+                    self._gone += 1
+                    if self._gone > 64 and self._gone * 2 > len(self._catching_up):
+                        self._catching_up = [e for e in self._catching_up if not e[2].done()]
+                        heapq.heapify(self._catching_up)
+                        self._gone = 0
 
     def _wake_catching_up(self) -> None:
-        waiters, self._catching_up = self._catching_up, []
-        for waiter in waiters:
+        waiters, self._catching_up, self._gone = self._catching_up, [], 0
+        for _, _, waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
 
@@ -256,15 +318,22 @@ class Hub:
             return Refusal(RefusalKind.REVOKED, "session logged out: sign in again for a new token")
         return None
 
+    def limit_streams(self, most: int) -> None:
+        """Refuse streams past `most` open ones (the server sets it from its descriptors)."""
+        self.stream_limit = most
+
     def admit(self, claims: Claims) -> Refusal | None:
         """Whether one more stream may open for the token's user: None, or why not."""
         refused = self.session_refusal(claims)
         if refused is not None:
             return refused
-        if not self.broker.synced:
+        if not self.broker.ready:
+            # Only a live feed can say where a resume stands: a node that has not heard from
+            # its broker for a moment may be behind its client (it would send it back) or
+            # miss what is published meanwhile. Its client retries, here or elsewhere.
             return Refusal(
-                RefusalKind.NOT_SYNCED,
-                "the hub has not loaded the shared history yet (is Redis up?): retry",
+                RefusalKind.UNREADY,
+                f"this node cannot serve streams now: {self.broker.unready_reason()}: retry",
             )
         if len(self.registry) >= self.stream_limit:
             return Refusal(
@@ -279,6 +348,50 @@ class Hub:
             )
         return None
 
+    async def open_stream(
+        self, request: StreamRequest, take_transport: Callable[[], SocketTransport | None]
+    ) -> Stream | Refusal | None:
+        """Admit a stream, or refuse it; then take its transport (None: the client left
+        meanwhile, and None comes back) and open it (`subscribe`). A client whose
+        Last-Event-ID may come from a node further ahead waits, up to --catch-up-wait, for
+        this node's feed to read as far; still behind a client of its own epoch, it is told
+        to retry (BEHIND): a reset would move it back to where this node is, and it would
+        take again what it already has. (An epoch still unknown after the wait is an old
+        one: reset.)"""
+        claims = request.claims
+        refused = self.admit(claims)
+        if refused is not None:
+            if request.by_ticket and refused.kind is RefusalKind.REVOKED:
+                self.tickets.reject("revoked")
+            cap = _CAPS.get(refused.kind)
+            if cap is not None:
+                self.metrics.streams_capped.labels(cap).inc()
+            return refused
+        last_id = request.last_event_id
+        if last_id and self.behind(last_id):
+            await self.catch_up(last_id, self.config.catch_up_wait)
+            if self.ahead(last_id):
+                return Refusal(
+                    RefusalKind.BEHIND,
+                    "this node has not read up to Last-Event-ID yet: retry",
+                    retry_after=1.0,
+                )
+            if self.stopping:  # it began while the stream waited: stop() ended the others
+                return Refusal(RefusalKind.UNREADY, "the hub is shutting down: retry")
+        transport = take_transport()
+        if transport is None:
+            return None
+        return self.subscribe(
+            transport,
+            claims.user,
+            sid=claims.sid,
+            topics=request.topics,
+            exp=claims.exp,
+            last_event_id=last_id,
+            filters=request.filters,
+            prefix=request.prefix,
+        )
+
     def subscribe(
         self,
         transport: SocketTransport,
@@ -290,14 +403,15 @@ class Hub:
         last_event_id: str | None = None,
         filters: dict[int, EventFilter] | None = None,
         prefix: bytes = b"",
-    ) -> Subscriber:
-        """Register a stream and write its opening. The opening carries the id the stream
-        starts after, so a client cut before its first event still resumes exactly. With
-        `last_event_id`, what it missed is replayed first (or a reset event comes, when the
-        history cannot say). No await between the replay's end and the live channels' start,
-        so nothing falls between them. `prefix` (the HTTP head, say) goes out in the same write
-        as the opening."""
-        sub = Subscriber(user, sid, topics, exp, filters)
+    ) -> Stream:
+        """Register a stream and open it, admitted already (open_stream admits; the core's
+        tests call this directly). Its opening carries the id the stream starts after, so a
+        client cut before its first event still resumes exactly. With `last_event_id`, what
+        it missed is replayed first (or a reset event comes, when the history cannot say).
+        No await between the replay's end and the live channels' start, so nothing falls
+        between them. `prefix` (the HTTP head, say) goes out in the same write as the
+        opening. A client already gone ends the stream at once (it comes back closed)."""
+        stream = Stream(user, sid, topics, exp, filters)
         history = self.history
         replay_from = None
         reset = b""
@@ -312,13 +426,12 @@ class Hub:
             int(self.config.retry * 1000),
             start_id.encode(),
         )
-        self.registry.add(sub)
+        self.registry.add(stream)
         self.metrics.connects.inc()
-        self.flusher.open(sub, transport, prefix + opening + reset, replay_from)
-        transport.watch(sub, self._stream_closed, self._stream_drained)
+        self.flusher.open(stream, transport, prefix + opening + reset, replay_from)
         if self._tick_handle is None and not self.stopping:
             self._schedule_tick()  # the tick runs while the loop does; no start() call
-        return sub
+        return stream
 
     def _reset_frame(self, last_event_id: str | None, resume: str) -> bytes:
         """The `reset` event: the client may have missed events the history cannot give
@@ -333,39 +446,10 @@ class Hub:
         fields["resume_from"] = resume
         return encode_frame(resume, "reset", ujson.dumps(fields))
 
-    def end(self, sub: Subscriber, why: Disconnect, retry_ms: int | None = None) -> None:
-        """End a stream the one way: the flusher writes what it is owed, then the end frame
-        (with a `retry:` where given), then its transport closes once it has sent them (or
-        after a grace period). A slow stream is owed nothing more and closes at once, its end
-        frame written only if its socket holds nothing. The frame has no `id:`, so a
-        reconnect with Last-Event-ID loses nothing. Ending twice does nothing."""
-        out = sub.outbox
-        slow = why is SLOW  # its socket takes nothing: the frame only if it holds nothing
-        if out is not None and not sub.closed and not (slow and out.transport.pending):
-            self.flusher.finish(out, why.frame(retry_ms), owed=not slow)
-        self.disconnect(sub, why, flush=not slow)
-
-    def disconnect(self, sub: Subscriber, why: Disconnect, flush: bool = False) -> None:
-        """Remove a stream from every index and close it. Idempotent: the first reason wins.
-        (Without `end`, as when the client left: nothing is written.)"""
-        if sub.closed:
-            return
-        sub.closed = True
-        self.registry.remove(sub)
+    def _ended(self, stream: Stream, why: Disconnect) -> None:
+        """Told by the flusher of every stream's end, once (Stream.end)."""
         self.metrics.disconnects.labels(why.reason).inc()
-        log.debug("stream of %r ended: %s", sub.user, why.reason)
-        out = sub.outbox
-        if out is not None:
-            self.flusher.close(out)
-            out.transport.close(why, flush)
-
-    def _drained(self, sub: Subscriber) -> None:
-        if sub.outbox is not None:
-            self.flusher.mark(sub.outbox)
-
-    def _cut_slow(self, sub: Subscriber, why: str) -> None:
-        log.info("stream of %r cut as slow: %s", sub.user, why)
-        self.end(sub, SLOW)
+        log.debug("stream of %r ended: %s", stream.user, why.reason)
 
     # -- the tick -------------------------------------------------------------------------
 
@@ -377,8 +461,8 @@ class Hub:
         """End streams whose token expired, ping quiet ones, cut stalled ones, forget old
         logouts."""
         now = time.time()
-        for sub in [s for s in self.registry.all if s.exp <= now]:
-            self.end(sub, EXPIRED)
+        for stream in [s for s in self.registry.all if s.exp <= now]:
+            stream.end(EXPIRED)
         self.flusher.tick()
         self.revocations.expire(now)
         self._schedule_tick()

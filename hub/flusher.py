@@ -1,6 +1,7 @@
 """The write loop: one per process, never one per stream. It is the only writer of streams
-and owns everything about a stream's writing (its `Outbox`): events, heartbeats, a `reset`
-(queued in order like a broadcast, `interject`) and a stream's last frame (`finish`).
+(hub.stream.Stream) and does all of a stream's writing: its opening, events, heartbeats, a
+`reset` (queued in order like a broadcast, `interject`), and its end (`end`): what it is owed,
+a window at a time like everything else, then its end frame, then the close.
 
 An event for many streams is queued ONCE: a broadcast into the everyone `Channel`, a topic's
 event into that topic's channel, each a shared log that every reader reads at its own
@@ -25,6 +26,11 @@ that falls further behind than the hub keeps for it (`max_lag` bytes of frames),
 resumes from the history with Last-Event-ID. A stream that keeps reading is never cut for a
 burst.
 
+A stream that ends keeps what it was owed then (by reference: the events, not their bytes),
+reads no channel any more, and is written like the others until it has taken it; then its end
+frame goes out and the transport closes once it has sent it. A client that does not take all
+that within `grace` seconds of the end is cut. There is one timer for all of them.
+
 A pass is sliced (a few hundred streams, then back to the event loop) so that publishes and
 new connections are served during a long pass. A pass begins `interval` after the previous one
 ended, so under load each carries what accumulated meanwhile; after a quiet spell it begins at
@@ -34,21 +40,28 @@ once, so a lone event goes out without delay.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from bisect import bisect_left
+from collections import deque
 from collections.abc import Callable
 from operator import attrgetter
 
+from hub.disconnect import GONE, SLOW, Disconnect
 from hub.dispatch import Route
 from hub.history import History
 from hub.message import Event
-from hub.registry import Registry, Subscriber
+from hub.registry import Registry
+from hub.stream import Channel, Stream
 from hub.transport import SocketTransport
 
-__all__ = ["LATENCY_BUCKETS", "PING", "WINDOW", "Channel", "Flusher", "LatencyTally", "Outbox"]
+__all__ = ["CLOSE_GRACE", "LATENCY_BUCKETS", "PING", "WINDOW", "Flusher", "LatencyTally"]
+
+log = logging.getLogger("hub")
 
 PING = b": ping\n\n"
 WINDOW = 256 * 1024  # the most one write to a stream carries
+CLOSE_GRACE = 5.0  # seconds an ending stream has to take what it is owed and its end frame
 TRIM_EVENTS = 256  # a channel is trimmed after a pass once it holds this many events
 TRIM_BYTES = 64 * 1024  # or this many bytes of frames (and on every tick in any case)
 _seq = attrgetter("seq")
@@ -71,91 +84,11 @@ class LatencyTally:
         self.total += seconds * writes
 
 
-class Channel:
-    """The events of one audience (everyone, or a topic), in delivery order, at absolute
-    positions base .. end - 1, kept until every reader has taken them (or the slowest is cut)."""
-
-    __slots__ = ("_tail", "_tail_key", "base", "dirty", "end", "events", "name", "readers", "size")
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.events: list[Event] = []
-        self.base = 0
-        self.end = 0
-        self.size = 0  # frame bytes held
-        # reader -> the index of this channel in the reader's topic lists (-1: everyone)
-        self.readers: dict[Outbox, int] = {}
-        self.dirty = False  # in the flusher's list of channels with unread events
-        self._tail_key = (-1, -1)
-        self._tail: tuple[bytes, int, int] = (b"", 0, 0)
-
-    def tail(self, pos: int, window: int) -> tuple[bytes, int, int]:
-        """(frames from `pos` joined, up to `window` bytes; position after them; how many).
-        Most readers ask for the same tail in a pass, so the last answer is kept."""
-        key = (pos, self.end)
-        if key == self._tail_key:
-            return self._tail
-        events = self.events
-        start = pos - self.base
-        if self.end - pos == 1:
-            answer = (events[start].frame, pos + 1, 1)
-        else:
-            parts = []
-            size = 0
-            for event in events[start:]:
-                parts.append(event.frame)
-                size += len(event.frame)
-                if size >= window:
-                    break
-            answer = (b"".join(parts), pos + len(parts), len(parts))
-        self._tail_key = key
-        self._tail = answer
-        return answer
-
-
-class Outbox:
-    """A stream's write state: its transport, where it is in the everyone channel and in its
-    topics' channels, the private events it has not taken yet, and a resume's replay still to
-    read from the history."""
-
-    __slots__ = (
-        "closed",
-        "dirty",
-        "plain",
-        "pos",
-        "private",
-        "private_size",
-        "progress_at",
-        "replay",
-        "replay_end",
-        "sent_seen",
-        "sub",
-        "topic_pos",
-        "topics",
-        "transport",
-        "written_at",
-    )
-
-    def __init__(self, sub: Subscriber, transport: SocketTransport, now: float) -> None:
-        self.sub = sub
-        self.transport = transport
-        self.pos = 0  # position in the everyone channel
-        # no topics, no filters: its writes take the fast paths (and need not look at `sub`)
-        self.plain = not sub.topics and sub.filters is None
-        self.topics: list[Channel] | None = None  # its topics' channels, if any
-        self.topic_pos: list[int] | None = None  # and its position in each
-        self.private: list[Event] | None = None  # events for its user, not taken yet
-        self.private_size = 0  # their frames' bytes
-        self.replay: int | None = None  # next history seq to replay, while replaying
-        self.replay_end = 0  # the first seq that comes live instead
-        self.dirty = False  # in the flusher's list of streams to write
-        self.closed = False
-        self.written_at = now  # loop time of the last write (heartbeats go to quiet streams)
-        self.progress_at = now  # loop time the socket was last seen taking bytes
-        self.sent_seen = 0
-
-
 class Flusher:
+    """The write loop (see the module). It satisfies hub.stream.Writer: the streams it opens
+    ask it to visit them (`mark`) and to end them (`end`). `on_end(stream, why)` is told of
+    every end, once (the hub counts and logs them)."""
+
     def __init__(
         self,
         registry: Registry,
@@ -165,9 +98,10 @@ class Flusher:
         max_lag: int,
         slow_after: float,
         heartbeat: float,
-        on_slow: Callable[[Subscriber, str], None],
+        on_end: Callable[[Stream, Disconnect], None],
         slice_size: int = 512,
         window: int = WINDOW,
+        grace: float = CLOSE_GRACE,
     ) -> None:
         self.registry = registry
         self.history = history
@@ -175,20 +109,26 @@ class Flusher:
         self.max_lag = max_lag
         self.slow_after = slow_after
         self.heartbeat = heartbeat
-        self.on_slow = on_slow
+        self.on_end = on_end
         self.slice_size = slice_size
         self.window = window
+        self.grace = grace
         self.everyone = Channel("everyone")
         self.topics: dict[str, Channel] = {}
-        self.dirty: list[Outbox] = []
+        self.dirty: list[Stream] = []
         self.dirty_channels: list[Channel] = []
+        self.finishing: list[Stream] = []  # ending streams to visit (they read no channel)
         self._handle: asyncio.Handle | None = None
-        self._pass: list[Outbox] | None = None
+        self._pass: list[Stream] | None = None
         self._pass_channels: list[Channel] = []
         self._pass_pos = 0
         self._last_end = float("-inf")
         self._now = 0.0
         self._cut_short = False  # the last _take left something owed (the window was full)
+        # Ending streams by the loop time their grace runs out (in order: the grace is one
+        # for all), and the one timer that cuts them.
+        self._ending: deque[tuple[float, Stream]] = deque()
+        self._grace_handle: asyncio.TimerHandle | None = None
         self.writes = 0  # counters read by the metrics collector
         self.bytes_written = 0
         self.delivered = 0  # events written to streams, one per stream per event
@@ -203,48 +143,126 @@ class Flusher:
 
     def open(
         self,
-        sub: Subscriber,
+        out: Stream,
         transport: SocketTransport,
         opening: bytes,
         replay_from: int | None = None,
-    ) -> Outbox:
-        """Start a stream: write its opening, read from now on, and (on a resume) replay the
-        history from seq `replay_from` first."""
-        out = Outbox(sub, transport, asyncio.get_running_loop().time())
-        sub.outbox = out
+    ) -> None:
+        """Start a stream (already in the registry) on `transport`: write its opening, read
+        from now on, and (on a resume) replay the history from seq `replay_from` first. A
+        transport whose client has left ends the stream at once (GONE)."""
+        out.transport = transport
+        out.writer = self
+        out.written_at = out.progress_at = asyncio.get_running_loop().time()
         everyone = self.everyone
         everyone.readers[out] = -1
         out.pos = everyone.end
-        if sub.topics:
-            out.topics = []
-            out.topic_pos = []
-            for topic in sub.topics:
+        if out.topics:
+            channels: list[Channel] = []
+            positions: list[int] = []
+            for topic in out.topics:
                 channel = self.topics.get(topic)
                 if channel is None:
                     channel = self.topics[topic] = Channel(topic)
-                channel.readers[out] = len(out.topics)
-                out.topics.append(channel)
-                out.topic_pos.append(channel.end)
+                channel.readers[out] = len(channels)
+                channels.append(channel)
+                positions.append(channel.end)
+            out.channels = channels
+            out.topic_pos = positions
         transport.write(opening)
         if replay_from is not None and replay_from < self.history.end_seq:
             out.replay = replay_from
             out.replay_end = self.history.end_seq
             self.write(out)
-        return out
+        transport.watch(out)
 
-    def close(self, out: Outbox) -> None:
-        """Forget a stream: it reads no channel any more, and a topic's channel left without
-        readers is dropped."""
-        if out.closed:
+    def end(self, out: Stream, why: Disconnect, retry_ms: int | None) -> None:
+        """End a stream (Stream.end, once): out of the registry and of every channel. Unless
+        the client is gone (nothing written) or the stream is slow (`_cut_off`), it keeps what it
+        is owed now, and is visited until it has taken it; then its end frame, then the
+        close (`_write_ending`). `grace` seconds from now, what is still open is cut."""
+        self.registry.remove(out)
+        self.on_end(out, why)
+        transport = out.transport
+        if why is GONE or transport.socket is None:
+            self._detach(out, owed=False)
+            transport.close()
             return
-        out.closed = True
-        self.everyone.readers.pop(out, None)
-        for channel in out.topics or ():
+        if why is SLOW:
+            self._detach(out, owed=False)
+            self._cut_off(out, why)
+            return
+        self._detach(out, owed=True)
+        out.final = why.frame(retry_ms)
+        loop = asyncio.get_running_loop()
+        self._ending.append((loop.time() + self.grace, out))
+        if self._grace_handle is None:
+            self._grace_handle = loop.call_at(self._ending[0][0], self._cut_overdue)
+        out.dirty = False  # (an entry in `dirty` may remain: a visit more does no harm)
+        self.mark(out)
+
+    def _detach(self, out: Stream, owed: bool) -> None:
+        """Take the stream off every channel (a topic's channel left without readers is
+        dropped). With `owed`, what it has not taken of them becomes its private list, by
+        reference and in order: what an ending stream is still written."""
+        everyone = self.everyone
+        kept: list[Event] = []
+        if owed:
+            sources = 0
+            if out.pos != everyone.end:
+                kept += everyone.events[out.pos - everyone.base :]
+                sources += 1
+            if out.channels is not None:
+                assert out.topic_pos is not None
+                for channel, pos in zip(out.channels, out.topic_pos, strict=True):
+                    if pos != channel.end:
+                        kept += channel.events[pos - channel.base :]
+                        sources += 1
+            if out.private:
+                kept += out.private
+                sources += 1
+            if sources > 1:
+                kept.sort(key=_seq)  # an event it reads twice: side by side, written once
+        everyone.readers.pop(out, None)
+        for channel in out.channels or ():
             channel.readers.pop(out, None)
             if not channel.readers and self.topics.get(channel.name) is channel:
                 del self.topics[channel.name]
-        out.private = None
-        out.replay = None
+        out.channels = out.topic_pos = None
+        out.private = kept or None
+        out.private_size = 0
+        if not owed:
+            out.replay = None
+
+    def _cut_off(self, out: Stream, why: Disconnect) -> None:
+        """Close a stream at once, owed nothing more: its socket takes nothing, so its end
+        frame goes out only if the socket holds nothing."""
+        out.final = out.private = out.replay = None
+        transport = out.transport
+        if transport.pending is None:
+            transport.write(why.frame())
+        transport.close()
+
+    def _cut_slow(self, out: Stream, reason: str) -> None:
+        log.info("stream of %r cut as slow: %s", out.user, reason)
+        if out.closed:  # ending: its end frame would say it took all it was owed
+            self._cut_off(out, SLOW)
+        else:
+            out.end(SLOW)
+
+    def _cut_overdue(self) -> None:
+        """Cut the ending streams whose grace ran out: their clients did not take what they
+        were owed and the end frame in time."""
+        self._grace_handle = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        ending = self._ending
+        while ending and ending[0][0] <= now:
+            out = ending.popleft()[1]
+            out.final = out.private = out.replay = None
+            out.transport.close()
+        if ending:
+            self._grace_handle = loop.call_at(ending[0][0], self._cut_overdue)
 
     # -- events ---------------------------------------------------------------------------
 
@@ -261,15 +279,12 @@ class Flusher:
             return
         by_user = self.registry.by_user
         frame_size = len(event.frame)
-        over: list[Outbox] = []
+        over: list[Stream] = []
         for user in route.users:
-            subs = by_user.get(user)
-            if not subs:
+            streams = by_user.get(user)
+            if not streams:
                 continue
-            for sub in subs:
-                out = sub.outbox
-                if out is None or out.closed:
-                    continue
+            for out in streams:  # (the registry holds open streams only)
                 private = out.private
                 if private is None:
                     out.private = [event]
@@ -289,7 +304,7 @@ class Flusher:
             if channel is not None:
                 self._append(channel, event)
         for out in over:
-            self.on_slow(out.sub, f"owes more than {self.max_lag} bytes")
+            self._cut_slow(out, f"owes more than {self.max_lag} bytes")
 
     def _append(self, channel: Channel, event: Event) -> None:
         channel.events.append(event)
@@ -301,22 +316,32 @@ class Flusher:
             if self._handle is None and self._pass is None:
                 self._schedule()
 
-    def mark(self, out: Outbox) -> None:
+    def mark(self, out: Stream) -> None:
         """The stream may have something to write (its socket drained, say): visit it."""
-        if not out.dirty and not out.closed:
-            out.dirty = True
+        if out.dirty:
+            return
+        if not out.closed:
             self.dirty.append(out)
-            if self._handle is None and self._pass is None:
-                self._schedule()
+        elif out.final is not None:  # ending: it reads no channel, so a pass must be told
+            self.finishing.append(out)
+        else:
+            return
+        out.dirty = True
+        if self._handle is None and self._pass is None:
+            self._schedule()
 
     # -- writing --------------------------------------------------------------------------
 
-    def write(self, out: Outbox) -> None:
+    def write(self, out: Stream) -> None:
         """One write with what the stream owes, up to the window, unless its socket still
         holds the previous one."""
         out.dirty = False
+        if out.closed:
+            if out.final is not None:
+                self._write_ending(out)
+            return
         transport = out.transport
-        if out.closed or transport.pending is not None:
+        if transport.pending is not None:
             return
         self._cut_short = False
         data = self._take(out, self.window)
@@ -328,20 +353,60 @@ class Flusher:
         if self._cut_short and transport.pending is None:
             self.mark(out)  # more than a window's worth: the rest in the next pass
 
-    def finish(self, out: Outbox, final: bytes = b"", owed: bool = True) -> None:
-        """The stream's last writes before it ends: everything it owes (unless `owed` is
-        false: a slow stream's socket takes nothing more), at once, then `final` (the end
-        frame). The transport keeps what the socket does not take, and closes after it."""
-        while owed and not out.closed:
-            data = self._take(out, 1 << 62)
-            if data is None:
-                break
+    def _write_ending(self, out: Stream) -> None:
+        """An ending stream's next write, as any other's (up to the window, only when its
+        socket holds nothing): what it was owed when it ended; once it has taken that, its
+        end frame, and the transport closes when it has sent it."""
+        transport = out.transport
+        if transport.socket is None:  # the client left meanwhile
+            out.final = out.private = out.replay = None
+            return
+        if transport.pending is not None:
+            return  # drained() marks it again
+        if out.replay is not None or out.private:
+            data = self._take_owed(out, self.window)
+            if out.final is None:
+                return  # cut: its replay fell out of the history
             if data:
                 self.writes += 1
                 self.bytes_written += len(data)
-                out.transport.write(data)
-        if final and not out.closed:
-            out.transport.write(final)
+                transport.write(data)
+            if out.replay is not None or out.private:
+                if transport.pending is None:
+                    self.mark(out)
+                return
+            if transport.pending is not None:
+                return
+        final, out.final = out.final, None
+        if final is not None:
+            transport.write(final)
+            transport.close(flush=True)
+
+    def _take_owed(self, out: Stream, window: int) -> bytes:
+        """An ending stream's next window of what it was owed: a resume's replay still to
+        read, then the events kept for it at its end (by seq, each once, its filters
+        applied)."""
+        if out.replay is not None:
+            return self._take_replay(out, window)
+        private = out.private
+        assert private is not None
+        stop = _cut(private, 0, window)
+        while stop < len(private) and private[stop].seq == private[stop - 1].seq:
+            stop += 1  # the second copy of the window's last event goes with it
+        accepts = out.accepts if out.filters is not None else None
+        parts = []
+        last_seq = -1
+        for event in private[:stop]:
+            if event.seq == last_seq:
+                continue
+            last_seq = event.seq
+            if accepts is None or accepts(event):
+                parts.append(event.frame)
+        del private[:stop]
+        if not private:
+            out.private = None
+        self.delivered += len(parts)
+        return b"".join(parts)
 
     def interject(self, frame: bytes) -> None:
         """Queue `frame` (a `reset`) for every stream, in order: after what each is owed now,
@@ -357,23 +422,23 @@ class Flusher:
             out.replay = None
         self.deliver(event)
 
-    def ping(self, out: Outbox) -> None:
+    def ping(self, out: Stream) -> None:
         if out.transport.pending is None:
             out.transport.write(PING)
             out.written_at = self._now
 
-    def owes(self, out: Outbox) -> bool:
+    def owes(self, out: Stream) -> bool:
         """Whether the stream has anything left to take."""
         if out.replay is not None or out.private or out.pos != self.everyone.end:
             return True
-        channels = out.topics
+        channels = out.channels
         if channels is not None:
             positions = out.topic_pos
             assert positions is not None
             return any(ch.end != positions[i] for i, ch in enumerate(channels))
         return False
 
-    def _take(self, out: Outbox, window: int) -> bytes | None:
+    def _take(self, out: Stream, window: int) -> bytes | None:
         """What the stream owes next, up to `window` bytes (at least one event), moved past;
         b"" if everything owed was filtered out; None if it owes nothing."""
         if out.replay is not None:
@@ -393,13 +458,13 @@ class Flusher:
             return self._take_merged(out, window)
         if private:
             return self._take_merged(out, window)
-        data, out.pos, count = everyone.tail(out.pos, window)
+        data, out.pos, count = tail(everyone, out.pos, window)
         if out.pos != everyone.end:
             self._cut_short = True
         self.delivered += count
         return data
 
-    def _take_sources(self, out: Outbox, window: int) -> bytes | None:
+    def _take_sources(self, out: Stream, window: int) -> bytes | None:
         """_take for a stream with topics or filters: one channel owing and no filters is a
         shared tail, as for a plain stream; anything else is merged."""
         everyone = self.everyone
@@ -411,37 +476,37 @@ class Flusher:
             owing = 1
         if out.private:
             owing += 2  # never a single channel
-        if out.topics is not None:
+        if out.channels is not None:
             assert positions is not None
-            for i, topic in enumerate(out.topics):
+            for i, topic in enumerate(out.channels):
                 if topic.end != positions[i]:
                     owing += 1
                     channel = topic
                     index = i
         if owing == 0:
             return None
-        if owing > 1 or out.sub.filters is not None:
+        if owing > 1 or out.filters is not None:
             return self._take_merged(out, window)
         if index < 0:
-            data, out.pos, count = channel.tail(out.pos, window)
+            data, out.pos, count = tail(channel, out.pos, window)
             pos = out.pos
         else:
             assert positions is not None
-            data, pos, count = channel.tail(positions[index], window)
+            data, pos, count = tail(channel, positions[index], window)
             positions[index] = pos
         if pos != channel.end:
             self._cut_short = True
         self.delivered += count
         return data
 
-    def _take_merged(self, out: Outbox, window: int) -> bytes:
+    def _take_merged(self, out: Stream, window: int) -> bytes:
         """Several sources owe (or filters apply): merge their events by seq, once each."""
         horizon = -1  # the last seq that every source cut short by the window has given
         taken: list[Event] = []
         sources: list[tuple[Channel, int]] = [(self.everyone, out.pos)]
-        if out.topics is not None:
+        if out.channels is not None:
             assert out.topic_pos is not None
-            sources += zip(out.topics, out.topic_pos, strict=True)
+            sources += zip(out.channels, out.topic_pos, strict=True)
         for channel, pos in sources:
             if channel.end == pos:
                 continue
@@ -460,7 +525,7 @@ class Flusher:
                 last = private[stop - 1].seq
                 horizon = last if horizon < 0 else min(horizon, last)
         taken.sort(key=_seq)
-        accepts = out.sub.accepts if out.sub.filters is not None else None
+        accepts = out.accepts if out.filters is not None else None
         parts = []
         size = 0
         last_seq = -1
@@ -476,10 +541,10 @@ class Flusher:
                 parts.append(event.frame)
                 size += len(event.frame)
         out.pos = _past(self.everyone, out.pos, last_seq)
-        if out.topics is not None:
+        if out.channels is not None:
             positions = out.topic_pos
             assert positions is not None
-            for i, channel in enumerate(out.topics):
+            for i, channel in enumerate(out.channels):
                 positions[i] = _past(channel, positions[i], last_seq)
         if private:
             k = 0
@@ -490,24 +555,23 @@ class Flusher:
         self.delivered += len(parts)
         return b"".join(parts)
 
-    def _take_replay(self, out: Outbox, window: int) -> bytes:
+    def _take_replay(self, out: Stream, window: int) -> bytes:
         """A resume's replay, read from the history in place, as the stream drains."""
         history = self.history
         seq = out.replay
         assert seq is not None
         if seq < history.first_seq:
             out.replay = None
-            self.on_slow(out.sub, "its replay fell out of the history")
+            self._cut_slow(out, "its replay fell out of the history")
             return b""
         end = out.replay_end
-        sub = out.sub
         parts = []
         size = 0
         for event in history.read(seq):
             if seq >= end or size >= window:
                 break
             seq += 1
-            if sub.entitled(event):
+            if out.entitled(event):
                 parts.append(event.frame)
                 size += len(event.frame)
         if seq < end:
@@ -549,6 +613,9 @@ class Flusher:
             for channel in channels:
                 targets.extend(channel.readers)
         self.dirty = []
+        if self.finishing:  # ending streams read no channel
+            targets += self.finishing
+            self.finishing = []
         self._pass = targets
         self._pass_channels = channels
         self._pass_pos = 0
@@ -585,7 +652,7 @@ class Flusher:
                 continue
             if pos != shared_pos:
                 shared_pos = pos
-                shared = everyone.tail(pos, self.window)
+                shared = tail(everyone, pos, self.window)
                 if shared[1] != end:  # more than a window behind: the general path
                     shared_pos = -1
                     write(out)
@@ -616,7 +683,7 @@ class Flusher:
             if len(channel.events) >= TRIM_EVENTS or channel.size >= TRIM_BYTES:
                 self._trim(channel)
         self._pass_channels = []
-        if self.dirty or self.dirty_channels:
+        if self.dirty or self.dirty_channels or self.finishing:
             self._schedule()
 
     def _trim(self, channel: Channel) -> None:
@@ -651,7 +718,7 @@ class Flusher:
         for reader, i in list(readers.items()):
             pos = reader.pos if i < 0 else reader.topic_pos[i]  # type: ignore[index]
             if pos < channel.base:
-                self.on_slow(reader.sub, f"fell more than {self.max_lag} bytes behind")
+                self._cut_slow(reader, f"fell more than {self.max_lag} bytes behind")
 
     # -- the tick -------------------------------------------------------------------------
 
@@ -669,7 +736,7 @@ class Flusher:
             transport = out.transport
             if transport.pending is not None and transport.sent == out.sent_seen:
                 if out.progress_at <= stalled:
-                    self.on_slow(out.sub, f"its socket took nothing for {self.slow_after:g} s")
+                    self._cut_slow(out, f"its socket took nothing for {self.slow_after:g} s")
                 continue
             out.sent_seen = transport.sent
             out.progress_at = now
@@ -681,16 +748,49 @@ class Flusher:
         """No pass running or scheduled: every stream has been written what it could take."""
         return self._pass is None and self._handle is None
 
-    def flush_all(self) -> None:
-        """Write every stream everything it owes, now: for shutdown."""
-        for out in list(self.everyone.readers):
-            self.finish(out)
+    def closing(self) -> int:
+        """Ended streams whose sockets are still open: owed bytes, or the end frame, their
+        clients have not taken yet."""
+        return sum(out.transport.socket is not None for _, out in self._ending)
 
     def cancel(self) -> None:
+        """Stop every pass and timer, and cut the streams still ending (at shutdown, once
+        the grace has had its chance)."""
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
+        if self._grace_handle is not None:
+            self._grace_handle.cancel()
+            self._grace_handle = None
         self._pass = None
+        while self._ending:
+            out = self._ending.popleft()[1]
+            out.final = out.private = out.replay = None
+            out.transport.close()
+
+
+def tail(channel: Channel, pos: int, window: int) -> tuple[bytes, int, int]:
+    """(frames of `channel` from `pos` joined, up to `window` bytes; position after them; how
+    many). Most readers ask for the same tail in a pass, so the last answer is kept."""
+    key = (pos, channel.end)
+    if key == channel.tail_key:
+        return channel.tail
+    events = channel.events
+    start = pos - channel.base
+    if channel.end - pos == 1:
+        answer = (events[start].frame, pos + 1, 1)
+    else:
+        parts = []
+        size = 0
+        for event in events[start:]:
+            parts.append(event.frame)
+            size += len(event.frame)
+            if size >= window:
+                break
+        answer = (b"".join(parts), pos + len(parts), len(parts))
+    channel.tail_key = key
+    channel.tail = answer
+    return answer
 
 
 def _cut(events: list[Event], start: int, window: int) -> int:

@@ -18,7 +18,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-__all__ = ["INTERNAL", "MAX_PUBLISHERS", "Bucket", "PublishLimiter", "retry_after"]
+__all__ = ["INTERNAL", "MAX_PUBLISHERS", "Bucket", "PublishLimiter", "Throttled", "retry_after"]
 
 INTERNAL = "(internal listener)"  # the one identity of --internal-port's publishers
 MAX_PUBLISHERS = 10_000  # buckets held at most (~250 bytes each with its key)
@@ -33,6 +33,17 @@ class Bucket:
     def __init__(self, tokens: float, stamp: float) -> None:
         self.tokens = tokens  # events it may publish now, as of `stamp`
         self.stamp = stamp  # monotonic seconds of the last refill
+
+
+class Throttled(Exception):
+    """A publisher over its rate: it may publish again in `wait` seconds (its bucket holds
+    `burst` events and refills at `rate` a second)."""
+
+    def __init__(self, wait: float, rate: float, burst: int) -> None:
+        super().__init__(f"over the publish rate of {rate:g} events/s")
+        self.wait = wait
+        self.rate = rate
+        self.burst = burst
 
 
 def retry_after(wait: float) -> int:

@@ -7,8 +7,7 @@ stream per event.
 
 from __future__ import annotations
 
-from collections import Counter as Tally
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import (
@@ -26,7 +25,6 @@ from prometheus_client.registry import Collector
 
 from hub.disconnect import ENDS
 from hub.flusher import LATENCY_BUCKETS
-from hub.message import Event
 from hub.tickets import REJECTIONS
 
 if TYPE_CHECKING:
@@ -67,23 +65,23 @@ class Observed(Protocol):
     def publishers(self) -> PublishLimiter: ...
     @property
     def revocations(self) -> Revocations: ...
+    @property
+    def published(self) -> Mapping[str, int]: ...
+    @property
+    def replayed(self) -> int: ...
 
 
 class Metrics:
-    """The hub's collectors. The refusals counted by HTTP status (hub_publish_rejected,
-    hub_streams_refused, hub_ticket_requests_refused) are labelled, and their label values
-    exported at 0, by the handlers (handlers.base), which alone know the statuses."""
+    """The hub's collectors. The core reports what it decides (publishes, limits, caps,
+    opens, ends, tickets). The refusals counted by HTTP status (hub_publish_rejected,
+    hub_streams_refused, hub_ticket_requests_refused) are the HTTP layer's: it declares
+    their statuses (`declare_refusals`, each exported at 0) and reports each answer once
+    (`refused`), from the one hook that logs every request (handlers.base.access_logger)."""
 
     def __init__(self, hub: Observed) -> None:
         self.registry = CollectorRegistry()
         self.streams = Gauge("hub_streams_open", "Open SSE streams.", registry=self.registry)
         self.streams.set_function(lambda: len(hub.registry))
-        self.published = Counter(
-            "hub_events_published",
-            "Events published, by type name.",
-            ["type"],
-            registry=self.registry,
-        )
         self.rejected = Counter(
             "hub_publish_rejected",
             "Publish requests refused, by HTTP status.",
@@ -97,12 +95,6 @@ class Metrics:
             registry=self.registry,
         )
         self.connects = Counter("hub_stream_connects", "Streams opened.", registry=self.registry)
-        self.replayed = Counter(
-            "hub_publish_replayed",
-            "Publishes answered with the ids of an earlier one under the same Idempotency-Key "
-            "(a client's retry): nothing was published again.",
-            registry=self.registry,
-        )
         self.streams_capped = Counter(
             "hub_streams_capped",
             "Streams refused by a cap, by which (per_user: --max-streams-per-user; total: "
@@ -144,8 +136,6 @@ class Metrics:
         self.disconnects = Counter(
             "hub_disconnects", "Streams ended, by reason.", ["reason"], registry=self.registry
         )
-        for kind in hub.types:
-            self.published.labels(kind.name)
         self._limit_metrics(hub)
         for end in ENDS:
             self.disconnects.labels(end.reason)
@@ -174,6 +164,12 @@ class Metrics:
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         self.registry.register(_HotPath(hub))
+        self._refusals = {
+            "publish": self.rejected,
+            "stream": self.streams_refused,
+            "ticket": self.ticket_requests_refused,
+        }
+        self._counted: dict[str, set[str]] = {}
 
     def _ticket_metrics(self, hub: Observed) -> None:
         """One-time stream tickets (hub.tickets): issued, redeemed, refused, pushed out."""
@@ -236,9 +232,33 @@ class Metrics:
             registry=self.registry,
         ).info({"worker": str(worker), "workers": str(workers)})
 
-    def count_published(self, events: Iterable[Event]) -> None:
-        for name, n in Tally(e.name for e in events).items():
-            self.published.labels(name).inc(n)
+    def watch_connections(self, count: Callable[[], int]) -> None:
+        """hub_connections_open, as the server counts them (the core sees no connection)."""
+        self.connections.set_function(count)
+
+    def watch_bodies(self, held: Callable[[], int]) -> None:
+        """hub_publish_body_bytes, as the server's body budget holds them."""
+        self.body_bytes.set_function(held)
+
+    def accept_paused_for(self, why: str) -> None:
+        """The server stopped accepting connections for a while ("limit", "descriptors")."""
+        self.accept_paused.labels(why).inc()
+
+    def declare_refusals(self, route: str, statuses: Iterable[str]) -> None:
+        """The statuses `route` ("publish", "stream", "ticket") refuses with: their series
+        exist at 0 from the start, and only they are counted (a 404 or 405 is not a refusal
+        of the route's work)."""
+        counter = self._refusals[route]
+        counted = self._counted.setdefault(route, set())
+        for status in statuses:
+            counter.labels(status)
+            counted.add(status)
+
+    def refused(self, route: str, status: int) -> None:
+        """One refusal answered by `route` with `status` (counted if declared)."""
+        label = str(status)
+        if label in self._counted.get(route, ()):
+            self._refusals[route].labels(label).inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -308,6 +328,19 @@ class _HotPath(Collector):
         self.hub = hub
 
     def collect(self) -> Iterator[Metric]:
+        published = CounterMetricFamily(
+            "hub_events_published", "Events published, by type name.", labels=["type"]
+        )
+        counts = self.hub.published
+        for kind in self.hub.types:
+            published.add_metric([kind.name], counts.get(kind.name, 0))
+        yield published
+        yield CounterMetricFamily(
+            "hub_publish_replayed",
+            "Publishes answered with the ids of an earlier one under the same Idempotency-Key "
+            "(a client's retry): nothing was published again.",
+            value=self.hub.replayed,
+        )
         yield CounterMetricFamily(
             "hub_events_received",
             "Events this process took from the broker (from every node, its own included).",

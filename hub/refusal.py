@@ -13,7 +13,7 @@ __all__ = ["Refusal", "RefusalKind"]
 
 
 class RefusalKind(enum.Enum):
-    NOT_SYNCED = "not_synced"  # the shared history is not loaded yet (the broker's server)
+    UNREADY = "unready"  # the node's feed is not live: history not loaded, broker silent, stopped
     CAPACITY = "capacity"  # the hub holds its most streams (--max-streams)
     PER_USER = "per_user"  # the user holds its most streams (--max-streams-per-user)
     TOKEN_MISSING = "token_missing"  # no token was presented
@@ -23,9 +23,11 @@ class RefusalKind(enum.Enum):
     REVOKED = "revoked"  # its session logged out since the token was issued
     TICKET_MALFORMED = "ticket_malformed"  # not the shape of a ticket the hub issues
     TICKET_UNKNOWN = "ticket_unknown"  # never issued, already used, or expired
+    BEHIND = "behind"  # Last-Event-ID is past what this node has read (another node served it)
 
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
     kind: RefusalKind
     message: str  # for the client: what to do about it
+    retry_after: float | None = None  # seconds to come back after, where the kind says when

@@ -7,23 +7,21 @@ does not take is kept, by reference, and sent when the loop says the socket is w
 loop watches the socket for reads only to learn that the client went away.
 
 The flusher is the only writer and never queues a second write behind unsent bytes (it waits
-for `on_drained`), so what a stream holds here is at most one write's worth; except at a
-stream's end, when it writes what the stream is owed and the end frame at once (bounded by
---max-pending), and the transport closes after sending them, or after CLOSE_GRACE.
+for its owner's `drained`), so what a stream holds here is at most one write's worth (its end
+frame is one too, the last); the transport closes once it has sent it, or at once when the
+flusher's grace runs out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Callable
-from typing import Any
+from typing import Protocol
 
 from hub.disconnect import GONE, Disconnect
 
-__all__ = ["CLOSE_GRACE", "SEND_BUFFER", "SocketTransport"]
+__all__ = ["SEND_BUFFER", "Owner", "SocketTransport"]
 
-CLOSE_GRACE = 5.0  # seconds a closing stream has to take what it is still owed
 # The kernel's send buffer per stream. Left to autotuning, a client that stops reading can
 # make the kernel hold up to tcp_wmem's maximum (4 MiB here) for it before the hub sees any
 # backpressure: with thousands of streams that is memory nothing else bounds.
@@ -31,22 +29,30 @@ SEND_BUFFER = 128 * 1024
 MAX_RECEIVED = 8 * 1024  # bytes a client may send on its stream before it is cut
 
 
+class Owner(Protocol):
+    """What the transport tells the one it carries (a hub.stream.Stream): the methods of one
+    object, not callbacks (a closure per stream would cost ~240 bytes of each one's
+    footprint)."""
+
+    def end(self, why: Disconnect, retry_ms: int | None = None) -> None:
+        """The connection ended (GONE): the client left, the socket failed, or it was
+        closed (by the owner, which has ended already: its end does nothing twice)."""
+
+    def drained(self) -> None:
+        """The bytes the transport held have all reached the kernel."""
+
+
 class SocketTransport:
-    """Non-blocking writes to one socket; `on_close(owner, reason)` once when it ends, for any
-    reason; `on_drained(owner)` when the bytes it held have all reached the kernel. (The
-    callbacks are shared by every stream and take the stream's owner: a closure per stream
-    would cost ~240 bytes of each one's footprint.)"""
+    """Non-blocking writes to one socket; tells its owner (`watch`) once when the connection
+    ends, for any reason, and each time what it held has drained."""
 
     __slots__ = (
         "closing",
         "fd",
         "loop",
-        "on_close",
-        "on_drained",
         "owner",
         "pending",
         "pending_size",
-        "reason",
         "received",
         "sent",
         "socket",
@@ -62,26 +68,17 @@ class SocketTransport:
         self.pending_size = 0  # bytes held: written, not yet taken by the kernel
         self.sent = 0  # bytes the kernel has taken, ever: progress, for stall detection
         self.received = 0  # bytes the client sent on the stream (dropped)
-        self.closing = False
-        self.reason = GONE
-        self.owner: Any = None
-        self.on_close: Callable[[Any, Disconnect], None] | None = None
-        self.on_drained: Callable[[Any], None] | None = None
+        self.closing = False  # closes once what it holds is sent (close(flush=True))
+        self.owner: Owner | None = None
 
-    def watch(
-        self,
-        owner: Any,
-        on_close: Callable[[Any, Disconnect], None],
-        on_drained: Callable[[Any], None] | None = None,
-    ) -> None:
-        """From now on, report the end of the connection and the draining of held bytes (at
-        once, if it has ended already: nothing may stay registered for a gone client)."""
+    def watch(self, owner: Owner) -> None:
+        """From now on, tell `owner` of the connection's end and of held bytes drained (its
+        end at once, if the connection has ended already: nothing may stay registered for a
+        gone client)."""
         if self.socket is None:
-            on_close(owner, self.reason)
+            owner.end(GONE)
             return
         self.owner = owner
-        self.on_close = on_close
-        self.on_drained = on_drained
         self.loop.add_reader(self.fd, self._on_readable)
 
     @property
@@ -103,7 +100,6 @@ class SocketTransport:
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
-            self.reason = GONE
             self._shut()
             return
         self.sent += sent
@@ -112,15 +108,13 @@ class SocketTransport:
         self._keep(data, sent)
         self.loop.add_writer(self.fd, self._on_writable)
 
-    def close(self, reason: Disconnect, flush: bool = False) -> None:
-        """End the stream; with `flush`, once what it holds has been sent (the logout event,
-        say), or after a grace period if the client does not read it."""
-        if self.socket is None or self.closing:
+    def close(self, flush: bool = False) -> None:
+        """Close; with `flush`, once what the transport holds has been sent (the end frame,
+        say). Without it, at once, even when a flush was under way (a grace ran out)."""
+        if self.socket is None:
             return
-        self.reason = reason
         if flush and self.pending:
             self.closing = True
-            self.loop.call_later(CLOSE_GRACE, self._shut)
         else:
             self._shut()
 
@@ -140,8 +134,8 @@ class SocketTransport:
         self.loop.remove_writer(self.fd)
         if self.closing:
             self._shut()
-        elif self.on_drained is not None:
-            self.on_drained(self.owner)
+        elif self.owner is not None:
+            self.owner.drained()
 
     def _send(self, sock: socket.socket, data: bytes | memoryview) -> int:
         """What the kernel took of `data`; -1 when the connection is gone (it is shut)."""
@@ -150,7 +144,6 @@ class SocketTransport:
         except (BlockingIOError, InterruptedError):
             return 0
         except OSError:
-            self.reason = GONE
             self._shut()
             return -1
         self.sent += sent
@@ -172,17 +165,16 @@ class SocketTransport:
         except OSError:
             data = b""
         if not data:
-            self.reason = GONE
             self._shut()
         else:
             # A client has nothing to send on a stream; one that keeps sending would make the
             # hub spend a read on it for ever. A few bytes (a pipelined request) pass.
             self.received += len(data)
             if self.received > MAX_RECEIVED:
-                self.reason = GONE
                 self._shut()
 
     def _shut(self) -> None:
+        """Close the socket and tell the owner (GONE)."""
         sock = self.socket
         if sock is None:
             return
@@ -194,7 +186,6 @@ class SocketTransport:
             self.pending = None
             self.pending_size = 0
         sock.close()
-        on_close, owner = self.on_close, self.owner
-        self.on_close = self.on_drained = self.owner = None
-        if on_close is not None:
-            on_close(owner, self.reason)
+        owner, self.owner = self.owner, None
+        if owner is not None:
+            owner.end(GONE)

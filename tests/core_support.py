@@ -87,4 +87,4 @@ class Peer:
 
     def shutdown(self) -> None:
         self.client.close()
-        self.transport.close(self.transport.reason)
+        self.transport.close()

@@ -135,9 +135,9 @@ def test_a_verified_token_is_refused_once_it_expires_even_when_remembered():
         # before this runs (a string "now + 60" had expired by then, and pyjwt said so first)
         ({"exp": "4102444800"}, "exp must be a number"),
         ({"sub": ""}, "sub must be a non-empty string"),
-        ({"sub": 42}, "Subject must be a string"),  # pyjwt's own check
+        ({"sub": 42}, "sub must be a non-empty string"),  # pyjwt's own check, the hub's words
         ({"sub": "x" * 257}, "sub must be a non-empty string"),
-        ({"iat": "yesterday"}, r"\(iat\) must be an integer"),  # pyjwt's own check
+        ({"iat": "yesterday"}, "iat must be a number"),  # pyjwt's own check, the hub's words
         ({"iat": True}, "iat must be a number"),
     ],
     ids=["string-exp", "empty-sub", "number-sub", "long-sub", "string-iat", "bool-iat"],

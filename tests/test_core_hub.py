@@ -13,14 +13,18 @@ import ujson
 from core_support import Peer, config, parse_blocks
 from sse import wait_for
 
+from hub.auth import Claims
 from hub.core import Hub
 from hub.decode import decode_json
-from hub.disconnect import EXPIRED, GONE, LOGOUT
+from hub.disconnect import EXPIRED, GONE, LOGOUT, SHUTDOWN, Disconnect
 from hub.dispatch import DEFAULT_TYPES, Kind, Route
 from hub.flusher import WINDOW
 from hub.history import History, event_cost, parse_id, parse_position
 from hub.message import Event
-from hub.registry import Registry, Subscriber
+from hub.refusal import Refusal, RefusalKind
+from hub.registry import Registry
+from hub.stream import Stream, StreamRequest
+from hub.transport import SocketTransport
 
 
 def run(fn: Callable[[], Awaitable[Any]]) -> Any:
@@ -41,12 +45,12 @@ def counts(peers: list[Peer], needle: bytes) -> list[int]:
 
 
 async def publish(hub: Hub, body: object) -> list[str]:
-    return await hub.publish(decode_json(ujson.dumps(body).encode()))
+    return (await hub.publish(decode_json(ujson.dumps(body).encode()))).ids
 
 
 def test_registry_drops_empty_index_entries_when_the_last_stream_leaves():
     reg = Registry()
-    subs = [Subscriber("u1", topics=("a", "b")) for _ in range(3)]
+    subs = [Stream("u1", topics=("a", "b")) for _ in range(3)]
     for s in subs:
         reg.add(s)
     assert len(reg.by_user["u1"]) == 3 and len(reg.by_topic["a"]) == 3
@@ -241,7 +245,7 @@ def test_a_type_added_to_the_table_is_routed_and_filtered_with_no_other_change()
 
 
 async def publish_with(hub: Hub, types, body: object) -> list[str]:
-    return await hub.publish(decode_json(ujson.dumps(body).encode(), types))
+    return (await hub.publish(decode_json(ujson.dumps(body).encode(), types))).ids
 
 
 def test_a_topic_event_is_queued_once_for_all_its_subscribers():
@@ -334,21 +338,34 @@ def test_a_stream_whose_socket_takes_nothing_is_cut_after_slow_after_even_when_o
     run(scenario)
 
 
+class Owner:
+    """What a transport tells its owner, written down."""
+
+    def __init__(self) -> None:
+        self.ends: list[Disconnect] = []
+        self.drains = 0
+
+    def end(self, why: Disconnect, retry_ms: int | None = None) -> None:
+        self.ends.append(why)
+
+    def drained(self) -> None:
+        self.drains += 1
+
+
 def test_the_transport_sends_partially_keeps_the_rest_in_order_and_reports_draining():
     async def scenario() -> None:
         peer = Peer(rcvbuf=4096)
-        drained = []
-        closed = []
-        peer.transport.watch("me", lambda owner, why: closed.append(why), drained.append)
+        owner = Owner()
+        peer.transport.watch(owner)
         data = bytes(range(256)) * 4096  # 1 MiB: far more than the socket takes at once
         peer.transport.write(data)
         assert 0 < peer.transport.pending_size < len(data)
         peer.transport.write(b"tail")
         await until(lambda: peer.read() is not None and len(peer.received) == len(data) + 4)
         assert bytes(peer.received) == data + b"tail"
-        await until(lambda: drained)
+        await until(lambda: owner.drains)
         assert peer.transport.pending is None and peer.transport.sent == len(data) + 4
-        assert closed == [] and drained == ["me"]
+        assert owner.ends == [] and owner.drains == 1
         peer.shutdown()
 
     run(scenario)
@@ -357,14 +374,14 @@ def test_the_transport_sends_partially_keeps_the_rest_in_order_and_reports_drain
 def test_the_transport_reports_a_peer_that_closes_once_and_releases_the_socket():
     async def scenario() -> None:
         peer = Peer()
-        closed = []
-        peer.transport.watch("me", lambda owner, why: closed.append((owner, why)))
+        owner = Owner()
+        peer.transport.watch(owner)
         peer.client.close()
-        await until(lambda: closed)
-        assert closed == [("me", GONE)] and peer.transport.socket is None
+        await until(lambda: owner.ends)
+        assert owner.ends == [GONE] and peer.transport.socket is None
         assert peer.server.fileno() == -1
         peer.transport.write(b"after")  # writing to a gone stream is a no-op, never an error
-        assert closed == [("me", GONE)]
+        assert owner.ends == [GONE]
 
     run(scenario)
 
@@ -372,15 +389,15 @@ def test_the_transport_reports_a_peer_that_closes_once_and_releases_the_socket()
 def test_the_transport_closes_after_flushing_what_it_holds():
     async def scenario() -> None:
         peer = Peer(rcvbuf=4096)
-        closed = []
-        peer.transport.watch("me", lambda owner, why: closed.append((owner, why)))
+        owner = Owner()
+        peer.transport.watch(owner)
         data = b"y" * 200_000
         peer.transport.write(data)
-        peer.transport.close(LOGOUT, flush=True)
-        assert closed == []  # still sending what it holds
+        peer.transport.close(flush=True)
+        assert peer.transport.socket is not None  # still sending what it holds
         await until(lambda: peer.read() is not None and peer.eof)
         assert bytes(peer.received) == data
-        assert closed == [("me", LOGOUT)]
+        assert owner.ends == [GONE] and owner.drains == 0
         peer.shutdown()
 
     run(scenario)
@@ -391,7 +408,7 @@ def test_a_stream_registered_for_a_client_already_gone_is_removed_at_once():
         hub = Hub(config())
         peer = Peer()
         peer.client.close()
-        peer.transport.close(GONE)  # the socket is shut before the hub subscribes it
+        peer.transport.close()  # the socket is shut before the hub subscribes it
         sub = hub.subscribe(peer.transport, "u1")
         assert sub.closed and len(hub.registry) == 0 and hub.flusher.everyone.readers == {}
 
@@ -532,7 +549,7 @@ def test_nothing_of_a_stream_remains_after_it_leaves():
         subs = [hub.subscribe(p.transport, f"u{i % 7}", topics=("t",)) for i, p in enumerate(peers)]
         await publish(hub, [{"type": 5}, {"type": 2, "user": "u1"}])
         for s in subs:
-            hub.disconnect(s, GONE)
+            s.end(GONE)
         assert (hub.registry.all, hub.registry.by_user, hub.registry.by_topic) == (set(), {}, {})
         flusher = hub.flusher
         assert (flusher.topics, flusher.everyone.readers) == ({}, {})
@@ -667,6 +684,127 @@ def test_a_reset_goes_through_the_flusher_in_order_after_what_each_stream_is_owe
         ]
         for p in (live, resuming):
             p.shutdown()
+        await hub.stop()
+
+    run(scenario)
+
+
+async def held_at_most_a_window(peer: Peer, done: Callable[[], bool]) -> int:
+    """Watch what the hub's end of `peer` holds (the client reads nothing) until `done`:
+    the most it held."""
+    most = 0
+    while not done():
+        most = max(most, peer.transport.pending_size)
+        await asyncio.sleep(0.001)
+    return most
+
+
+def test_an_ending_stream_takes_what_it_is_owed_a_window_at_a_time_then_its_end_frame():
+    """A stream that owes several windows when it ends is written them as it drains, never
+    more than a window at once, then `retry:` and the end frame, then its socket closes;
+    what is published after its end does not reach it. Ending it again does nothing."""
+
+    async def scenario() -> None:
+        hub = Hub(config(flush_interval=0.001))
+        peer = Peer(rcvbuf=4096)
+        stream = hub.subscribe(peer.transport, "u1")
+        ids = await publish(hub, [{"type": 5, "data": "x" * 1000}] * 1000)  # ~1 MB
+        await until(lambda: hub.flusher.idle and peer.transport.pending is not None)
+        stream.end(SHUTDOWN, 2500)
+        stream.end(EXPIRED)  # ending twice does nothing
+        assert stream not in hub.registry.all and hub.flusher.everyone.readers == {}
+        assert stream.private and len(stream.private) * 1000 > 2 * WINDOW  # still owed
+        await publish(hub, [{"type": 5, "data": "after"}])
+        most = await held_at_most_a_window(peer, lambda: hub.flusher.idle)
+        assert 0 < most <= WINDOW
+        await until(lambda: peer.read() is not None and peer.eof, timeout=10)
+        blocks = parse_blocks(bytes(peer.received))
+        assert [b.get("id") for b in blocks if b.get("event") == "broadcast"] == ids
+        assert blocks[-2] == {"retry": "2500"} and blocks[-1]["event"] == "end"
+        assert ujson.loads(blocks[-1]["data"])["reason"] == "shutdown"
+        assert hub.metrics.disconnects.labels("shutdown")._value.get() == 1
+        assert hub.metrics.disconnects.labels("expired")._value.get() == 0
+        assert stream.private is None and stream.final is None
+        peer.shutdown()
+        await hub.stop()
+
+    run(scenario)
+
+
+def test_an_ending_stream_whose_client_takes_nothing_is_cut_after_the_grace():
+    async def scenario() -> None:
+        hub = Hub(config(flush_interval=0.001))
+        hub.flusher.grace = 0.2
+        peer = Peer(rcvbuf=4096)
+        stream = hub.subscribe(peer.transport, "u1")
+        await publish(hub, [{"type": 5, "data": "x" * 1000}] * 1000)
+        await until(lambda: hub.flusher.idle and peer.transport.pending is not None)
+        started = time.monotonic()
+        stream.end(LOGOUT)
+        assert hub.streams_closing() == 1  # what stop() waits for (within the grace)
+        await until(lambda: peer.closed, timeout=3)
+        assert 0.15 <= time.monotonic() - started < 2
+        assert hub.streams_closing() == 0
+        assert stream.private is None and stream.final is None
+        assert b"event: end" not in peer.received + peer.read()  # it never got that far
+        peer.shutdown()
+        await hub.stop()
+
+    run(scenario)
+
+
+def test_a_reset_is_written_within_the_window_behind_a_backlog():
+    """Hub.resync queues the reset behind what a stream owes: a stream several windows
+    behind is never written more than a window at once, and gets the reset after it all."""
+
+    async def scenario() -> None:
+        hub = Hub(config(flush_interval=0.001))
+        peer = Peer(rcvbuf=4096)
+        hub.subscribe(peer.transport, "u1")
+        ids = await publish(hub, [{"type": 5, "data": "x" * 1000}] * 1000)
+        await until(lambda: hub.flusher.idle and peer.transport.pending is not None)
+        hub.resync("9000000000000-0-e1")
+        assert await held_at_most_a_window(peer, lambda: hub.flusher.idle) <= WINDOW
+        await until(lambda: len(peer.events()) == 1001, timeout=10)
+        assert peer.events() == [*((i, "broadcast") for i in ids), ("9000000000000-0-e1", "reset")]
+        peer.shutdown()
+        await hub.stop()
+
+    run(scenario)
+
+
+def test_open_stream_admits_waits_takes_the_transport_and_opens_or_refuses_in_core_terms():
+    async def scenario() -> None:
+        hub = Hub(config(catch_up_wait=0.05))
+        now = time.time()
+        claims = Claims("u1", now + 60, now, "s1", frozenset({"*"}), publish=False)
+        taken: list[Peer] = []
+
+        def take() -> SocketTransport:
+            taken.append(Peer())
+            return taken[-1].transport
+
+        stream = await hub.open_stream(StreamRequest(claims, ("t",), prefix=b"HEAD\n"), take)
+        assert isinstance(stream, Stream) and stream in hub.registry.by_topic["t"]
+        assert (stream.user, stream.sid, stream.topics) == ("u1", "s1", ("t",))
+        peer = taken[0]
+        await until(lambda: peer.read() is not None and b": hub stream open" in peer.received)
+        assert peer.received.startswith(b"HEAD\nretry: ")
+
+        assert await hub.open_stream(StreamRequest(claims), lambda: None) is None  # it left
+        assert len(hub.registry) == 1
+
+        hub.resync("100-5-e1")  # a node of epoch e1 that has read up to 100-5
+        behind = await hub.open_stream(StreamRequest(claims, last_event_id="100-6-e1"), take)
+        assert isinstance(behind, Refusal) and behind.kind is RefusalKind.BEHIND
+        assert behind.message == "this node has not read up to Last-Event-ID yet: retry"
+        assert behind.retry_after == 1.0 and len(taken) == 1  # its socket was never taken
+
+        hub.stream_limit = 1
+        full = await hub.open_stream(StreamRequest(claims), take)
+        assert isinstance(full, Refusal) and full.kind is RefusalKind.CAPACITY
+        assert len(taken) == 1
+        peer.shutdown()
         await hub.stop()
 
     run(scenario)

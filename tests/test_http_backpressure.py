@@ -65,7 +65,7 @@ async def test_a_client_that_stops_reading_is_cut_delays_no_one_and_resumes_with
     stuck = stuck_client(server.port, server.token("slow"))
     assert await wait_for(lambda: len(server.hub.registry.all) == 4, 5)
     [slow_sub] = [s for s in server.hub.registry.all if s.user == "slow"]
-    conn = slow_sub.outbox.transport
+    conn = slow_sub.transport
 
     ids: list[str] = []
     most_held = 0
@@ -81,7 +81,8 @@ async def test_a_client_that_stops_reading_is_cut_delays_no_one_and_resumes_with
         assert [e.id for e in got] == ids
     # The stuck client was cut as slow, and nothing of it is held any more.
     assert await wait_for(lambda: slow_sub not in server.hub.registry.all, 5)
-    assert slow_sub.closed and conn.pending is None and slow_sub.outbox.closed
+    assert slow_sub.closed and conn.pending is None and conn.socket is None
+    assert slow_sub.private is None and slow_sub not in server.hub.flusher.everyone.readers
     assert server.hub.metrics.disconnects.labels("slow")._value.get() == 1
     # What its socket held never passed one write.
     assert 0 < most_held <= WINDOW
