@@ -2,10 +2,12 @@
 
     HUB_JWT_SECRET=... hub token --sub alice --topics payments --ttl 3600
     HUB_JWT_SECRET=... hub token --sub billing --publish
+    hub token --sub alice --private-key private.pem    # RS256 or ES256, from the key's kind
     hub publish --url http://127.0.0.1:8080 --token "$PUBLISHER_TOKEN" '{"type": "payment", ...}'
     producer | hub publish --url ... --token ...       # NDJSON on stdin, one event a line
 
-Every failure is one line on stderr and a non-zero exit, never a traceback.
+Every failure is one line on stderr and a non-zero exit, never a traceback; an error names
+what the user set (a flag, or a variable) and nothing they did not.
 """
 
 from __future__ import annotations
@@ -20,11 +22,17 @@ from collections.abc import Sequence
 from typing import Any
 
 import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from hub.client import HubError, Publisher
-from hub.config import MIN_SECRET_BYTES
+from hub.config import JWT_ALGORITHMS, MIN_SECRET_BYTES, ConfigError, OneLineParser
+from hub.keys import KeyProblem, check_private, load_private
 
 __all__ = ["publish_main", "token_main"]
+
+
+# Where `hub publish` sends events when neither --url nor HUB_URL says
+DEFAULT_URL = "http://127.0.0.1:8080"
 
 
 def _fail(command: str, message: str) -> SystemExit:
@@ -32,10 +40,21 @@ def _fail(command: str, message: str) -> SystemExit:
     return SystemExit(2)
 
 
+def _parse(command: str, parser: OneLineParser, argv: Sequence[str]) -> argparse.Namespace:
+    """The command's arguments, or its one-line error (exit 2): never argparse's usage block."""
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            parser.unexpected(argv, extra)
+    except ConfigError as exc:
+        raise _fail(command, str(exc)) from None
+    return args
+
+
 def mint(
     sub: str,
     *,
-    secret: str,
+    secret: str | rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey,
     algorithm: str = "HS256",
     ttl: float = 3600,
     topics: Sequence[str] = (),
@@ -55,10 +74,11 @@ def mint(
 
 
 def token_main(argv: Sequence[str]) -> None:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="hub token",
         description="Print a JWT the hub accepts, signed with HUB_JWT_SECRET (HS256/384/512) or "
-        "with --private-key (RS256/ES256). Demo mode makes up its secret: use /demo/token there.",
+        "with --private-key (RS256/ES256, the private half of the hub's --jwt-public-key). Demo "
+        "mode makes up its secret: use /demo/token there.",
     )
     parser.add_argument("--sub", required=True, help="who the token is for (a user id)")
     parser.add_argument("--topics", default="", help="comma-separated topics it may read")
@@ -66,35 +86,58 @@ def token_main(argv: Sequence[str]) -> None:
     parser.add_argument("--ttl", type=float, default=3600, help="seconds it lives (3600)")
     parser.add_argument("--publish", action="store_true", help="a publisher token")
     parser.add_argument(
-        "--algorithm", default=os.environ.get("HUB_JWT_ALGORITHM", "HS256"), help="(HS256)"
+        "--jwt-algorithm",
+        "--algorithm",
+        dest="algorithm",
+        choices=JWT_ALGORITHMS,
+        metavar="ALGORITHM",
+        help="the hub's --jwt-algorithm (default: $HUB_JWT_ALGORITHM; else RS256 or ES256 "
+        "as the --private-key's kind says: RSA, or EC on P-256; else HS256)",
     )
-    parser.add_argument("--private-key", help="PEM file, for RS256/ES256")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--private-key", metavar="PEM", help="the private key file, for RS256/ES256"
+    )
+    args = _parse("token", parser, argv)
     if args.ttl <= 0:
         raise _fail("token", "--ttl must be positive")
-    if args.algorithm.startswith("HS"):
+    algorithm, named = _asked_algorithm(args.algorithm, argv)
+    key: str | rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+    if args.private_key:
+        if algorithm is not None and algorithm.startswith("HS"):
+            raise _fail(
+                "token",
+                f"--private-key signs RS256 or ES256, and {named} signs with HUB_JWT_SECRET: "
+                "leave one of them out",
+            )
+        try:
+            private = load_private(args.private_key)
+            algorithm = check_private(private, algorithm, named)
+        except KeyProblem as exc:
+            raise _fail("token", f"--private-key {args.private_key}: {exc}") from None
+        assert isinstance(private, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey)
+        key = private
+    else:
+        algorithm = algorithm or "HS256"
+        if not algorithm.startswith("HS"):
+            raise _fail(
+                "token",
+                f"{named} needs --private-key PEM (the private half of the hub's --jwt-public-key)",
+            )
         secret = os.environ.get("HUB_JWT_SECRET", "")
         if len(secret.encode()) < MIN_SECRET_BYTES:
             raise _fail(
                 "token",
-                f"set HUB_JWT_SECRET (the hub's secret, {MIN_SECRET_BYTES}+ bytes) to sign with",
+                f"set HUB_JWT_SECRET (the hub's secret, {MIN_SECRET_BYTES}+ bytes) to sign with, "
+                "or give --private-key PEM for RS256/ES256",
             )
         key = secret
-    else:
-        if not args.private_key:
-            raise _fail("token", f"--algorithm {args.algorithm} needs --private-key PEM")
-        try:
-            with open(args.private_key) as f:
-                key = f.read()
-        except OSError as exc:
-            raise _fail("token", f"cannot read {args.private_key}: {exc.strerror}") from None
     topics = [t.strip() for t in args.topics.split(",") if t.strip()]
     try:
         print(
             mint(
                 args.sub,
                 secret=key,
-                algorithm=args.algorithm,
+                algorithm=algorithm,
                 ttl=args.ttl,
                 topics=topics,
                 sid=args.sid,
@@ -103,6 +146,24 @@ def token_main(argv: Sequence[str]) -> None:
         )
     except (ValueError, TypeError, jwt.PyJWTError) as exc:
         raise _fail("token", f"cannot sign: {exc}") from None
+
+
+def _asked_algorithm(flag: str | None, argv: Sequence[str]) -> tuple[str | None, str]:
+    """The algorithm asked for and how a message names it: the flag as typed (`--algorithm
+    ES256`, `--jwt-algorithm ES256`), else HUB_JWT_ALGORITHM (the hub's own variable);
+    None when neither says."""
+    if flag is not None:
+        typed = "--algorithm" if any(a.split("=")[0] == "--algorithm" for a in argv) else None
+        return flag, f"{typed or '--jwt-algorithm'} {flag}"
+    value = os.environ.get("HUB_JWT_ALGORITHM", "")
+    if not value:
+        return None, ""
+    if value not in JWT_ALGORITHMS:
+        raise _fail(
+            "token",
+            f"HUB_JWT_ALGORITHM must be one of {', '.join(JWT_ALGORITHMS)}, not {value[:32]!r}",
+        )
+    return value, f"HUB_JWT_ALGORITHM={value}"
 
 
 def _events(values: Sequence[str], stdin: Any) -> list[Any]:
@@ -120,20 +181,24 @@ def _events(values: Sequence[str], stdin: Any) -> list[Any]:
 
 
 def publish_main(argv: Sequence[str], stdin: Any = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="hub publish",
         description="Publish events (JSON arguments, or NDJSON on stdin), print their ids. "
         "Retries a dropped connection or a 503 without publishing twice (Idempotency-Key).",
     )
     parser.add_argument("events", nargs="*", help='e.g. \'{"type": "broadcast", "data": 1}\'')
-    parser.add_argument("--url", default=os.environ.get("HUB_URL", "http://127.0.0.1:8080"))
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("HUB_URL") or DEFAULT_URL,
+        help=f"the hub's address (default: $HUB_URL, else {DEFAULT_URL})",
+    )
     parser.add_argument(
         "--token",
         default=os.environ.get("HUB_TOKEN"),
         help="a publisher token ($HUB_TOKEN); without one, a 5-minute publisher token is "
         "signed with HUB_JWT_SECRET when it is set",
     )
-    args = parser.parse_args(argv)
+    args = _parse("publish", parser, argv)
     token = args.token
     if not token:
         secret = os.environ.get("HUB_JWT_SECRET", "")

@@ -1,4 +1,4 @@
-"""Operations: /healthz, /readyz, /metrics, and JSON 404s."""
+"""Operations: /healthz, /readyz, /metrics, the static files, and JSON 404s."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 from prometheus_client import CONTENT_TYPE_LATEST
 from tornado.web import HTTPError, StaticFileHandler
 
-from handlers.base import HubHandler
+from handlers.base import MAX_ERROR_LENGTH, HubHandler, JsonErrors, json_body
 from hub.auth import Verifier
 from hub.core import Hub
 
@@ -23,6 +23,7 @@ __all__ = [
 ]
 
 STARTED = time.time()
+MAX_SHOWN_PATH = 100  # of a path a 404 quotes
 
 
 def _restart_clock() -> None:
@@ -48,6 +49,11 @@ class HealthHandler(HubHandler):
             },
         )
 
+    def head(self) -> None:
+        """As GET, without the body (Tornado sends the head only, with the body's length): load
+        balancers probe with HEAD."""
+        self.get()
+
 
 class ReadyHandler(HubHandler):
     """Ready for new streams: 503 while shutting down or cut off from the broker, so a load
@@ -60,6 +66,10 @@ class ReadyHandler(HubHandler):
             self.fail(503, f"not ready: {self.hub.broker.unready_reason()}")
         else:
             self.answer(200, {"status": "ready"})
+
+    def head(self) -> None:
+        """As GET, without the body."""
+        self.get()
 
 
 class MetricsHandler(HubHandler):
@@ -97,11 +107,31 @@ class NotFoundHandler(HubHandler):
         self.fail(404, f"no such endpoint: {self.request.method} {self.request.path}")
 
 
-class StaticHandler(StaticFileHandler):
-    """The demo page and hub.js: always revalidated, so a redeploy is seen at once."""
+class StaticHandler(JsonErrors, StaticFileHandler):
+    """The demo page and hub.js: always revalidated, so a redeploy is seen at once. Its errors
+    are JSON like every other answer of the hub's (JsonErrors), and say no more than the status:
+    Tornado's messages for them name the file's absolute path."""
+
+    shows_log_message = False
 
     def set_extra_headers(self, path: str) -> None:
         self.set_header("Cache-Control", "no-cache")
+
+    def write_error(self, status_code: int, **kwargs: object) -> None:
+        if status_code != 404:
+            super().write_error(status_code, **kwargs)
+            return
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Cache-Control", "no-store")
+        self.finish(json_body({"error": f"no such file: {self.request.path[:MAX_SHOWN_PATH]}"}))
+
+    async def get(self, path: str, include_body: bool = True) -> None:
+        await super().get(path, include_body)
+        if self.get_status() == 416:  # a Range past the file: answered, but with no body
+            self.set_header("Content-Type", "application/json")
+            self.set_header("Cache-Control", "no-store")
+            error = f"range not satisfiable: {self.request.headers.get('Range', '')}"
+            self.write(json_body({"error": error[:MAX_ERROR_LENGTH]}))
 
     def parse_url_path(self, url_path: str) -> str:
         # No file is named with a NUL, and os.path.realpath raises on one (a 500 and a

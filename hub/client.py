@@ -22,11 +22,14 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import logging
+import math
 import random
+import re
 import ssl
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlencode, urlsplit
@@ -35,12 +38,17 @@ __all__ = [
     "AsyncPublisher",
     "Disconnected",
     "HubError",
+    "HubUnreachable",
     "ProtocolError",
     "Publisher",
     "SSEParser",
     "StreamEvent",
+    "Subscription",
+    "compare_ids",
     "subscribe",
 ]
+
+log = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({502, 503, 504})
 MAX_LINE = 64 * 1024  # a response head line or chunk size line longer than this is refused
@@ -50,6 +58,11 @@ MAX_BODY = 8 * 1024 * 1024  # an answer that is not a stream
 MAX_SSE_LINE = 1024 * 1024  # an event-stream line (an event's data line: its whole JSON)
 MAX_SSE_EVENT = 8 * 1024 * 1024  # the data of one event, all its lines
 HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
+# A hub event id, "<ms>-<seq>[-<epoch>]", as the hub reads one (hub.history.parse_position:
+# ASCII digits, at most 20 each side; an epoch of 1-16 lower-case letters and digits). Not
+# imported from there: hub.history needs hub.message and ujson, and this module stays
+# standard library only.
+_POSITION = re.compile(r"([0-9]{1,20})-([0-9]{1,20})(?:-([0-9a-z]{1,16}))?")
 
 T = TypeVar("T")
 
@@ -426,7 +439,11 @@ class AsyncPublisher:
 @dataclass(frozen=True)
 class StreamEvent:
     """One event of a stream. `name` is the SSE event name (the type's name, or `reset` when
-    the hub cannot replay what was missed: refetch your state); the rest is the event's JSON."""
+    the hub cannot replay what was missed: refetch your state); the rest is the event's JSON.
+    `backwards` is true only on a `reset` whose id is of the same epoch as the last event id
+    and older than it (a hub that should not send one: an older or buggy node, or a proxy):
+    the client refetches its state as for any reset, but keeps its last event id (see
+    subscribe)."""
 
     id: str
     name: str
@@ -434,6 +451,25 @@ class StreamEvent:
     user: str | None
     ts: int | None
     data: Any
+    backwards: bool = False
+
+
+def _position(event_id: str) -> tuple[int, int, str] | None:
+    """(ms, seq, epoch) of a hub event id (epoch "" when it has none), or None."""
+    match = _POSITION.fullmatch(event_id)
+    return None if match is None else (int(match[1]), int(match[2]), match[3] or "")
+
+
+def compare_ids(a: str, b: str) -> int | None:
+    """How the hub's event id `a` stands to `b`: -1 older, 0 the same position, 1 newer; None
+    when they do not compare: either is not a position "<ms>-<seq>[-<epoch>]", or they are of
+    different epochs (after Redis lost or rolled back data, a new epoch may start at lower
+    numbers). Positions of one epoch (or both without one: the memory broker's) order as the
+    hub orders them, as (ms, seq) integers. Never raises."""
+    pa, pb = _position(a), _position(b)
+    if pa is None or pb is None or pa[2] != pb[2]:
+        return None
+    return (pa[:2] > pb[:2]) - (pa[:2] < pb[:2])
 
 
 class SSEParser:
@@ -534,6 +570,70 @@ class SSEParser:
         return None
 
 
+class HubUnreachable(ConnectionError):
+    """subscribe() gave up: `attempts` attempts in a row over `elapsed` seconds opened no
+    stream (the hub down or out of reach, or answering 429 or 5xx), and its `max_attempts` or
+    `give_up_after` said to stop. The last attempt's error is `last_error` (and __cause__)."""
+
+    def __init__(self, url: str, attempts: int, elapsed: float, last_error: str) -> None:
+        self.url, self.attempts, self.elapsed, self.last_error = url, attempts, elapsed, last_error
+        super().__init__(
+            f"gave up on the hub at {url}: {attempts} attempts in a row over {elapsed:.1f} s "
+            f"opened no stream (the last: {last_error})"
+        )
+
+
+# A subscriber that cannot reach the hub says so: a WARNING for its first failed attempt, then
+# at most one every WARN_EVERY seconds (the others at DEBUG), each counting the attempts.
+WARN_EVERY = 10.0
+
+
+class _Failures:
+    """subscribe()'s attempts in a row that opened no stream: when to stop, what to log."""
+
+    def __init__(self, url: str, max_attempts: int | None, give_up_after: float | None) -> None:
+        self.url, self.max_attempts, self.give_up_after = url, max_attempts, give_up_after
+        self.count = 0
+        self.since = 0.0
+        self.warned = -math.inf  # when the last WARNING was logged (monotonic)
+
+    def failed(self, error: BaseException, delay: float) -> float:
+        """One more failed attempt; the seconds to wait before the next (at most the time left
+        before `give_up_after`), or HubUnreachable when there is to be no next."""
+        now = time.monotonic()
+        if not self.count:
+            self.since = now
+        self.count += 1
+        elapsed = now - self.since
+        why = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        out_of_attempts = self.max_attempts is not None and self.count >= self.max_attempts
+        out_of_time = self.give_up_after is not None and elapsed >= self.give_up_after
+        if out_of_attempts or out_of_time:
+            raise HubUnreachable(self.url, self.count, elapsed, why) from error
+        if self.give_up_after is not None:
+            delay = min(delay, self.give_up_after - elapsed)
+        level = logging.WARNING if now - self.warned >= WARN_EVERY else logging.DEBUG
+        if level == logging.WARNING:
+            self.warned = now
+        log.log(
+            level,
+            "cannot open the stream at %s (%s): %d failed attempts in a row over %.1f s; "
+            "retrying in %.1f s",
+            self.url,
+            why,
+            self.count,
+            elapsed,
+            delay,
+        )
+        return delay
+
+    def opened(self) -> None:
+        if self.count:
+            log.info("stream open at %s after %d failed attempts", self.url, self.count)
+        self.count = 0
+        self.warned = -math.inf
+
+
 class Disconnected(Exception):
     """The hub ended the stream for good: its last frame (`event: end`) said `reconnect:
     false` (code 4003, logout). `code`, `reason` and `detail` are the frame's."""
@@ -558,19 +658,76 @@ def _end(data: str) -> Disconnected | None:
     )
 
 
-def _stream_event(event_id: str, name: str, data: str) -> StreamEvent:
+def _stream_event(event_id: str, name: str, data: str, backwards: bool = False) -> StreamEvent:
     try:
         body = json.loads(data)
     except ValueError:
         body = data
     if isinstance(body, dict) and "type" in body:
         return StreamEvent(
-            event_id, name, body.get("type"), body.get("user"), body.get("ts"), body.get("data")
+            event_id,
+            name,
+            body.get("type"),
+            body.get("user"),
+            body.get("ts"),
+            body.get("data"),
+            backwards,
         )
-    return StreamEvent(event_id, name, None, None, None, body)
+    return StreamEvent(event_id, name, None, None, None, body, backwards)
 
 
-async def subscribe(
+@dataclass
+class _Progress:
+    """Where a subscription stands: shared by the Subscription and its generator (which must
+    not hold the Subscription itself: a cycle would keep a left stream's connection open
+    until the garbage collector runs)."""
+
+    last_event_id: str | None
+    duplicates_skipped: int = 0
+
+    def advance(self, event_id: str) -> None:
+        """Take `event_id` as the last event id, unless it is an older position of the same
+        epoch (the client never moves back)."""
+        if not event_id:
+            return
+        last = self.last_event_id
+        order = compare_ids(event_id, last) if last else None
+        if order is None or order >= 0:
+            self.last_event_id = event_id
+
+
+class Subscription(AsyncIterator[StreamEvent]):
+    """What subscribe() returns: the stream's events (`async for`), and where it stands.
+
+    `last_event_id` is the id a reconnect sends as Last-Event-ID: that of the newest event
+    the client has (or the opening's, before any event). It never moves back: a `reset` whose
+    id is of the same epoch and older is delivered with `backwards=True` and a WARNING (logger
+    "hub.client"), and the last event id stays. `duplicates_skipped` counts the events dropped
+    because their id is of the same epoch as the last event id and not newer: the client
+    already has them (after such a reset, or from a hub that sends an event twice). The hub's
+    ids only increase within an epoch, so no other event is ever dropped; ids that are not
+    positions, and ids of another epoch, are never dropped. `aclose()` ends it."""
+
+    def __init__(self, events: AsyncGenerator[StreamEvent, None], progress: _Progress) -> None:
+        self._events = events
+        self._progress = progress
+
+    @property
+    def last_event_id(self) -> str | None:
+        return self._progress.last_event_id
+
+    @property
+    def duplicates_skipped(self) -> int:
+        return self._progress.duplicates_skipped
+
+    async def __anext__(self) -> StreamEvent:
+        return await self._events.__anext__()
+
+    async def aclose(self) -> None:
+        await self._events.aclose()
+
+
+def subscribe(
     base_url: str,
     token: str | Callable[[], str],
     topics: Iterable[str] = (),
@@ -578,9 +735,12 @@ async def subscribe(
     *,
     timeout: float = 10.0,
     idle_timeout: float = 45.0,
+    backoff: float = 1.0,
     max_backoff: float = 30.0,
+    max_attempts: int | None = None,
+    give_up_after: float | None = None,
     params: Mapping[str, str] | None = None,
-) -> AsyncIterator[StreamEvent]:
+) -> Subscription:
     """The stream's events until the hub ends it for good. It ends a stream with a last
     frame, `event: end`, whose data says whether to reconnect: on `"reconnect": false` (a
     logout) this raises Disconnected, which says why; on any other end (shutdown, a slow
@@ -588,37 +748,83 @@ async def subscribe(
     `idle_timeout` seconds, which the hub's heartbeats prevent) it reconnects by itself
     after the hub's `retry:` delay, with `Last-Event-ID`, and loses nothing the hub's history
     holds; when the history cannot reach back, a `reset` event comes (name "reset"): refetch
-    your state. `token` may be a function, called for each connection (a fresh token after
-    expiry). A 4xx other than 429 (bad token, forbidden topic) is raised as HubError:
-    retrying would not help. `timeout` bounds every other wait (connect, each read of an
-    answer's head and body)."""
+    your state. A reset never moves the last event id back, and events the client already
+    has (same epoch, not newer than the last event id) are skipped: see Subscription.
+    `token` may be a function, called for each connection (a fresh token after expiry). A
+    4xx other than 429 (bad token, forbidden topic) is raised as HubError: retrying would
+    not help. `timeout` bounds every other wait (connect, each read of an answer's head and
+    body).
+
+    `topics` are sent as the hub reads them (`?topic=a&topic=b`); `params`, other query
+    parameters (a type's filter: `{"level": "warning"}`); a name the hub does not read is a
+    400, raised as HubError.
+
+    An attempt that opens no stream (no connection, a 429 or 5xx, an answer cut short) is
+    retried after `backoff` seconds, doubling up to `max_backoff`, with jitter; the first in a
+    row is logged at WARNING (logger "hub.client"), then at most one every 10 s. By default
+    it keeps trying, as a long-lived subscriber should across a hub's restart or a network
+    outage; `max_attempts` (attempts in a row) or `give_up_after` (seconds since the first
+    failure in a row) bound it: HubUnreachable is raised then."""
+    if max_attempts is not None and max_attempts < 1:
+        raise ValueError("max_attempts must be at least 1 (or None: keep trying)")
+    progress = _Progress(last_event_id)
+    failures = _Failures(base_url, max_attempts, give_up_after)
+    events = _subscription(
+        base_url,
+        token,
+        topics,
+        progress,
+        timeout,
+        idle_timeout,
+        backoff,
+        max_backoff,
+        params,
+        failures,
+    )
+    return Subscription(events, progress)
+
+
+async def _subscription(
+    base_url: str,
+    token: str | Callable[[], str],
+    topics: Iterable[str],
+    progress: _Progress,
+    timeout: float,
+    idle_timeout: float,
+    backoff: float,
+    max_backoff: float,
+    params: Mapping[str, str] | None,
+    failures: _Failures,
+) -> AsyncGenerator[StreamEvent, None]:
+    """subscribe()'s events, its connections one after the other."""
     scheme, host, port, path = _target(base_url)
-    query: dict[str, str] = dict(params or {})
-    names = list(topics)
-    if names:
-        query["topics"] = ",".join(names)
+    # The hub reads `topic`, repeated (it once got `topics=a,b` from here, and ignored it).
+    query = [("topic", name) for name in topics]
+    query += list((params or {}).items())
     target = path + "/events" + ("?" + urlencode(query) if query else "")
-    last = last_event_id
-    attempt = 0
     retry_ms: int | None = None
     while True:
         conn = _Connection(scheme, host, port, timeout)
         ended: Disconnected | None = None
+        opened = False
+        error: BaseException | None = None
         try:
             headers = {
                 "Accept": "text/event-stream",
                 "Authorization": f"Bearer {token() if callable(token) else token}",
             }
-            if last:
-                headers["Last-Event-ID"] = last
+            if progress.last_event_id:
+                headers["Last-Event-ID"] = progress.last_event_id
             await conn.send("GET", target, headers)
             status, answer_headers = await conn.read_head()
             if status != 200:
                 body = _decode_body(await conn.read_body(answer_headers))
                 if 400 <= status < 500 and status != 429:
                     raise HubError(status, body)
-                raise ConnectionError(f"hub answered {status}")
-            attempt = 0
+                why = body.get("error") if isinstance(body, dict) else None
+                raise ConnectionError(f"hub answered {status}" + (f": {why}" if why else ""))
+            opened = True
+            failures.opened()
             parser = SSEParser()
             over = False  # the hub's end frame came: no need to wait for its close
             async for chunk in conn.body(answer_headers, idle_timeout):
@@ -626,20 +832,35 @@ async def subscribe(
                     if name == "end":  # the last frame: no id; says whether to come back
                         ended, over = _end(data), True
                         break
-                    if event_id:
-                        last = event_id
+                    last = progress.last_event_id
+                    order = compare_ids(event_id, last) if last else None
+                    if name == "reset" and order is not None and order < 0:
+                        log.warning(
+                            "the hub sent a reset to %s, older than the last event id %s "
+                            "(same epoch): the last event id stays, events up to it are skipped",
+                            event_id,
+                            last,
+                        )
+                        yield _stream_event(event_id, name, data, backwards=True)
+                        continue
+                    if name != "reset" and order is not None and order <= 0:
+                        progress.duplicates_skipped += 1  # the client has it already
+                        continue
+                    progress.advance(event_id)
                     yield _stream_event(event_id, name, data)
-                if parser.last_id:
-                    last = parser.last_id  # the opening's id too: a cut before any event
+                progress.advance(parser.last_id)  # the opening's id too: a cut before any event
                 retry_ms = parser.retry_ms if parser.retry_ms is not None else retry_ms
                 if over:
                     break
-        except (OSError, TimeoutError, ValueError):
-            pass
+        except (OSError, TimeoutError, ValueError) as exc:
+            error = exc
         finally:
             await conn.close()
         if ended is not None:
             raise ended
-        delay = (retry_ms or 1000) / 1000 if attempt == 0 else min(max_backoff, 2**attempt)
-        await asyncio.sleep(delay * random.uniform(0.5, 1.0) if attempt else delay)
-        attempt += 1
+        if opened:  # the stream ended (or was cut): back after the hub's `retry:`
+            await asyncio.sleep((retry_ms or 1000) / 1000)
+            continue
+        assert error is not None
+        wait = min(max_backoff, backoff * 2**failures.count) * random.uniform(0.5, 1.0)
+        await asyncio.sleep(failures.failed(error, wait))

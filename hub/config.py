@@ -5,7 +5,11 @@ or allowed values. Its flag (`--some-name`), its variable (`HUB_SOME_NAME`), how
 is parsed, its check at start and that check's message, its `--help` line, and what
 tests/test_startup.py holds the README's table to, all come from that one declaration
 (`SETTINGS`), so they cannot drift apart. A flag given on the command line wins over the
-variable. The JWT secret comes from HUB_JWT_SECRET only: a flag would show it in `ps` output.
+variable, and its text is parsed as the variable's is. The JWT secret comes from
+HUB_JWT_SECRET only: a flag would show it in `ps` output. Every refusal, argparse's own (an
+unknown flag, a missing value) included, is one line (ConfigError), and names what the
+operator set: WEB_CONCURRENCY, a platform's, is named as such, and read only with a Redis
+broker (parse_config).
 
 Checks that involve several settings (workers and the broker, ports that collide, the JWT key
 and its algorithm) are code in `Config.__post_init__`, run after every setting's own.
@@ -14,17 +18,23 @@ and its algorithm) are code in `Config.__post_init__`, run after every setting's
 from __future__ import annotations
 
 import argparse
+import contextvars
 import dataclasses
+import difflib
+import functools
+import importlib.metadata
 import ipaddress
 import math
 import os
 import re
 import secrets
+import sys
+import textwrap
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal, TypeVar
+from types import MappingProxyType
+from typing import Any, Literal, NoReturn, TypeVar
 
 __all__ = [
     "HEADROOM",
@@ -32,7 +42,9 @@ __all__ = [
     "SETTINGS",
     "Config",
     "ConfigError",
+    "OneLineParser",
     "Setting",
+    "package_version",
     "parse_bool",
     "parse_config",
     "size",
@@ -68,6 +80,74 @@ _METAVARS = {
 
 class ConfigError(Exception):
     """A setting that makes the hub refuse to start; the message says how to fix it."""
+
+
+# Settings whose value parse_config found in a variable not their own (WEB_CONCURRENCY for
+# --workers), while it builds the Config: the messages of checks name what was set, never a
+# flag nobody typed.
+_FOUND_IN: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
+    "_FOUND_IN", default=MappingProxyType({})
+)
+
+
+@functools.cache
+def package_version() -> str:
+    """The installed package's version (setup.cfg), for `hub --version`."""
+    try:
+        return importlib.metadata.version("hub")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover (a bare checkout)
+        return "unknown (not installed: pip install .)"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, `hub: error: ...` and exit 2, like every other
+    start-up error (ConfigError), rather than argparse's usage block: `--help` shows that.
+    Abbreviated flags are not taken: a flag added later would make `--work 2` ambiguous, or
+    another setting's."""
+
+    def __init__(self, *args: Any, commands: Sequence[str] = (), **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+        self.commands = tuple(commands)  # what may come first instead of flags (hub token)
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{_plainer(message)} (see {self.prog} --help)")
+
+    def unexpected(self, argv: Sequence[str], extra: Sequence[str]) -> NoReturn:
+        """What parse_known_args left over, said as the operator would fix it: an unknown
+        flag with the nearest known one, or a size's unit written apart from its number."""
+        first = extra[0]
+        if first.startswith("-"):
+            name = first.split("=", 1)[0]
+            known = [o for o in self._option_string_actions if o.startswith("--")]
+            near = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+            hint = f": did you mean {near[0]}?" if near else ""
+            raise ConfigError(f"unknown flag {name}{hint} (see {self.prog} --help)")
+        at = list(argv).index(first) if first in argv else -1
+        sized = {s.flag for s in SETTINGS if s.unit == "bytes"}
+        if first.lower() in {u.lower() for u in SIZE_UNITS} and at >= 2 and argv[at - 2] in sized:
+            flag, number = argv[at - 2], argv[at - 1]
+            raise ConfigError(
+                f"{flag} {number} {first}: a size is one word, {flag} {number}{first} "
+                f"(or quoted: {flag} '{number} {first}')"
+            )
+        near = difflib.get_close_matches(first, self.commands, n=1, cutoff=0.6)
+        if near and at == 0:
+            raise ConfigError(f"unknown command {first!r}: did you mean {self.prog} {near[0]}?")
+        commands = ", ".join(f"{self.prog} {c}" for c in self.commands)
+        also = f", or a command first ({commands})" if commands else ""
+        raise ConfigError(
+            f"unexpected argument {first!r}: {self.prog} takes flags{also} (see {self.prog} --help)"
+        )
+
+
+def _plainer(message: str) -> str:
+    """argparse's message, with "argument --x:" said as "--x:", and "--demo: ignored
+    explicit argument '1'" as "--demo takes no value, not '1'"."""
+    message = re.sub(
+        r"^argument ([^:]+): ignored explicit argument (.*)", r"\1 takes no value, not \2", message
+    )
+    return re.sub(r"^argument ([^:]+): ", r"\1: ", message)
 
 
 def parse_bool(text: str) -> bool:
@@ -182,8 +262,15 @@ class Setting:
         return ""
 
     def parse(self, source: str, raw: str) -> object:
-        """Operator text (a variable's value) as the setting's type; `source` names it in
-        the error."""
+        """Operator text as the setting's type, alike from a flag and from a variable;
+        `source` names it in the error, as the operator wrote it: `--max-body '2 MB'` (a
+        flag) or `HUB_MAX_BODY='2 MB'` (a variable)."""
+        flag = source.startswith("--")
+        if flag and self.kind in (int, float) and not raw.strip():
+            raise ConfigError(
+                f"{source} was given an empty value (an unset variable, as in {source}=$PORT?): "
+                f"give one, or leave the flag out for the default, {self.shown_default}"
+            )
         if self.kind is bool:
             try:
                 return parse_bool(raw)
@@ -194,9 +281,8 @@ class Setting:
         try:
             return self.argparse_type(raw)
         except ValueError:
-            raise ConfigError(
-                f"{source}={raw[:64]!r} is not a valid value ({self.expected})"
-            ) from None
+            given = f"{source} {raw[:64]!r}" if flag else f"{source}={raw[:64]!r}"
+            raise ConfigError(f"{given} is not a valid value ({self.expected})") from None
 
     @property
     def argparse_type(self) -> Callable[[str], object]:
@@ -212,28 +298,33 @@ class Setting:
 
     def from_environ(self, env: Mapping[str, str]) -> object:
         """The value its variable gives, or None when that is unset or empty."""
-        var = self.var
-        if self.fallback_env and not env.get(var) and env.get(self.fallback_env):
-            var = self.fallback_env
-        raw = env.get(var, "")
-        return None if raw == "" else self.parse(var, raw)
+        var = self.var_in(env)
+        return None if var is None else self.parse(var, env[var])
 
-    def validate(self, value: object) -> None:
-        """The setting's own checks, in the order the messages are most useful."""
+    def var_in(self, env: Mapping[str, str]) -> str | None:
+        """The variable that gives the setting's value: its own, else `fallback_env`; None
+        when both are unset or empty."""
+        for var in (self.var, self.fallback_env):
+            if var and env.get(var):
+                return var
+        return None
+
+    def validate(self, value: object, label: str | None = None) -> None:
+        """The setting's own checks, in the order the messages are most useful; the messages
+        name the setting by `label`, else its flag (or its variable, when it has none)."""
+        label = label or self.label
         if value is None and self.optional:
             return
         if not self._has_kind(value):
-            raise ConfigError(
-                f"{self.label} must be {self.kind.__name__}, not {type(value).__name__}"
-            )
+            raise ConfigError(f"{label} must be {self.kind.__name__}, not {type(value).__name__}")
         # NaN passes every `<` and `<=`, and inf overflows the timers
         if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{self.label} must be a finite number")
+            raise ConfigError(f"{label} must be a finite number")
         if self.choices:
             assert isinstance(value, str)
             given = value.lower() if self.ignore_case else value
             if given not in self.choices:
-                raise ConfigError(f"{self.label} must be {self.bounds}, not {value[:32]!r}")
+                raise ConfigError(f"{label} must be {self.bounds}, not {value[:32]!r}")
         elif isinstance(value, int | float) and not isinstance(value, bool):
             low, high = self.at_least, self.at_most
             if (
@@ -242,10 +333,10 @@ class Setting:
                 or (high is not None and value > high)
             ):
                 raise ConfigError(
-                    f"{self.label} must be {self.bounds}, not {self.shown(value)}{self.why}"
+                    f"{label} must be {self.bounds}, not {self.shown(value)}{self.why}"
                 )
         if self.check is not None:
-            self.check(self.label, value)
+            self.check(label, value)
 
     def _has_kind(self, value: object) -> bool:
         if self.kind is float:  # Config(ticket_ttl=12) from Python, as tests write it
@@ -404,6 +495,16 @@ class Config:
     )
     retry: float = setting(
         3.0, "seconds, sent as the stream's retry: field", unit="seconds", positive=True
+    )
+    # Nodes of one Redis are milliseconds apart; a node further behind is overloaded or cut
+    # off, and its client is better served elsewhere (503 + Retry-After) than sent back.
+    catch_up_wait: float = setting(
+        1.0,
+        "seconds a stream whose Last-Event-ID is ahead of this node's feed (Redis broker) "
+        "waits for the feed to read that far, before it is answered 503 with Retry-After",
+        unit="seconds",
+        at_least=0,
+        at_most=30,
     )
     # So that the clients of a stopped instance do not all reconnect in the same second.
     shutdown_spread: float = setting(
@@ -570,10 +671,29 @@ class Config:
         "prefix of the Redis keys: hubs with different prefixes are separate",
         check=_check_printable,
     )
-    # WEB_CONCURRENCY, as hosting platforms name it.
+    # Replication is asynchronous: a failover to a replica that lagged loses what the old
+    # master acknowledged last (README, The Redis settings the promise depends on).
+    redis_wait_replicas: int = setting(
+        0,
+        "replicas that must have taken a publish before it is answered 202 (Redis WAIT after "
+        "each script call); fewer within --redis-wait-timeout: 503 outcome unknown",
+        at_least=0,
+        at_most=16,
+        zero_means="answer once the master stored it",
+    )
+    redis_wait_timeout: float = setting(
+        1.0,
+        "seconds a publish waits for --redis-wait-replicas",
+        unit="seconds",
+        positive=True,
+        at_most=60,
+    )
+    # WEB_CONCURRENCY, as hosting platforms name it: a platform's default for any web server,
+    # so read only where several workers can run (parse_config).
     workers: int = setting(
         1,
-        "processes sharing the port (SO_REUSEPORT); more than 1 needs --broker redis://...",
+        "processes sharing the port (SO_REUSEPORT); more than 1 needs --broker redis://... "
+        "(without one, WEB_CONCURRENCY is ignored)",
         unit="count",
         at_least=1,
         fallback_env="WEB_CONCURRENCY",
@@ -597,8 +717,10 @@ class Config:
     )
 
     def __post_init__(self) -> None:
+        # Which settings came from a variable that is not their own (parse_config)
+        found_in = self.__dict__["_found_in"] = dict(_FOUND_IN.get())
         for declared in SETTINGS:
-            declared.validate(getattr(self, declared.name))
+            declared.validate(getattr(self, declared.name), found_in.get(declared.name))
         self._check_jwt_key()
         if self.max_body_memory < self.max_body:
             raise ConfigError(
@@ -607,42 +729,62 @@ class Config:
             )
         if self.workers > 1 and self.broker == "memory":
             raise ConfigError(
-                f"--workers {self.workers} needs --broker redis://...: with the memory broker "
+                f"{self._workers_need()} --broker redis://...: with the memory broker "
                 "a publish would reach the streams of the one worker that took it"
             )
         if self.workers > 1 and 0 in (self.port, self.internal_port):
             flag = "--port" if self.port == 0 else "--internal-port"
             raise ConfigError(
-                f"--workers {self.workers} needs a fixed {flag}, not 0: each worker binds it "
+                f"{self._workers_need()} a fixed {flag}, not 0: each worker binds it "
                 "with SO_REUSEPORT, and port 0 would give every worker a port of its own"
             )
         self._check_metrics_port()
 
+    def workers_named(self) -> str:
+        """How the operator (or the platform) asked for the workers, for a message:
+        `--workers 4`, or `WEB_CONCURRENCY=4`, never a flag nobody typed."""
+        var = self.__dict__.get("_found_in", {}).get("workers")
+        return f"{var}={self.workers}" if var else f"--workers {self.workers}"
+
+    def _workers_need(self) -> str:
+        named = self.workers_named()
+        if named.startswith("--"):
+            return f"{named} needs"
+        return f"{named} asks for {self.workers} workers, which need"
+
+    def broker_shown(self) -> str:
+        """--broker as a log line shows it: memory, or the URL with its password as ***."""
+        if self.broker == "memory":
+            return self.broker
+        from hub.redis_connection import redact
+
+        # redis-py takes a password in the query string too
+        return re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", redact(self.broker))
+
+    def notes(self) -> tuple[str, ...]:
+        """What parse_config set aside, for an INFO line at start (a WEB_CONCURRENCY that
+        the memory broker cannot honour)."""
+        return tuple(self.__dict__.get("_notes", ()))
+
     def _check_jwt_key(self) -> None:
-        """The key file is read and parsed now: a missing file or a key that is none would
-        otherwise surface as a traceback at start, or as a 401 for every token."""
+        """The key file is read and parsed now: a missing file, a key that is none, a key of
+        the other kind (RSA for ES256) would otherwise surface as a traceback at start, or as
+        a 401 for every token. A private key is refused, not used for its public half: the
+        process that faces subscribers should not hold the key that mints tokens."""
         if self.jwt_algorithm.startswith("HS") and self.jwt_public_key:
             raise ConfigError("--jwt-public-key needs --jwt-algorithm RS256 or ES256")
         if not self.jwt_algorithm.startswith("HS") and not self.jwt_public_key:
             raise ConfigError(f"--jwt-algorithm {self.jwt_algorithm} needs --jwt-public-key")
         if not self.jwt_public_key:
             return
-        import jwt
+        from hub.keys import KeyProblem, load_public
 
         path = self.jwt_public_key
+        named = f"--jwt-algorithm {self.jwt_algorithm}"
         try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            reason = exc.strerror or exc
-            raise ConfigError(f"--jwt-public-key {path}: cannot read it ({reason})") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"--jwt-public-key {path}: not a PEM file (binary)") from None
-        try:
-            jwt.algorithms.get_default_algorithms()[self.jwt_algorithm].prepare_key(text)
-        except (jwt.InvalidKeyError, ValueError, TypeError):
-            raise ConfigError(
-                f"--jwt-public-key {path}: not a PEM public key for {self.jwt_algorithm}"
-            ) from None
+            load_public(path, self.jwt_algorithm, named)
+        except KeyProblem as exc:
+            raise ConfigError(f"--jwt-public-key {path}: {exc}") from None
 
     def _check_metrics_port(self) -> None:
         """--metrics-port P: worker i listens on P + i, so P .. P + workers - 1 must be ports,
@@ -653,9 +795,9 @@ class Config:
         span = f"{first}" if first == last else f"{first}-{last} (worker i on {first} + i)"
         if last > 65535:
             raise ConfigError(
-                f"--metrics-port must be 1 to {65536 - self.workers} with --workers "
-                f"{self.workers}, not {first}: a scrape target needs a port of its own, known "
-                "in advance"
+                f"--metrics-port must be 1 to {65536 - self.workers} with "
+                f"{self.workers_named()}, not {first}: a scrape target needs a port of its own, "
+                "known in advance"
             )
         for flag, port in (("--port", self.port), ("--internal-port", self.internal_port)):
             if port is not None and first <= port <= last:
@@ -742,19 +884,51 @@ def help_line(declared: Setting) -> str:
     return f"{text} ({variables}; default: {declared.shown_default})"
 
 
-def _parser() -> argparse.ArgumentParser:
+# The commands of `hub` besides the server (handlers.commands, handlers.app.COMMANDS), as
+# `hub --help` lists them.
+COMMANDS = ("token", "publish")
+USAGE = """hub [--FLAG VALUE ...]                serve (the flags below)
+       hub token --sub USER [--publish] ...  print a token the hub accepts (hub token --help)
+       hub publish [--url URL] [EVENT ...]   publish events, print their ids (hub publish --help)
+       hub --version"""
+
+
+def _paragraphs(*texts: str) -> str:
+    """Text laid out as --help shows it, each paragraph wrapped on its own: a flag's name is
+    never cut at a hyphen."""
+    return "\n\n".join(
+        textwrap.fill(text, 79, break_on_hyphens=False, break_long_words=False) for text in texts
+    ).replace("%", "%%")
+
+
+def _parser() -> OneLineParser:
     hidden = [s for s in SETTINGS if s.flag is None]
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="hub",
-        description="Server-Sent Events notification hub (see README.md)",
-        epilog=" ".join(
-            [
-                "Every flag has a HUB_* variable (--max-body: HUB_MAX_BODY); a flag wins.",
-                "Booleans in variables: true/false, 1/0 or yes/no.",
-                "Sizes: bytes, or with KiB, MiB or GiB (64MiB).",
-                *(f"{s.var}: {s.help}." for s in hidden),
-            ]
-        ).replace("%", "%%"),
+        commands=COMMANDS,
+        usage=USAGE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=_paragraphs(
+            "Server-Sent Events notification hub (see README.md).",
+            "Outside --demo the hub needs a key to verify tokens with: HUB_JWT_SECRET, an "
+            f"environment variable of {MIN_SECRET_BYTES}+ bytes (python3 -c 'import secrets; "
+            "print(secrets.token_urlsafe(48))'), or --jwt-algorithm RS256/ES256 with "
+            "--jwt-public-key. `hub token` mints tokens with the same key, `hub publish` "
+            "publishes with one. `hub --demo` needs no key: it makes one up for the run.",
+        ),
+        epilog=_paragraphs(
+            " ".join(
+                [
+                    "Every flag has a HUB_* variable (--max-body: HUB_MAX_BODY); a flag wins.",
+                    "Booleans in variables: true/false, 1/0 or yes/no.",
+                    "Sizes: bytes, or a whole number of KiB, MiB or GiB (64MiB, or '64 MiB').",
+                    *(f"{s.var}: {s.help}." for s in hidden),
+                ]
+            )
+        ),
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"hub {package_version()}", help="print the version"
     )
     for declared in SETTINGS:
         if declared.flag is None:
@@ -763,12 +937,10 @@ def _parser() -> argparse.ArgumentParser:
         if declared.kind is bool:
             parser.add_argument(declared.flag, action="store_true", default=None, help=text)
         else:
+            # Text, parsed as a variable's is (Setting.parse): the same values and the same
+            # one-line errors from a flag and from its variable.
             parser.add_argument(
-                declared.flag,
-                type=declared.argparse_type,
-                default=None,
-                metavar=_METAVARS.get(declared.unit),
-                help=text,
+                declared.flag, default=None, metavar=_METAVARS.get(declared.unit), help=text
             )
     return parser
 
@@ -776,15 +948,50 @@ def _parser() -> argparse.ArgumentParser:
 def parse_config(
     argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> Config:
-    """Flags over HUB_* variables over defaults. Raises ConfigError for a bad value; a flag
-    that argparse cannot parse exits 2 with argparse's one line."""
+    """Flags over HUB_* variables over defaults. Raises ConfigError, in one line, for a bad
+    value or a flag that cannot be parsed (`hub --help` and `--version` exit 0 here)."""
     env = os.environ if environ is None else environ
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        parser.unexpected(argv, extra)
     values: dict[str, object] = {}
+    fallbacks: list[Setting] = []
     for declared in SETTINGS:
         given = getattr(args, declared.name, None)
-        if given is None:
-            given = declared.from_environ(env)
+        if isinstance(given, str) and declared.flag is not None:
+            given = declared.parse(declared.flag, given)
+        elif given is None:
+            var = declared.var_in(env)
+            if var is not None and var == declared.fallback_env:
+                fallbacks.append(declared)  # below, once the other settings are known
+                continue
+            if var is not None:
+                given = declared.parse(var, env[var])
         if given is not None:
             values[declared.name] = given
-    return Config(**values)  # type: ignore[arg-type]
+    found_in: dict[str, str] = {}
+    notes: list[str] = []
+    for declared in fallbacks:
+        var = declared.fallback_env
+        # WEB_CONCURRENCY is a platform's default for whatever web server runs, not a
+        # request to this one: honoured where several workers can run (a Redis broker),
+        # else ignored with a line saying so, and the one-process Procfile starts where a
+        # platform sets it.
+        if declared.name == "workers" and values.get("broker", "memory") == "memory":
+            if env[var].strip() != "1":
+                notes.append(
+                    f"{var}={env[var][:32]} ignored: one process, as the memory broker needs "
+                    "(several workers need --broker redis://...)"
+                )
+            continue
+        values[declared.name] = declared.parse(var, env[var])
+        found_in[declared.name] = var
+    token = _FOUND_IN.set(found_in)
+    try:
+        config = Config(**values)  # type: ignore[arg-type]
+    finally:
+        _FOUND_IN.reset(token)
+    config.__dict__["_notes"] = notes
+    return config

@@ -4,9 +4,9 @@ in a quadratic de-duplication before it was refused)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Iterable, Sequence
 
-__all__ = ["MAX_TOPICS", "MAX_TOPIC_LENGTH", "QueryError", "parse_topics"]
+__all__ = ["MAX_TOPICS", "MAX_TOPIC_LENGTH", "QueryError", "check_names", "parse_topics"]
 
 MAX_TOPICS = 64
 MAX_TOPIC_LENGTH = 128
@@ -39,3 +39,36 @@ def parse_topics(args: Sequence[str]) -> tuple[str, ...]:
             if len(topics) > MAX_TOPICS:
                 raise QueryError(f"too many topics: at most {MAX_TOPICS}")
     return tuple(topics)
+
+
+# An unknown parameter's answer names at most this many of them, each cut to this length: a
+# query of thousands of made-up names is refused in one pass and answered in a few hundred
+# bytes.
+MAX_UNKNOWN_SHOWN = 5
+MAX_NAME_SHOWN = 64
+
+
+def check_names(names: Iterable[str], allowed: Collection[str]) -> None:
+    """Refuse a query that names a parameter outside `allowed` (QueryError, whose extra keys
+    are `unknown`, the first MAX_UNKNOWN_SHOWN such names cut to MAX_NAME_SHOWN characters, and
+    `allowed`, sorted). A misspelt parameter (`topics=` for `topic=`) is a 400 that says so,
+    not a stream that silently lacks what was asked for. One pass over the names: `allowed`
+    is a set (or a short sequence), and nothing is kept per unknown name past the few shown."""
+    unknown: list[str] = []
+    count = 0
+    for name in names:
+        if name not in allowed:
+            count += 1
+            if len(unknown) < MAX_UNKNOWN_SHOWN:
+                unknown.append(name[:MAX_NAME_SHOWN])
+    if not count:
+        return
+    shown = ", ".join(f'"{name}"' for name in unknown)
+    more = f" and {count - len(unknown)} more" if count > len(unknown) else ""
+    known = sorted(allowed)
+    plural = "s" if count > 1 else ""
+    raise QueryError(
+        f"unknown query parameter{plural} {shown}{more}: the stream reads {', '.join(known)}",
+        unknown=unknown,
+        allowed=known,
+    )

@@ -41,8 +41,15 @@ function $as(id, kind) {
 /** @typedef {{tag: string, seen: number, t0: number, accepted: number | null, done: number | null}} Burst */
 
 const state = {
-  /** @type {string | null} */
+  /** @type {string | null} the demo user this page signs in as (the picker's choice) */
   user: null,
+  /**
+   * @type {string | null} who is signed in: the user whose stream the hub opened (set when the
+   * stream is open, cleared when it closes: a logout, a refusal, another user picked)
+   */
+  signedIn: null,
+  /** whether the hub gives out demo tokens (only then can this page sign anyone in) */
+  demo: false,
   /** @type {ReturnType<typeof connect> | null} */
   hub: null,
   /** @type {readonly EventType[]} the hub's types, in its order */
@@ -51,8 +58,15 @@ const state = {
   listed: 0,
   /** log events received meanwhile but not listed ("log events" unticked) */
   unlisted: 0,
-  /** @type {Map<number, number>} events received, by type number (one card each) */
+  /**
+   * @type {Map<number, number>} events listed in the table since the page opened or its last
+   * Clear, by type number (one card each, counting what the first card counts, by type)
+   */
   counts: new Map(),
+  /** @type {Map<number, number>} events received meanwhile but not listed, by type number */
+  unlistedByType: new Map(),
+  /** @type {"connection" | "reset" | "setup" | null} what the notice shown is about */
+  notice: null,
   /** @type {number[]} */
   latencies: [],
   /** @type {HubEvent[]} */
@@ -102,14 +116,32 @@ function signIn(user) {
     token: subscriberToken(user),
     ticketUrl: "/tickets", // the token buys a one-time ticket per stream: never in a URL
     key: "demo:" + user, // tabs signed in as the same user share one connection
-    onReset: (event) => showNotice(
-      "The hub's history no longer reaches back to this page's last event " +
-        `(${field(event.data, "last_event_id")}). A real app refetches its state here.`,
-    ),
+    onReset: showReset,
   });
+  state.hub = hub; // before its first status: renderWho reads it
   hub.onStatus(renderStatus);
   hub.on("*", receive);
-  state.hub = hub;
+}
+
+/**
+ * The hub could not replay everything this page missed (a `reset` event): say so in plain words,
+ * with the ids only in the tooltip. The page keeps the rows it has and goes on with new events
+ * (the hub's stream resumes from its newest event); the events in between are not coming.
+ * @param {HubEvent} event
+ */
+function showReset(event) {
+  const last = field(event.data, "last_event_id");
+  const what = typeof last === "string" && !event.backwards
+    ? "Some events may be missing from the list: this page was offline for longer than the " +
+      "hub keeps events."
+    : "Some events may be missing from the list: the hub could not send again everything " +
+      "published since this page's last event.";
+  const text = `${what} The page kept what it had and goes on with new events as they come.`;
+  const details = [`The hub's reset event ${event.id ?? "(no id)"}`];
+  if (typeof last === "string") details.push(`this page's last event: ${last}`);
+  const reason = field(event.data, "reason");
+  if (typeof reason === "string") details.push(`the hub's reason: ${reason}`);
+  showNotice(text, { kind: "reset", title: details.join("; ") });
 }
 
 /** The code of the hub's end frame when a logout ended the stream (README, Subscribing). */
@@ -135,17 +167,39 @@ function renderStatus(status, { role, error, code }) {
     status === "closed" ? "" :
     role === "leader" ? "This tab holds the connection" :
     role === "follower" ? "Shared from another tab" : "";
+  // Signed in while the hub holds the stream open for the user (or it is being resumed).
+  if (status === "open") state.signedIn = state.user;
+  else if (status === "closed") state.signedIn = null;
+  renderWho();
   if (status === "closed" && code === END_LOGOUT) {
     const user = state.user ?? "";
-    showNotice(`${user} was logged out: the hub ended the stream.`, "Sign in again", () =>
-      signIn(user),
-    );
+    showNotice(`${user} was logged out: the hub ended the stream.`, {
+      kind: "connection",
+      actionLabel: "Sign in again",
+      action: () => signIn(user),
+    });
   } else if (status === "closed" && error) {
     const user = state.user ?? "";
-    showNotice(`The hub refused the stream: ${error}`, "Retry", () => signIn(user), true);
-  } else if (status === "open") {
-    hideNotice();
+    showNotice(`The hub refused the stream: ${error}`, {
+      kind: "connection",
+      actionLabel: "Retry",
+      action: () => signIn(user),
+      bad: true,
+    });
+  } else if (status === "open" && state.notice === "connection") {
+    hideNotice(); // what it said is over; a reset's notice stays until dismissed
   }
+}
+
+/**
+ * The user picker and what it says: only in demo mode (the only way this page signs anyone
+ * in), and "Signed in as" only while someone is.
+ */
+function renderWho() {
+  $("who").hidden = !state.demo;
+  $("who-text").textContent =
+    state.signedIn !== null ? "Signed in as" :
+    state.hub !== null && state.hub.status !== "closed" ? "Signing in as" : "Sign in as";
 }
 
 /** @param {HubEvent} event */
@@ -172,9 +226,8 @@ function flush() {
   const newRows = [];
   let newLogs = 0;
   for (const event of batch) {
-    if (event.type !== null) {
-      if (!state.counts.has(event.type)) addCounter({ type: event.type, name: event.name });
-      state.counts.set(event.type, (state.counts.get(event.type) ?? 0) + 1);
+    if (event.type !== null && !state.counts.has(event.type)) {
+      addCounter({ type: event.type, name: event.name });
     }
     const latency = typeof event.ts === "number" ? Math.max(0, now - event.ts) : null;
     if (latency !== null) state.latencies.push(latency);
@@ -183,10 +236,12 @@ function flush() {
       newLogs += 1;
       if (!state.showLogs) {
         state.unlisted += 1;
+        bump(state.unlistedByType, event.type);
         continue;
       }
     }
     state.listed += 1;
+    bump(state.counts, event.type);
     newRows.push([event, latency]);
     trackBurst(event);
   }
@@ -199,6 +254,14 @@ function flush() {
   if (newLogs) renderLogs(batch.filter((e) => e.name === "log"));
   renderCounters(batch.length > 0);
   renderLatency(batch.length ? batch[batch.length - 1] : null, now);
+}
+
+/**
+ * @param {Map<number, number>} counts
+ * @param {number | null} type
+ */
+function bump(counts, type) {
+  if (type !== null) counts.set(type, (counts.get(type) ?? 0) + 1);
 }
 
 /** @param {number} ms */
@@ -251,10 +314,13 @@ function addCounter({ type, name }) {
   const card = el("div", "stat");
   card.dataset.type = String(type);
   const label = el("div", "label");
+  label.title = `${name} events listed in the table since the page opened or its last Clear`;
   label.append(swatch(type), document.createTextNode(`${type} · ${name}`));
   const value = el("div", "value", "0");
   value.id = "count-" + type;
-  card.append(label, value);
+  const note = el("div", "sub");
+  note.id = `count-${type}-note`;
+  card.append(label, value, note);
   $("stats").insertBefore(card, $("stat-latency"));
 }
 
@@ -286,7 +352,7 @@ function renderRows(rows) {
     const typeCell = el("td", "type-cell");
     typeCell.append(typeBadge(event));
     tr.append(typeCell);
-    tr.append(el("td", "user", event.user || "—"));
+    tr.append(userCell(event));
     const payload = el("td", "payload");
     const json = JSON.stringify(event.data);
     const code = el("code", "", json);
@@ -301,6 +367,20 @@ function renderRows(rows) {
   $("events-empty").hidden = body.childElementCount > 0;
 }
 
+/**
+ * Whom the event is for. A broadcast reaches every stream: it has no user (a `user` field a
+ * publisher put on one routes nothing, so it is not shown as if it did).
+ * @param {HubEvent} event
+ */
+function userCell(event) {
+  if (event.name === "broadcast") {
+    const cell = el("td", "user everyone", "everyone");
+    cell.title = "A broadcast goes to every stream: it is for no one user";
+    return cell;
+  }
+  return el("td", "user", event.user || "—");
+}
+
 /** @param {boolean} changed */
 function renderCounters(changed) {
   const note = [];
@@ -310,6 +390,10 @@ function renderCounters(changed) {
     note.push(`${n.toLocaleString("en-US")} log event${n === 1 ? "" : "s"} not listed`);
   }
   $("count-total-note").textContent = note.join(" · ");
+  for (const type of state.counts.keys()) {
+    const n = state.unlistedByType.get(type) ?? 0;
+    $(`count-${type}-note`).textContent = n ? `${n.toLocaleString("en-US")} not listed` : "";
+  }
   const counts = [["total", state.listed], ...state.counts];
   for (const [key, count] of counts) {
     const node = $("count-" + key);
@@ -407,29 +491,57 @@ function renderLogs(events, replace = false) {
 }
 
 /**
- * @param {string} text
- * @param {string | null} [actionLabel]
- * @param {(() => void) | null} [action]
- * @param {boolean} [bad]
+ * @typedef {object} NoticeOptions
+ * @property {"connection" | "reset" | "setup"} kind  what it is about: a connection's notice goes
+ *   when the stream opens again; the others stay until dismissed
+ * @property {string} [title]  details for the tooltip (ids and such)
+ * @property {string} [actionLabel]
+ * @property {() => void} [action]
+ * @property {boolean} [bad]
  */
-function showNotice(text, actionLabel, action, bad = false) {
+
+/**
+ * A banner under the top bar, with a Dismiss button (and an action, if given).
+ * @param {string} text
+ * @param {NoticeOptions} options
+ */
+function showNotice(text, { kind, title, actionLabel, action, bad = false }) {
   const box = $("notice");
-  box.replaceChildren(el("span", "", text));
-  box.classList.toggle("bad", bad);
-  if (actionLabel) {
+  const message = el("span", "text", text);
+  if (title) message.title = title;
+  const buttons = el("span", "actions");
+  if (actionLabel && action) {
     const button = el("button", "", actionLabel);
     button.type = "button";
     button.addEventListener("click", () => {
       hideNotice();
-      if (action) action();
+      action();
     });
-    box.append(button);
+    buttons.append(button);
   }
+  const dismiss = el("button", "dismiss");
+  dismiss.type = "button";
+  dismiss.title = "Dismiss";
+  dismiss.setAttribute("aria-label", "Dismiss");
+  dismiss.append(el("span", "", "×"));
+  dismiss.firstElementChild?.setAttribute("aria-hidden", "true");
+  dismiss.addEventListener("click", hideNotice);
+  buttons.append(dismiss);
+  box.replaceChildren(message, buttons);
+  box.classList.toggle("bad", bad);
+  box.dataset.kind = kind;
+  state.notice = kind;
   box.hidden = false;
 }
 
 function hideNotice() {
-  $("notice").hidden = true;
+  const box = $("notice");
+  // A control inside that had the focus goes with it: the focus moves to the page, not lost.
+  const hadFocus = box.contains(document.activeElement);
+  box.hidden = true;
+  box.removeAttribute("data-kind");
+  state.notice = null;
+  if (hadFocus) $("main").focus({ preventScroll: true });
 }
 
 // ---- publishing ---------------------------------------------------------------------------
@@ -481,6 +593,8 @@ function eventFor(kind) {
       const level = $as("pub-level", HTMLSelectElement).value;
       return { type, data: { level, service: "demo-page", message } };
     }
+    case "broadcast": // for everyone: no user
+      return { type, data: { message } };
     default:
       return { type, user, data: { message } };
   }
@@ -632,6 +746,8 @@ async function main() {
     $("events-empty").hidden = false;
     state.listed = 0;
     state.unlisted = 0;
+    for (const type of state.counts.keys()) state.counts.set(type, 0);
+    state.unlistedByType.clear();
     renderCounters(false);
   });
   $("burst").addEventListener("click", burst);
@@ -647,13 +763,14 @@ async function main() {
     const text = e instanceof DemoOff
       ? "Demo mode is off: start the hub with --demo to sign in as a demo user."
       : `Could not get a demo token: ${messageOf(e)}`;
-    showNotice(text, null, null, true);
+    showNotice(text, { kind: "setup", bad: true });
     $("conn").dataset.status = "closed";
     $("status").textContent = STATUS_TEXT.closed;
     $("publisher").hidden = true;
     $("events-empty").replaceChildren(...noStreamHint(e instanceof DemoOff));
     return;
   }
+  state.demo = true;
   signIn(initial);
 }
 

@@ -6,6 +6,7 @@ real processes."""
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import ipaddress
 import math
 import os
@@ -20,13 +21,17 @@ from pathlib import Path
 import jwt
 import pytest
 from browser_support import free_port, wait_until
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_process import HUB, SECRET, healthy, start_hub  # noqa: F401 (start_hub: a fixture)
 from tornado.httputil import HTTPHeaders
 
+from handlers import app
 from handlers.server import MAX_FORWARDED_HOPS, client_address
 from hub.config import (
+    COMMANDS,
     SETTINGS,
     SIZE_UNITS,
     Config,
@@ -111,7 +116,7 @@ def test_a_busy_internal_or_metrics_port_is_one_line_and_exit_1(start_hub, busy_
         ),
         (["--loop", "trio"], "--loop must be asyncio or uvloop"),
         (["--port", "99999"], "--port must be 0 to 65535, not 99999"),
-        (["--port", "http"], "argument --port: invalid int value: 'http'"),
+        (["--port", "http"], "--port 'http' is not a valid value (a whole number)"),
         (["--jwt-algorithm", "none"], "--jwt-algorithm must be one of HS256, HS384, HS512"),
         (
             ["--jwt-algorithm", "RS256", "--jwt-public-key", "/nonexistent/key.pem"],
@@ -159,13 +164,126 @@ def test_a_bad_value_in_a_variable_is_one_line_too(start_hub, env, says):  # noq
     assert out.strip().startswith(f"hub: error: {says}") and "\n" not in out.strip()
 
 
+def run_hub(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
+    return subprocess.run(
+        [*HUB, *args],
+        env={**env, "HUB_JWT_SECRET": SECRET},
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        # what argparse refuses itself: one line too, never its usage block
+        (["--bogus"], "unknown flag --bogus (see hub --help)"),
+        (["--max-bdy=2MiB"], "unknown flag --max-bdy: did you mean --max-body?"),
+        (["--work", "2"], "unknown flag --work: did you mean --workers?"),  # no abbreviations
+        (["--port"], "--port: expected one argument (see hub --help)"),
+        (["--demo=1"], "--demo takes no value, not '1'"),
+        (["tokn", "--sub", "a"], "unknown command 'tokn': did you mean hub token?"),
+        (["serve"], "unexpected argument 'serve': hub takes flags, or a command first"),
+        # the README's "1 MiB" typed as it reads
+        (["--max-body", "1", "MiB"], "--max-body 1 MiB: a size is one word, --max-body 1MiB"),
+        # a flag's text is read as its variable's: the same message, naming the flag
+        (["--port", "http"], "--port 'http' is not a valid value (a whole number)"),
+        (["--max-body", "2 MB"], "--max-body '2 MB' is not a valid value (bytes: a whole"),
+        (["--port="], "--port was given an empty value (an unset variable, as in --port=$PORT?)"),
+    ],
+)
+def test_a_flag_argparse_cannot_take_is_one_line_and_exit_2_without_the_usage_block(args, says):
+    done = run_hub(*args)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(f"hub: error: {says}"), done.stderr
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory) -> dict[str, str]:
+    """PEM files: rsa / ec (P-256) private keys, and rsa.pub / ec.pub their public halves."""
+    folder = tmp_path_factory.mktemp("keys")
+    made = {
+        "rsa": rsa.generate_private_key(public_exponent=65537, key_size=2048),
+        "ec": ec.generate_private_key(ec.SECP256R1()),
+    }
+    paths = {}
+    for name, key in made.items():
+        private = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        public = key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        (folder / f"{name}.pem").write_bytes(private)
+        (folder / f"{name}.pub").write_bytes(public)
+        paths[name], paths[f"{name}.pub"] = str(folder / f"{name}.pem"), str(folder / f"{name}.pub")
+    return paths
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "key", "says"),
+    [
+        # the process that faces subscribers must not hold the key that mints tokens
+        ("RS256", "rsa", "{path}: a PRIVATE key: give the hub only the public half"),
+        ("ES256", "ec", "{path}: a PRIVATE key: give the hub only the public half"),
+        (
+            "ES256",
+            "rsa.pub",
+            "{path}: an RSA key, and --jwt-algorithm ES256 needs an EC key on P-256; an RSA "
+            "key is for RS256",
+        ),
+        (
+            "RS256",
+            "ec.pub",
+            "{path}: an EC key on P-256, and --jwt-algorithm RS256 needs an RSA key",
+        ),
+    ],
+)
+def test_the_hub_refuses_a_private_key_or_one_of_the_other_kind_in_one_line(
+    start_hub,  # noqa: F811
+    keys,
+    algorithm,
+    key,
+    says,
+):
+    args = ["--jwt-algorithm", algorithm, "--jwt-public-key", keys[key]]
+    code, line = one_line_error(start_hub, "--port", str(free_port()), *args)
+    assert code == 2
+    assert line.startswith(f"hub: error: --jwt-public-key {says.format(path=keys[key])}"), line
+    assert "generator object" not in line
+
+
+@pytest.mark.parametrize("algorithm", ["RS256", "ES256"])
+def test_the_hub_starts_with_the_public_key_of_its_algorithm(start_hub, keys, algorithm):  # noqa: F811
+    port = free_port()
+    public = keys["rsa.pub" if algorithm == "RS256" else "ec.pub"]
+    start_hub("--port", str(port), "--jwt-algorithm", algorithm, "--jwt-public-key", public, env={})
+    wait_until(lambda: healthy(port), what="hub healthy")
+
+
+def test_hub_version_prints_the_package_version():
+    done = run_hub("--version")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"hub {importlib.metadata.version('hub')}\n"
+    assert re.fullmatch(r"hub \d+\.\d+\.\d+\n", done.stdout)
+
+
+def test_the_commands_hub_help_names_are_the_commands_hub_runs():
+    assert set(COMMANDS) == set(app.COMMANDS)
+
+
 # hub --help and the README's Configuration table, from hub.config's declarations
 
 
 @pytest.fixture(scope="module")
 def help_entries() -> list[str]:
     """`hub --help` of a real process, one string per option (argparse puts a long flag's
-    help on the next line) and for the text after them."""
+    help on the next line) and per paragraph of the text around them."""
     out = subprocess.run(
         [*HUB, "--help"],
         capture_output=True,
@@ -175,11 +293,18 @@ def help_entries() -> list[str]:
         env={**os.environ, "COLUMNS": "1000"},
     ).stdout
     entries: list[str] = []
+    new = True
     for line in out.splitlines():
-        if re.match(r"  -", line) or not entries or not line.startswith("    "):
+        if not line.strip():
+            new = True
+            continue
+        option = re.match(r"  -", line) is not None
+        after_option = entries and entries[-1].startswith("-") and not line.startswith("    ")
+        if new or option or after_option:
             entries.append(line.strip())
         else:
             entries[-1] += " " + line.strip()
+        new = False
     return entries
 
 
@@ -216,6 +341,16 @@ def test_help_says_each_flag_its_values_variable_and_default(help_entries, setti
     assert line.endswith(help_line(setting)), line
     assert f"(${setting.var}" in line and f"default: {setting.shown_default})" in line
     assert setting.bounds in line
+
+
+def test_help_says_first_what_a_newcomer_needs(help_entries):
+    """Before the 40 flags: the key outside demo mode, the commands, --version."""
+    before = " ".join(help_entries[: help_entries.index("options:")])
+    assert "HUB_JWT_SECRET" in before and "32+ bytes" in before and "--demo" in before
+    assert "--jwt-public-key" in before
+    for command in ("hub token", "hub publish", "hub --version"):
+        assert command in before
+    assert any(entry.startswith("--version ") for entry in help_entries)
 
 
 def test_help_names_the_variable_only_settings_too(help_entries):
@@ -343,6 +478,49 @@ def test_a_size_is_bytes_or_a_whole_number_of_binary_units(n, unit, gap):
     assert size(f"{n}{gap}{unit}") == n * SIZE_UNITS[unit]
     assert size(f"{n}{gap}{unit.lower()}") == n * SIZE_UNITS[unit]
     assert size(shown_size(n)) == n  # what --help and the README show parses back
+
+
+@pytest.mark.parametrize(
+    ("text", "n"),
+    [
+        ("1MiB", 2**20),
+        ("1 MiB", 2**20),
+        ("64KiB", 64 * 2**10),
+        ("64 kib", 64 * 2**10),
+        ("2GiB", 2 * 2**30),
+        ("1048576", 2**20),
+    ],
+)
+def test_a_size_from_a_flag_is_the_size_from_its_variable(text, n):
+    assert parse_config(["--max-body-memory", "4GiB", "--max-body", text], {}).max_body == n
+    assert parse_config(["--max-body-memory=4GiB"], {"HUB_MAX_BODY": text}).max_body == n
+    assert parse_config([f"--max-event-bytes={text}"], {}).max_event_bytes == n
+
+
+@PARSES
+@given(
+    setting=st.sampled_from([s for s in SETTINGS if s.kind in (int, float)]),
+    text=st.text(min_size=1, max_size=12).filter(lambda t: t.strip()),
+)
+def test_any_text_from_a_flag_does_what_it_does_from_the_variable(setting: Setting, text):
+    """Taken alike, or refused alike; the message names the flag, or the variable, as given."""
+
+    def outcome(args: list[str], env: dict[str, str]) -> object:
+        try:
+            return getattr(parse_config(args, env), setting.name)
+        except ConfigError as refused:
+            return (
+                str(refused)
+                .replace(f"{setting.var}={text[:64]!r}", "GIVEN")
+                .replace(f"{setting.flag} {text[:64]!r}", "GIVEN")
+            )
+
+    by_flag = outcome([f"{setting.flag}={text}"], {})
+    by_var = outcome([], {setting.var: text})
+    if isinstance(by_flag, float) and math.isnan(by_flag):  # pragma: no cover (refused)
+        assert isinstance(by_var, float) and math.isnan(by_var)
+    else:
+        assert by_flag == by_var
 
 
 @given(st.text(max_size=16))
