@@ -690,12 +690,16 @@ def test_a_reset_goes_through_the_flusher_in_order_after_what_each_stream_is_owe
 
 
 async def held_at_most_a_window(peer: Peer, done: Callable[[], bool]) -> int:
-    """Watch what the hub's end of `peer` holds (the client reads nothing) until `done`:
-    the most it held."""
+    """Watch what the hub's end of `peer` holds (the client reads nothing) until `done`,
+    within a deadline: the most it held."""
     most = 0
-    while not done():
+
+    def sample() -> bool:
+        nonlocal most
         most = max(most, peer.transport.pending_size)
-        await asyncio.sleep(0.001)
+        return done()
+
+    assert await wait_for(sample, 10, interval=0.001), "the flusher never went idle"
     return most
 
 
