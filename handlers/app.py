@@ -19,7 +19,7 @@ from typing import Any
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
-from handlers.base import access_logger
+from handlers.base import BodyDeadlines, access_logger
 from handlers.commands import publish_main, token_main
 from handlers.demo import DemoTokenHandler, start_demo
 from handlers.ops import (
@@ -32,7 +32,7 @@ from handlers.ops import (
     TypesHandler,
 )
 from handlers.publish import PublishHandler
-from handlers.server import BodyDeadlines, HubApplication, accept_within
+from handlers.server import HubApplication, accept_within
 from handlers.stream import EventsHandler
 from handlers.tickets import TicketsHandler
 from handlers.tornado_internals import open_connections
@@ -235,7 +235,7 @@ async def serve(config: Config, worker: int | None = None) -> None:
             app,
             max_body_size=config.max_body * 2 + 65536,
             idle_connection_timeout=config.header_timeout,  # Tornado's header timeout too
-        )  # (the body timeout: handlers.server.BodyDeadlines, cheaper than Tornado's)
+        )  # (the body timeout: handlers.base.BodyDeadlines, cheaper than Tornado's)
         # A deep accept queue: thousands of clients reconnecting at once (a deploy, a network
         # blip) must not overflow Tornado's default of 128 and wait out SYN retransmits.
         sockets = _listen(config.port, config.host, "--port", shared, LISTEN_BACKLOG)

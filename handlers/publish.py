@@ -10,8 +10,7 @@ import hashlib
 
 from tornado.web import stream_request_body
 
-from handlers.base import HubHandler
-from handlers.server import DRAIN_FACTOR, BodyDeadlines, DrainsRefusedBody
+from handlers.base import DRAIN_FACTOR, BodyDeadlines, DrainsRefusedBody, HubHandler
 from handlers.tornado_internals import response_finished
 from hub.auth import Verifier
 from hub.broker import BrokerUnavailable, Idempotency, IdempotencyConflict, OutcomeUnknown
@@ -45,7 +44,7 @@ class PublishHandler(DrainsRefusedBody, HubHandler):
     a request over the limit or without a valid token is answered before its body is read.
     What is left of a body refused at the head is then read and dropped (nothing decoded or
     kept), up to twice --max-body and within --body-timeout, so that a proxy writing it gets the
-    answer (handlers.server.DrainsRefusedBody)."""
+    answer (handlers.base.DrainsRefusedBody)."""
 
     route = "publish"
 

@@ -6,13 +6,11 @@ when it gets its id, and the same bytes object then goes to every recipient.
 
 from __future__ import annotations
 
-import json
 import re
 import struct
-import sys
 import time
 from collections import deque
-from typing import Any, NamedTuple, NoReturn
+from typing import Any, NamedTuple
 
 import ujson
 
@@ -26,7 +24,6 @@ __all__ = [
     "Route",
     "TooLarge",
     "encode_frame",
-    "loads",
 ]
 
 # The binary publish frame: uint32 event_type | uint64 ts (ms) | uint32 payload_len | payload.
@@ -95,116 +92,6 @@ def encode_frame(event_id: str | None, event: str | None, data: str) -> bytes:
         parts.append("data: " + data)
     parts.append("\n")
     return "\n".join(parts).encode()
-
-
-# Control characters JSON never allows raw, inside strings or out (TAB, LF, CR are allowed
-# between tokens, and checked inside strings by the strict parser below).
-_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f]")
-_CONTROL_BYTES = bytes([*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20)])
-# Numbers ujson reads that JSON does not have: a bare minus (read as 0!), a leading zero (01),
-# a point with no digit after it (1., 1.e5). Each pattern starts with one literal byte, which
-# the regex engine scans for at memory speed (a character class first is ten times slower);
-# a hit inside a string is a false alarm that the strict parser then clears. Bodies with a raw
-# TAB, LF or CR go to the strict parser anyway, so only a space can sit before a number here.
-_BAD_NUMBERS = (
-    re.compile(rb"-(?![0-9])(?<=[\[:, ]-)"),
-    re.compile(rb"\.(?=[eE,\]} ])(?<=[0-9]\.)"),
-    # (the lookbehind first: only a 0 after a separator scans the digits that follow, so a
-    # run of zeros costs its length once, not its square)
-    re.compile(rb"0(?:(?<=[\[:, ]0)|(?<=[\[:, ]-0))(?=[0-9]+[.eE,\]} ])"),
-    re.compile(rb"\A *(?:-(?![0-9])|-?0[0-9]|-?[0-9]+\.(?![0-9]))"),  # a bare number
-)
-
-
-def loads(raw: bytes, base_offset: int = 0, index: int | None = None) -> Any:
-    """Parse JSON as RFC 8259 has it; errors name the byte offset in the body.
-
-    ujson is the fast path, but it is lenient where browsers' JSON.parse and the RFC are not:
-    it takes invalid UTF-8 (CESU-8 surrogates included), raw control characters inside
-    strings, and numbers such as `-`, `01` and `1.`. So the body is checked as UTF-8 and
-    searched for control characters first (both at C speed, on the bytes, which ujson also
-    parses fastest), and only a body with a raw TAB, LF or CR (pretty-printed JSON, say) or
-    what may be a malformed number is checked again by the strict standard parser.
-    NaN and Infinity, which ujson accepts and JSON.parse refuses, are caught when the event
-    body is encoded. A body nested deeper than ujson's limit is refused like any other
-    malformed body."""
-    if not raw.isascii():
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise ParseError(
-                f"invalid UTF-8 at byte {base_offset + exc.start}",
-                offset=base_offset + exc.start,
-                index=index,
-            ) from None
-    # translate() drops the control bytes at memory speed; the regex, slower, only says where
-    if len(raw.translate(None, _CONTROL_BYTES)) != len(raw):
-        control = _CONTROL.search(raw)
-        assert control is not None
-        at = base_offset + control.start()
-        raise ParseError(
-            f"control character U+{control.group()[0]:04X} at byte {at}: not allowed in JSON",
-            offset=at,
-            index=index,
-        )
-    try:
-        value = ujson.loads(raw)
-    except (ValueError, OverflowError):
-        _raise_json_error(raw.decode(), base_offset, index)
-    if (
-        b"\n" in raw
-        or b"\r" in raw
-        or b"\t" in raw
-        or any(pattern.search(raw) for pattern in _BAD_NUMBERS)
-    ):
-        _check_strictly(raw.decode(), base_offset, index)
-    return value
-
-
-def _check_strictly(text: str, base_offset: int, index: int | None) -> None:
-    """The standard parser refuses what ujson lets through (raw TAB/LF/CR in strings,
-    malformed numbers)."""
-    try:
-        json.loads(text)
-    except json.JSONDecodeError as exc:
-        pos = base_offset + len(text[: exc.pos].encode())
-        raise ParseError(
-            f"malformed JSON at byte {pos}: {exc.msg}", offset=pos, index=index
-        ) from None
-    except ValueError:
-        # int() refuses to convert more digits than sys.get_int_max_str_digits() (4,300):
-        # both parsers stop there, without saying where.
-        limit = sys.get_int_max_str_digits()
-        # from where a run of digits begins only: from every digit, shorter runs would cost
-        # their square
-        digits = re.search(rf"(?<![0-9])[0-9]{{{limit + 1},}}", text)
-        pos = base_offset + (len(text[: digits.start()].encode()) if digits else 0)
-        raise ParseError(
-            f"number of more than {limit} digits at byte {pos}", offset=pos, index=index
-        ) from None
-    except RecursionError:
-        raise ParseError(
-            f"JSON nested too deeply at byte {base_offset}", offset=base_offset, index=index
-        ) from None
-
-
-def _raise_json_error(text: str, base_offset: int, index: int | None) -> NoReturn:
-    """ujson says what is wrong but not where; the standard parser says where (error path
-    only). It recurses, so a body nested past its limit is named as such, not a crash."""
-    _check_strictly(text, base_offset, index)
-    if "depth" in _ujson_error(text):
-        raise ParseError(
-            f"JSON nested too deeply at byte {base_offset}", offset=base_offset, index=index
-        )
-    raise ParseError(f"malformed JSON at byte {base_offset}", offset=base_offset, index=index)
-
-
-def _ujson_error(text: str) -> str:
-    try:
-        ujson.loads(text)
-    except (ValueError, OverflowError) as exc:
-        return str(exc)
-    return ""
 
 
 # An Event's `_data` while it is not decoded: another node's event (Event.restore), or one in

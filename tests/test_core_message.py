@@ -275,7 +275,7 @@ def test_the_number_checks_cost_a_body_its_length_not_its_square():
     in a child process, so that the regression fails the test instead of hanging the suite
     (the limit is a hang detector, thousands of times what the check takes)."""
     script = (
-        "from hub.message import loads\n"
+        "from hub.decode import loads\n"
         "for body in (b'{\"d\": \"' + b'0' * 1_000_000 + b'\"}',\n"
         "             b'{\"d\": \": -' + b'0' * 1_000_000 + b'\"}'):\n"
         "    loads(body)\n"
@@ -287,7 +287,8 @@ def test_finding_an_over_long_number_costs_the_body_its_length_not_its_square():
     """Runs of 4,000 digits before the one too long: the search for it once started from
     every digit (2.4 s for a 1 MiB body). A hang detector in a child process, as above."""
     script = (
-        "from hub.message import loads, ParseError\n"
+        "from hub.decode import loads\n"
+        "from hub.message import ParseError\n"
         "runs = b','.join([b'\"' + b'1' * 4000 + b'\"'] * 250)\n"
         "body = b'{\"type\": 5, \"data\": [' + runs + b', ' + b'2' * 4400 + b']}'\n"
         "for _ in range(5):\n"

@@ -15,7 +15,7 @@ at the head, by Content-Length; a 401) came back as nginx's HTML 502 (`writev() 
 Broken pipe) while sending request to upstream`), 18 to 38 of the 74 below: the hub closed the
 connection with the body unread, the kernel reset it, and nginx's write of the body failed
 before it read the answer. The hub now reads and drops the rest of a refused body, within
-bounds (handlers.server.DrainsRefusedBody); the bounds are tested here against the hub alone.
+bounds (handlers.base.DrainsRefusedBody); the bounds are tested here against the hub alone.
 
 Every wait has a deadline; nothing here sleeps to synchronise.
 """
@@ -91,9 +91,9 @@ def test_the_readme_shows_deploy_nginx_conf_as_it_is() -> None:
 
 def test_the_proxy_limit_is_within_what_the_hub_drains() -> None:
     """A body nginx forwards and the hub refuses is read to its end only up to twice --max-body
-    (handlers.server.DRAIN_FACTOR): nginx's client_max_body_size must not be above it, nor
+    (handlers.base.DRAIN_FACTOR): nginx's client_max_body_size must not be above it, nor
     below --max-body (the hub's 413 says why, with its limit)."""
-    from handlers.server import DRAIN_FACTOR
+    from handlers.base import DRAIN_FACTOR
 
     (size,) = re.findall(r"client_max_body_size (\d+)m;", NGINX_CONF.read_text())
     assert MAX_BODY <= int(size) * 1024 * 1024 <= DRAIN_FACTOR * MAX_BODY

@@ -1,4 +1,4 @@
-"""hub.message.loads against the standard library's strict parser (hypothesis): on any
+"""hub.decode.loads against the standard library's strict parser (hypothesis): on any
 JSON-like text, both accept it with the same value or both refuse it. ujson, the fast path,
 is lenient where JSON is not (numbers like `-`, `01`, `1.`; raw control characters; invalid
 UTF-8); what it lets through must still be refused, and nothing else."""
@@ -12,7 +12,8 @@ import sys
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from hub.message import ParseError, loads
+from hub.decode import loads
+from hub.message import ParseError
 
 FAST = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
