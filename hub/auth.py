@@ -3,10 +3,25 @@
 Exactly one algorithm is accepted, the configured one: `alg: none` and algorithm confusion
 (an HS256 token signed with an RS256 public key as its secret) fail the algorithm check
 before any signature is looked at.
+
+pyjwt decides every refusal. With an HMAC algorithm, the common token (a compact header of
+the configured algorithm, canonical base64url, a valid signature, claims pyjwt certainly
+accepts) is accepted by a shorter path of the hub's own (`_accepted_payload`): pyjwt spends
+~30 us a token on checks that cannot fail for such a token (it re-reads the secret as a
+possible PEM or JWK key for every token), which was a tenth of a stream's connect
+(issue 18). Anything else, or any doubt, goes to pyjwt; `tests/test_properties_auth.py`
+holds the two to the same verdict.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +112,59 @@ def token_messages(algorithm: str) -> frozenset[str]:
     )
 
 
+_HMAC_DIGESTS = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}
+_SEGMENT = re.compile(r"[A-Za-z0-9_-]*")
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _compact_headers(algorithm: str) -> frozenset[str]:
+    """The header segments the short path takes: the configured algorithm alone or with
+    typ JWT, in either order, compact JSON, as pyjwt and the common libraries write them."""
+    alg, typ = f'"alg":"{algorithm}"', '"typ":"JWT"'
+    return frozenset(
+        _b64(text.encode()) for text in (f"{{{alg}}}", f"{{{alg},{typ}}}", f"{{{typ},{alg}}}")
+    )
+
+
+def _canonical_segment(segment: str) -> bytes | None:
+    """A base64url segment's bytes, when it is unpadded and canonical (as pyjwt requires);
+    None otherwise (pyjwt decides)."""
+    if len(segment) % 4 == 1 or not _SEGMENT.fullmatch(segment):
+        return None
+    try:
+        data = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    except (ValueError, binascii.Error):
+        return None
+    return data if _b64(data) == segment else None
+
+
+def _whole(value: Any) -> int | None:
+    """A NumericDate claim as pyjwt reads it (int()), where that cannot fail: a JSON number
+    (not a bool, not a string, finite); None otherwise."""
+    if type(value) is int:
+        return value
+    if type(value) is float and math.isfinite(value):
+        return int(value)
+    return None
+
+
+def _seconds(value: Any, claim: str) -> float:
+    """A NumericDate claim as seconds; AuthError unless it is a JSON number a float holds
+    (an integer of 400 digits is one pyjwt takes, and float() would raise on)."""
+    if type(value) in (int, float):
+        try:
+            seconds = float(value)
+        except OverflowError:
+            pass
+        else:
+            if math.isfinite(seconds):
+                return seconds
+    raise AuthError(RefusalKind.TOKEN_INVALID, BAD_CLAIM[claim])
+
+
 class AuthError(Exception):
     """A token refused: `refusal` says why (who are you?, or not allowed)."""
 
@@ -134,8 +202,17 @@ class Verifier:
             raise ValueError("a secret or a public key is needed")
         self._key = key
         # Verified tokens by their exact text: publishers send the same token with every
-        # request and reconnecting clients resend theirs; a signature check is ~28 us.
+        # request and reconnecting clients resend theirs.
         self._verified: dict[str, Claims] = {}
+        self._hmac: tuple[bytes, Any, frozenset[str]] | None = None
+        digest = _HMAC_DIGESTS.get(algorithm)
+        if digest is not None and not public_key_path:
+            try:  # a secret pyjwt refuses as a key (a PEM key, say) refuses every token there
+                jwt.algorithms.HMACAlgorithm(digest).prepare_key(key)
+            except jwt.PyJWTError:
+                pass
+            else:
+                self._hmac = (key.encode(), digest, _compact_headers(algorithm))
 
     def verify(self, token: str | None) -> Claims:
         if token:
@@ -156,8 +233,51 @@ class Verifier:
         if not token.isascii():
             # A JWT is base64url and dots; pyjwt would read the rest as UTF-8 (or fail to).
             raise AuthError(RefusalKind.TOKEN_INVALID, MALFORMED)
+        claims = self._accepted_payload(token) if self._hmac is not None else None
+        if claims is None:
+            claims = self._decode_by_pyjwt(token)
+        return self._claims(claims)
+
+    def _accepted_payload(self, token: str) -> dict[str, Any] | None:
+        """The payload of a token pyjwt certainly accepts (see the module's docstring), or
+        None: let pyjwt decide."""
+        assert self._hmac is not None
+        key, digest, headers = self._hmac
+        header, _, rest = token.partition(".")
+        if header not in headers:
+            return None
+        payload_b64, _, signature_b64 = rest.partition(".")
+        payload_bytes = _canonical_segment(payload_b64)
+        signature = _canonical_segment(signature_b64)
+        if payload_bytes is None or signature is None:
+            return None
+        signed = token[: len(header) + 1 + len(payload_b64)].encode()
+        if not hmac.compare_digest(hmac.new(key, signed, digest).digest(), signature):
+            return None
         try:
-            claims = jwt.decode(
+            payload = json.loads(payload_bytes)  # pyjwt's own parser: the same reading
+        except ValueError:
+            return None
+        if type(payload) is not dict or "aud" in payload or payload.get("sub") is None:
+            return None
+        now = time.time()
+        exp = _whole(payload.get("exp"))
+        if exp is None or exp <= now:
+            return None
+        for claim in ("iat", "nbf"):
+            if claim in payload:
+                at = _whole(payload[claim])
+                if at is None or at > now:
+                    return None
+        if type(payload.get("sub")) is not str:
+            return None
+        if "jti" in payload and type(payload["jti"]) is not str:
+            return None
+        return payload
+
+    def _decode_by_pyjwt(self, token: str) -> dict[str, Any]:
+        try:
+            return jwt.decode(
                 token,
                 self._key,
                 algorithms=[self.algorithm],
@@ -169,26 +289,26 @@ class Verifier:
             # Not pyjwt's own: a key or a library below it choking on a hostile token. A
             # token refused, never a 500, and never the exception's text (README, Tokens).
             raise AuthError(RefusalKind.TOKEN_INVALID, MALFORMED) from None
+
+    @staticmethod
+    def _claims(claims: dict[str, Any]) -> Claims:
+        """The hub's checks on top of pyjwt's, and what it keeps of a token."""
         sub = claims["sub"]
         if type(sub) is not str or not 0 < len(sub) <= MAX_SUB_LENGTH:
             raise AuthError(RefusalKind.TOKEN_INVALID, BAD_CLAIM["sub"])
-        exp = claims["exp"]
-        if type(exp) not in (int, float):
-            # pyjwt takes a numeric string ("exp": "1795000000"); the RFC says NumericDate
-            raise AuthError(RefusalKind.TOKEN_INVALID, BAD_CLAIM["exp"])
+        # pyjwt takes a numeric string ("exp": "1795000000"); the RFC says NumericDate
+        exp = _seconds(claims["exp"], "exp")
         topics = claims.get("topics", [])
         if not isinstance(topics, list) or not all(isinstance(t, str) for t in topics):
             raise AuthError(RefusalKind.TOKEN_INVALID, BAD_CLAIM["topics"])
         sid = claims.get("sid")
         if sid is not None and not isinstance(sid, str):
             raise AuthError(RefusalKind.TOKEN_INVALID, BAD_CLAIM["sid"])
-        iat = claims.get("iat", 0)
-        if type(iat) not in (int, float):
-            raise AuthError(RefusalKind.TOKEN_INVALID, BAD_CLAIM["iat"])
+        iat = _seconds(claims.get("iat", 0), "iat")
         return Claims(
             user=sub,
-            exp=float(exp),
-            iat=float(iat),
+            exp=exp,
+            iat=iat,
             sid=sid,
             topics=frozenset(topics),
             publish=claims.get("publish") is True,

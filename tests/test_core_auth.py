@@ -163,3 +163,16 @@ def test_demo_mode_refuses_to_run_with_a_configured_key(tmp_path: Path, environ)
         environ = {**environ, "HUB_JWT_PUBLIC_KEY": str(key_file)}
     with pytest.raises(ConfigError, match="never signs with a configured key"):
         parse_config(["--demo"], environ).require_key()
+
+
+def test_a_signed_exp_no_float_holds_is_refused_not_raised():
+    """pyjwt takes an integer of 400 digits as exp; turning it into seconds raised
+    OverflowError out of the verifier (a 500), with and without the short path."""
+    token = jwt.encode(claims(exp=10**400), SECRET, algorithm="HS256")
+    for short in (True, False):
+        verifier = Verifier("HS256", SECRET, None)
+        if not short:
+            verifier._hmac = None
+        with pytest.raises(AuthError) as refused:
+            verifier.verify(token)
+        assert refused.value.message == "token claim exp must be a number (NumericDate)"
