@@ -228,6 +228,8 @@ def notes(r: dict[str, Any]) -> str:
         return "ERROR: " + " ".join(str(r["error"]).split())[:160]
     if r.get("connect_s") is not None and r.get("scenario", "").startswith("idle"):
         out.append(f"connect all {r['connect_s']:.2f}s")
+        if r.get("connect_cpu_us") is not None:
+            out.append(f"{r['connect_cpu_us']:.0f} us server CPU/connect")
     elif r.get("streams") and r.get("connect_s") is None:
         out.append(f"only {r.get('connected', 0)}/{r['streams']} connected")
     ov = (r.get("tcp_ext") or {}).get("ListenOverflows")

@@ -675,6 +675,7 @@ async def run(g: Gen, spec: dict[str, Any]) -> dict[str, Any]:
                 g.connect_error_sample = str(e)
 
         ext0 = tcp_ext()
+        cpu0 = proc_cpu_s(pid)
         t_start = time.monotonic()
         started = 0
         while started < n:
@@ -690,6 +691,8 @@ async def run(g: Gen, spec: dict[str, Any]) -> dict[str, Any]:
         try:
             await asyncio.wait_for(g.all_heads.wait(), deadline)
             res["connect_s"] = g.t_all_heads - t_start
+            # the server's CPU time per stream opened (accept, request, checks, opening)
+            res["connect_cpu_us"] = (proc_cpu_s(pid) - cpu0) / n * 1e6
         except TimeoutError:
             res["connect_s"] = None
         res["connected"] = g.headers_ok
