@@ -34,6 +34,7 @@ from handlers.ops import (
 from handlers.publish import PublishHandler
 from handlers.server import HubApplication, accept_within
 from handlers.stream import EventsHandler
+from handlers.stream_direct import DirectStreams, defer_accept
 from handlers.tickets import TicketsHandler
 from handlers.tornado_internals import open_connections
 from handlers.workers import CannotStart, supervise
@@ -49,6 +50,7 @@ __all__ = ["build_app", "build_internal_app", "build_metrics_app", "main", "stat
 log = logging.getLogger("hub")
 
 LISTEN_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
+SOMAXCONN = Path("/proc/sys/net/core/somaxconn")  # the kernel's cap on every listen backlog
 GC_THRESHOLD = 5000
 
 
@@ -93,6 +95,7 @@ def build_app(
     return HubApplication(
         routes,
         hub=hub,
+        verifier=verifier,
         log_function=access_logger(success_level),
         access_success_level=success_level,
         compress_response=False,  # gzip would hold SSE frames back (text/event-stream is text/*)
@@ -176,6 +179,30 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def backlog_warning(asked: int, somaxconn: int | None) -> str | None:
+    """What to tell the operator when the kernel caps the listen backlog below `asked`
+    (net.core.somaxconn; None: unknown, nothing said). Past the accept queue the kernel drops
+    SYNs, and each client dropped waits out a 1 s retransmit (the bench's `listen-queue
+    overflows`)."""
+    if somaxconn is None or somaxconn >= asked:
+        return None
+    return (
+        f"the kernel caps the listen backlog at net.core.somaxconn = {somaxconn}, below the "
+        f"{asked} the hub asks for: in a reconnect storm, connections past it are dropped and "
+        "their clients wait out a 1 s SYN retransmit; set "
+        f"`sysctl -w net.core.somaxconn={asked}` (and, under a storm, "
+        f"`sysctl -w net.ipv4.tcp_max_syn_backlog={asked}` or more)"
+    )
+
+
+def read_somaxconn(path: Path) -> int | None:
+    """net.core.somaxconn, or None where /proc cannot be read (not Linux, a sandbox)."""
+    try:
+        return int(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _listen(
     port: int, host: str, what: str, reuse_port: bool, backlog: int = 128
 ) -> list[socket.socket]:
@@ -206,7 +233,15 @@ def _serve_metrics(
     servers.append(metrics)
     # Within the same count as the internal listener: a scraper is let in past a flood of
     # the public port, and cannot take the hub to EMFILE.
-    accept_within(metrics, sockets, limit + HEADROOM // 2, count_open, paused, config.slow_after)
+    accept_within(
+        metrics,
+        sockets,
+        limit + HEADROOM // 2,
+        count_open,
+        paused,
+        config.slow_after,
+        on_shed=hub.metrics.connection_shed_for,
+    )
     log.info("metrics on http://%s:%d/metrics", config.internal_host, port)
 
 
@@ -239,6 +274,9 @@ async def serve(config: Config, worker: int | None = None) -> None:
         # A deep accept queue: thousands of clients reconnecting at once (a deploy, a network
         # blip) must not overflow Tornado's default of 128 and wait out SYN retransmits.
         sockets = _listen(config.port, config.host, "--port", shared, LISTEN_BACKLOG)
+        warning = backlog_warning(LISTEN_BACKLOG, read_somaxconn(SOMAXCONN))
+        if warning and not worker:  # one line for the hub, not one per worker
+            log.warning("%s", warning)
         descriptors = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         limit = config.connection_limit(descriptors)
         hub.limit_streams(config.stream_limit(descriptors))
@@ -253,7 +291,27 @@ async def serve(config: Config, worker: int | None = None) -> None:
         hub.metrics.watch_connections(count_open)
         # A client that stops taking answers is cut after --slow-after, like a stream that stops
         # draining (handlers.server).
-        accept_within(server, sockets, limit, count_open, paused, config.slow_after)
+        # A plain GET /events is opened straight from its socket (handlers.stream_direct);
+        # every other request, and any such one in doubt, is Tornado's.
+        direct = DirectStreams(
+            hub,
+            app.settings["verifier"],
+            server,
+            app.settings["access_success_level"],
+            app.trusted_proxies,
+        )
+        for sock in sockets:
+            defer_accept(sock, config.header_timeout)
+        accept_within(
+            server,
+            sockets,
+            limit,
+            count_open,
+            paused,
+            config.slow_after,
+            direct,
+            on_shed=hub.metrics.connection_shed_for,
+        )
         port = sockets[0].getsockname()[1]
         log.info(
             "listening on http://%s:%d%s: broker %s, %s; at most %d connections, %d streams, "
@@ -294,6 +352,7 @@ async def serve(config: Config, worker: int | None = None) -> None:
                 count_open,
                 paused,
                 config.slow_after,
+                on_shed=hub.metrics.connection_shed_for,
             )
             log.info(
                 "publishing on http://%s:%d/publish (internal, no token)",

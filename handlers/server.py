@@ -13,8 +13,11 @@ that: past `limit` open connections (HTTP connections plus open streams) the lis
 are taken off the event loop, and put back once the count is below the limit again; an EMFILE
 or ENFILE that happens anyway (descriptors used elsewhere) pauses accepting briefly instead of
 spinning. The condition is logged once per interval, not once per connection. Connections the
-kernel queues meanwhile wait in the listen backlog; the header timeout frees the slots of
-clients that never finish a request.
+kernel queues meanwhile wait in the listen backlog. At the limit, before pausing, the gate
+closes the connection that has waited the longest for a request head (or idled between two
+requests) if it has for SHED_AFTER: a flood of heads that never end no longer holds every slot,
+and the queue behind it, until the header timeout (20 s) frees them; streams and requests in
+progress are never closed.
 
 The other way to hold a connection for ever is to stop reading answers: a client that
 pipelines requests for a static file and reads nothing held its connection (and megabytes
@@ -32,10 +35,13 @@ import ipaddress
 import logging
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import ujson
+from tornado.http1connection import HTTP1Connection, HTTP1ServerConnection
+from tornado.httpserver import HTTPServer
 from tornado.httputil import HTTPHeaders, HTTPServerRequest
 from tornado.ioloop import IOLoop
 from tornado.tcpserver import TCPServer
@@ -43,7 +49,9 @@ from tornado.web import Application, RequestHandler, stream_request_body
 
 from handlers.tornado_internals import (
     HandlerDelegate,
+    follow_requests,
     hand_over,
+    head_received,
     listen_through,
     streams_its_body,
 )
@@ -57,9 +65,74 @@ _OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 RECHECK = 0.1  # seconds between checks while accepting is paused
 USER_TIMEOUT: int | None = getattr(socket, "TCP_USER_TIMEOUT", None)  # Linux
 LOG_EVERY = 10.0  # seconds between two log lines about it
+# At the limit, a connection idle or in its request head for this long at least is closed to let
+# the next one in; a younger one is not: its head may be in the kernel's buffer, not read yet
+# (the loop accepts before it reads), as in a reconnect storm, where a pause serves better.
+SHED_AFTER = 1.0
+
+
+class _Waiting:
+    """The connections of one HTTPServer waiting for a request head, the longest waiting first:
+    a new one that has not had a complete head yet ("head"), or a keep-alive one between two
+    requests ("idle"). At the connection limit the gate closes the first of them, as nginx
+    drains its reusable connections, rather than let a flood of heads that never end hold every
+    slot until the header timeout (and the accept queue behind them) while new clients wait.
+
+    Per request: an OrderedDict entry set and moved to the end when the connection starts
+    waiting (Tornado's `start_request`), nothing when its head arrives (an entry whose head is
+    in is skipped, and sent to the back, when the gate looks for one to close), and the entry
+    dropped when the connection closes or becomes a stream. No timer, no task."""
+
+    __slots__ = ("closing", "since")
+
+    def __init__(self, server: HTTPServer) -> None:
+        # connection -> (when it began waiting, its current request, whether it is keep-alive)
+        self.since: OrderedDict[HTTP1ServerConnection, tuple[float, HTTP1Connection, bool]] = (
+            OrderedDict()
+        )
+        # closed here, still counted by Tornado until its serving loop ends (a few loop turns)
+        self.closing: set[HTTP1ServerConnection] = set()
+        follow_requests(server, self._waiting, self._closed)
+
+    def _waiting(self, connection: HTTP1ServerConnection, request: HTTP1Connection) -> None:
+        since = self.since
+        again = connection in since
+        since[connection] = (time.monotonic(), request, again)
+        if again:
+            since.move_to_end(connection)
+
+    def _closed(self, connection: HTTP1ServerConnection) -> None:
+        self.since.pop(connection, None)
+        self.closing.discard(connection)
+
+    def oldest(self, began_by: float) -> HTTP1ServerConnection | None:
+        """The connection waiting the longest for a head, if it began waiting by `began_by`.
+        Those whose head has arrived since (a request in progress: never closed here) go to the
+        back, where their next wait would put them anyway."""
+        since = self.since
+        for _ in range(len(since)):
+            connection, (began, request, _) = next(iter(since.items()))
+            if not head_received(request) and not connection.stream.closed():
+                return connection if began <= began_by else None
+            since.move_to_end(connection)
+        return None
+
+    def shed(self, connection: HTTP1ServerConnection) -> str:
+        """Close `connection` (one `oldest` gave); what it was doing: "head" or "idle"."""
+        _, _, again = self.since.pop(connection)
+        self.closing.add(connection)
+        connection.stream.close()
+        return "idle" if again else "head"
 
 
 class _Gate:
+    # Set by accept_within: the server's connections waiting for a head (an HTTPServer's), of
+    # which the gate closes the oldest at the limit, and who counts them.
+    waiting: _Waiting | None = None
+    on_shed: Callable[[str], None] | None = None
+    shed_since_log = 0
+    last_shed_log = float("-inf")
+
     def __init__(
         self,
         server: TCPServer,
@@ -67,8 +140,11 @@ class _Gate:
         count_open: Callable[[], int],
         on_pause: Callable[[str], None] | None,
         write_timeout: float,
+        take: Callable[[socket.socket, Any], None] | None = None,
     ) -> None:
         self.server = server
+        # what serves each accepted connection: Tornado, or a path that may hand it on
+        self.take = take or functools.partial(hand_over, server)
         self.limit = limit
         self.count_open = count_open
         self.on_pause = on_pause
@@ -97,7 +173,7 @@ class _Gate:
         if sock.fileno() not in self.active:
             return
         for _ in range(128):
-            if self.count_open() >= self.limit:
+            if self._full() and not self._shed():
                 self._pause(sock, "limit", "connection limit")
                 return
             try:
@@ -114,7 +190,43 @@ class _Gate:
                 raise
             if self.write_timeout_ms and USER_TIMEOUT is not None:
                 connection.setsockopt(socket.IPPROTO_TCP, USER_TIMEOUT, self.write_timeout_ms)
-            hand_over(self.server, connection, address)
+            self.take(connection, address)
+
+    def _full(self) -> bool:
+        """At the limit: the connections closed here and not yet gone count as gone."""
+        closing = 0 if self.waiting is None else len(self.waiting.closing)
+        return self.count_open() - closing >= self.limit
+
+    def _sheddable(self) -> HTTP1ServerConnection | None:
+        if self.waiting is None:
+            return None
+        return self.waiting.oldest(time.monotonic() - SHED_AFTER)
+
+    def _shed(self) -> bool:
+        """Make room for one more: close the connection waiting the longest for a request head
+        (or idle between requests), if it has for SHED_AFTER at least. Streams and requests in
+        progress are never closed."""
+        connection = self._sheddable()
+        if connection is None:
+            return False
+        assert self.waiting is not None
+        why = self.waiting.shed(connection)
+        if self.on_shed is not None:
+            self.on_shed(why)
+        self.shed_since_log += 1
+        now = time.monotonic()
+        if now - self.last_shed_log >= LOG_EVERY:
+            log.warning(
+                "at the connection limit (%d): closing the connections waiting the longest for a "
+                "request head (%gs at least), to let new ones in; closed since the last report: "
+                "%d",
+                self.limit,
+                SHED_AFTER,
+                self.shed_since_log,
+            )
+            self.last_shed_log = now
+            self.shed_since_log = 0
+        return True
 
     def _pause(self, sock: socket.socket, kind: str, why: str) -> None:
         fd = sock.fileno()
@@ -141,7 +253,7 @@ class _Gate:
     def _resume(self) -> None:
         if self.stopped or not self.paused:
             return
-        if self.count_open() >= self.limit:
+        if self._full() and self._sheddable() is None:
             self.io_loop.call_later(RECHECK, self._resume)
             return
         for fd, sock in list(self.paused.items()):
@@ -157,12 +269,23 @@ def accept_within(
     count_open: Callable[[], int],
     on_pause: Callable[[str], None] | None = None,
     write_timeout: float = 0.0,
+    take: Callable[[socket.socket, Any], None] | None = None,
+    *,
+    on_shed: Callable[[str], None] | None = None,
 ) -> None:
     """server.add_sockets(sockets), but never past `limit` open connections and never
     spinning on EMFILE. `on_pause(kind)` is told each pause: "limit" or "descriptors".
     A connection whose peer takes nothing of what was sent for `write_timeout` seconds is
-    aborted by the kernel (0: never)."""
-    gate = _Gate(server, limit, count_open, on_pause, write_timeout)
+    aborted by the kernel (0: never). `take(connection, address)` serves each connection
+    accepted (handlers.stream_direct for the public port), Tornado by default.
+    At the limit, the server's connection waiting the longest for a request head (or idle
+    between requests) since SHED_AFTER at least is closed to let the next one in (an
+    HTTPServer's: `on_shed(why)` is told each, "head" or "idle"); only if there is none is
+    accepting paused."""
+    gate = _Gate(server, limit, count_open, on_pause, write_timeout, take)
+    if isinstance(server, HTTPServer):
+        gate.waiting = _Waiting(server)
+    gate.on_shed = on_shed
     for sock in sockets:
         sock.setblocking(False)
         gate.add(sock)

@@ -14,18 +14,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Callable
+from typing import Any
 
 from handlers.base import HubHandler, access_log, redact
 from handlers.server import USER_TIMEOUT
 from hub.auth import Claims
 from hub.broker import BrokerUnavailable
+from hub.core import Hub
 from hub.query import QueryError, check_names, parse_topics
 from hub.refusal import Refusal
 from hub.stream import StreamRequest
 from hub.tickets import TicketRefused, parse_ticket
 from hub.transport import SocketTransport
 
-__all__ = ["EventsHandler"]
+__all__ = ["HEAD", "STREAM_PARAMS", "EventsHandler", "stream_query", "stream_transport"]
 
 log = logging.getLogger("hub")
 
@@ -34,6 +37,39 @@ log = logging.getLogger("hub")
 # `_` is the one name read and ignored: the cache-buster that jQuery (`cache: false`) and
 # many request wrappers add; a stream is never cached anyway (Cache-Control: no-cache).
 STREAM_PARAMS = ("token", "ticket", "topic", "lastEventId", "_")
+# The response head, but for CORS headers and the blank line that ends it.
+HEAD = (
+    b"HTTP/1.1 200 OK\r\n"
+    b"Content-Type: text/event-stream; charset=utf-8\r\n"
+    b"Cache-Control: no-cache\r\n"
+    b"X-Accel-Buffering: no\r\n"
+    b"Connection: close\r\n"
+)
+
+
+def stream_query(
+    hub: Hub, arguments: Callable[[str], list[str]]
+) -> tuple[tuple[str, ...], dict[int, Any]]:
+    """The topics and the filters a stream's query asks for (`arguments(name)`: the values
+    of a query parameter); QueryError for a bad one."""
+    topics = parse_topics(arguments("topic"))
+    types = hub.types
+    filters = types.stream_filters({name: arguments(name) for name in types.filter_params})
+    return topics, filters
+
+
+def log_open(level: int, uri: str, address: str) -> None:
+    access_log.log(level, "200 GET %s (%s) stream open", redact(uri), address)
+
+
+def stream_transport(sock: socket.socket) -> SocketTransport:
+    """An admitted stream's socket, as its transport."""
+    # Each write is already a whole pass's worth of frames, coalesced in the flusher;
+    # Nagle would only hold it back waiting for the client's (possibly delayed) ACK.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if USER_TIMEOUT is not None:  # the flusher, not the kernel, cuts a stalled stream
+        sock.setsockopt(socket.IPPROTO_TCP, USER_TIMEOUT, 0)
+    return SocketTransport(sock, asyncio.get_running_loop())
 
 
 class EventsHandler(HubHandler):
@@ -58,7 +94,7 @@ class EventsHandler(HubHandler):
             self.fail(503, "the hub is shutting down")
             return
         try:
-            topics = parse_topics(self.get_query_arguments("topic"))
+            topics, filters = stream_query(self.hub, self.get_query_arguments)
         except QueryError as exc:
             self.fail(400, exc.message, **exc.extra)
             return
@@ -66,26 +102,13 @@ class EventsHandler(HubHandler):
             if not claims.may_subscribe(topic):
                 self.fail(403, f'topic "{topic}" is not allowed by the token', topic=topic)
                 return
-        try:
-            filters = self.hub.types.stream_filters(
-                {name: self.get_query_arguments(name) for name in self.hub.types.filter_params}
-            )
-        except QueryError as exc:
-            self.fail(400, exc.message, **exc.extra)
-            return
         last_id = self.request.headers.get("Last-Event-ID") or self.get_query_argument(
             "lastEventId", None
         )
         # The origin is one the operator listed (or the request's own, echoed only when it
         # is listed): no CR/LF can reach the head.
         cors = "".join(f"{name}: {value}\r\n" for name, value in self.cors_headers())
-        head = (
-            b"HTTP/1.1 200 OK\r\n"
-            b"Content-Type: text/event-stream; charset=utf-8\r\n"
-            b"Cache-Control: no-cache\r\n"
-            b"X-Accel-Buffering: no\r\n"
-            b"Connection: close\r\n" + cors.encode("latin-1") + b"\r\n"
-        )
+        head = HEAD + cors.encode("latin-1") + b"\r\n"
         # one send for the head and the stream's opening
         request = StreamRequest(claims, topics, filters, last_id, prefix=head, by_ticket=ticket)
         opened = await self.hub.open_stream(request, self._take_transport)
@@ -95,23 +118,15 @@ class EventsHandler(HubHandler):
     def _take_transport(self) -> SocketTransport | None:
         """The request's socket, detached from Tornado, as the stream's transport; None if
         the client left while its request was being checked."""
-        access_log.log(
-            self.settings["access_success_level"],
-            "200 GET %s (%s) stream open",
-            redact(self.request.uri or ""),
-            self.request.remote_ip,
-        )
+        level = self.settings["access_success_level"]
+        if access_log.isEnabledFor(level):  # (redacting costs, at thousands of connects/s)
+            log_open(level, self.request.uri or "", self.request.remote_ip or "")
         stream = self.detach()
         if stream.closed():
             return None
         sock = stream.socket
         stream.io_loop.remove_handler(sock.fileno())
-        # Each write is already a whole pass's worth of frames, coalesced in the flusher;
-        # Nagle would only hold it back waiting for the client's (possibly delayed) ACK.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if USER_TIMEOUT is not None:  # the flusher, not the kernel, cuts a stalled stream
-            sock.setsockopt(socket.IPPROTO_TCP, USER_TIMEOUT, 0)
-        return SocketTransport(sock, asyncio.get_running_loop())
+        return stream_transport(sock)
 
     async def _redeem(self) -> Claims | None:
         """The claims of the request's `?ticket=` (spent here, whatever the answer), or None

@@ -378,16 +378,35 @@ class Hub:
                 )
             if self.stopping:  # it began while the stream waited: stop() ended the others
                 return Refusal(RefusalKind.UNREADY, "the hub is shutting down: retry")
+        return self.open_admitted(request, take_transport)
+
+    def may_open_now(self, request: StreamRequest) -> bool:
+        """Whether open_stream would open this stream at once, without waiting or refusing
+        (the hub not stopping, the stream admitted, its resume not ahead of this node): a
+        caller that cannot wait or answer may then open it with `open_admitted`."""
+        last_id = request.last_event_id
+        return (
+            not self.stopping
+            and self.admit(request.claims) is None
+            and not (last_id and self.behind(last_id))
+        )
+
+    def open_admitted(
+        self, request: StreamRequest, take_transport: Callable[[], SocketTransport | None]
+    ) -> Stream | None:
+        """Take the transport of a stream admitted a moment ago (None: the client left
+        meanwhile, and None comes back) and open it (`subscribe`)."""
         transport = take_transport()
         if transport is None:
             return None
+        claims = request.claims
         return self.subscribe(
             transport,
             claims.user,
             sid=claims.sid,
             topics=request.topics,
             exp=claims.exp,
-            last_event_id=last_id,
+            last_event_id=request.last_event_id,
             filters=request.filters,
             prefix=request.prefix,
         )

@@ -36,13 +36,16 @@ if TYPE_CHECKING:
     from hub.registry import Registry
     from hub.revocations import Revocations
 
-__all__ = ["PUBLISH_LIMITS", "Metrics", "Observed"]
+__all__ = ["PUBLISH_LIMITS", "SHED", "Metrics", "Observed"]
 
 # Every label value of a fixed set is exported from the start, at 0: a dashboard's rate() and
 # an alert on a series that appears only after its first event are both wrong until then.
 # Publisher limits (hub.limits, hub.decode): rate is --publish-rate, batch --max-batch or a
 # batch over --publish-burst, event_bytes --max-event-bytes.
 PUBLISH_LIMITS = ("rate", "batch", "event_bytes")
+# Connections closed at the connection limit (handlers.server): still in their first request
+# head, or idle between two requests of a keep-alive connection.
+SHED = ("head", "idle")
 
 # `_created` series double the exposition and no dashboard reads them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -128,6 +131,16 @@ class Metrics:
         )
         for why in ("limit", "descriptors"):
             self.accept_paused.labels(why)
+        self.shed = Counter(
+            "hub_connections_shed",
+            "Connections closed at --max-connections to let a new one in, the longest waiting "
+            "first, by why (head: its request head not in after 1 s or more; idle: a keep-alive "
+            "connection between requests). Streams and requests in progress are never closed.",
+            ["why"],
+            registry=self.registry,
+        )
+        for why in SHED:
+            self.shed.labels(why)
         self.body_bytes = Gauge(
             "hub_publish_body_bytes",
             "Bytes held for publish bodies still arriving (at most --max-body-memory).",
@@ -243,6 +256,10 @@ class Metrics:
     def accept_paused_for(self, why: str) -> None:
         """The server stopped accepting connections for a while ("limit", "descriptors")."""
         self.accept_paused.labels(why).inc()
+
+    def connection_shed_for(self, why: str) -> None:
+        """The server closed a connection at the limit to let a new one in ("head", "idle")."""
+        self.shed.labels(why).inc()
 
     def declare_refusals(self, route: str, statuses: Iterable[str]) -> None:
         """The statuses `route` ("publish", "stream", "ticket") refuses with: their series

@@ -44,6 +44,7 @@ class HubServer:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.streams: list[SSEClient] = []
+        self.direct: Any = None  # the DirectStreams its accept loop hands connections to
         self._client: tornado.httpclient.AsyncHTTPClient | None = None
 
     # -- tokens ---------------------------------------------------------------------------
@@ -241,6 +242,8 @@ def _no_implicit_event_loop() -> Iterator[None]:
 def hub_server(io_loop):
     """Factory for running hubs; see the module docstring."""
     from handlers.app import build_app
+    from handlers.server import accept_within
+    from handlers.stream_direct import DirectStreams, defer_accept
     from hub.config import Config
 
     servers: list[HubServer] = []
@@ -252,8 +255,19 @@ def hub_server(io_loop):
         app = build_app(config) if types is None else build_app(config, types=types)
         sock, port = tornado.testing.bind_unused_port()
         server = tornado.httpserver.HTTPServer(app)
-        server.add_sockets([sock])
+        # accepted as the hub accepts (handlers.app.serve): a plain GET /events is opened
+        # straight from its socket (handlers.stream_direct), anything else is Tornado's
+        direct = DirectStreams(
+            app.settings["hub"],
+            app.settings["verifier"],
+            server,
+            app.settings["access_success_level"],
+            app.trusted_proxies,
+        )
+        defer_accept(sock, config.header_timeout)
+        accept_within(server, [sock], 1 << 30, lambda: 0, take=direct)
         hub_server = HubServer(app, server, port)
+        hub_server.direct = direct
         servers.append(hub_server)
         return hub_server
 

@@ -16,6 +16,7 @@ import pytest
 import tornado
 import tornado.testing
 from sse import wait_for
+from tornado.http1connection import HTTP1Connection
 from tornado.httpserver import HTTPServer
 from tornado.httputil import (
     HTTPHeaders,
@@ -23,13 +24,17 @@ from tornado.httputil import (
     HTTPServerRequest,
     RequestStartLine,
 )
+from tornado.iostream import IOStream
 from tornado.tcpserver import TCPServer
 from tornado.web import Application, RequestHandler, stream_request_body
 
+import handlers.server
 from handlers.server import HubApplication, accept_within
 from handlers.tornado_internals import (
     HandlerDelegate,
+    follow_requests,
     hand_over,
+    head_received,
     listen_through,
     open_connections,
     response_finished,
@@ -48,6 +53,7 @@ CHECKED = {
     "_handle_connection",
     "_connections",
     "_finished",
+    "_request_start_line",
 }
 
 
@@ -115,6 +121,16 @@ def test_server_stop_calls_the_remover_and_closes_a_socket_listened_through():
     server.stop()
     assert stopped == [True]
     assert sock.fileno() == -1  # closed
+
+
+@pytest.mark.gen_test
+async def test_an_http1_connection_notes_its_request_start_line_none_until_the_head_is_read():
+    with socket.socket() as sock:
+        request = HTTP1Connection(IOStream(sock), False)
+        assert vars(request)["_request_start_line"] is None
+    assert "self._request_start_line = req_start_line" in inspect.getsource(
+        HTTP1Connection._read_message_inner
+    )  # set once the head is parsed, before the delegate is told of it
 
 
 def test_an_http_server_keeps_its_open_connections_in_a_set():
@@ -243,3 +259,122 @@ async def test_accept_within_pauses_at_the_limit_resumes_below_it_and_server_sto
     finally:
         server.stop()
         await server.close_all_connections()
+
+
+async def waited(future: asyncio.Future, timeout: float = 0.5) -> bool:
+    """Whether `future` is done within `timeout` (a bound on a wait for what must NOT happen)."""
+    done, _ = await asyncio.wait({future}, timeout=timeout)
+    return bool(done)
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_follow_requests_tells_each_wait_for_a_head_before_it_is_read_and_the_close():
+    server = HTTPServer(Application([("/", Recording)]))
+    events: list[tuple[str, object, object]] = []
+    follow_requests(
+        server,
+        lambda connection, request: events.append(("waiting", connection, request)),
+        lambda connection: events.append(("closed", connection, None)),
+    )
+    listener, port = tornado.testing.bind_unused_port()
+    loop = asyncio.get_running_loop()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        connection, address = await loop.sock_accept(listener)
+        hand_over(server, connection, address)
+        await until(lambda: len(events) == 1)
+        kind, first_connection, first_request = events[0]
+        assert kind == "waiting" and isinstance(first_request, HTTP1Connection)
+        assert not head_received(first_request)  # nothing sent yet
+        writer.write(REQUEST)
+        assert (await answer(reader)).endswith(b"ok")
+        assert head_received(first_request)
+        # Kept alive: the same connection waits for its next head, with a new request.
+        await until(lambda: len(events) == 2)
+        kind, connection_again, second_request = events[1]
+        assert kind == "waiting" and connection_again is first_connection
+        assert second_request is not first_request and not head_received(second_request)
+        writer.close()
+        await until(lambda: len(events) == 3)
+        assert events[2][:2] == ("closed", first_connection)
+        assert open_connections(server) == 0
+    finally:
+        listener.close()
+        await server.close_all_connections()
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_at_the_limit_the_gate_closes_the_longest_idle_connection_never_one_in_progress(
+    monkeypatch,
+):
+    """Limit 1. A request whose body is still arriving is never closed: the next client
+    waits. Once that connection is idle (kept alive, between requests) it is closed to let the
+    next one in, counted as "idle"."""
+    monkeypatch.setattr(handlers.server, "SHED_AFTER", 0.0)
+    Body.started = False
+    server = HTTPServer(Application([("/", Recording), ("/body", Body)]))
+    listener, port = tornado.testing.bind_unused_port()
+    pauses: list[str] = []
+    shed: list[str] = []
+    accept_within(
+        server, [listener], 1, lambda: open_connections(server), pauses.append, on_shed=shed.append
+    )
+    try:
+        first_reader, first = await asyncio.open_connection("127.0.0.1", port)
+        first.write(b"POST /body HTTP/1.1\r\nHost: hub\r\nContent-Length: 4\r\n\r\nab")
+        await until(lambda: Body.started)
+        second_reader, second = await asyncio.open_connection("127.0.0.1", port)
+        second.write(REQUEST)
+        waiting = asyncio.ensure_future(answer(second_reader))
+        assert not await waited(waiting) and "limit" in pauses and shed == []
+        first.write(b"cd")
+        assert (await answer(first_reader)).endswith(b"ok")
+        assert (await asyncio.wait_for(waiting, 5)).endswith(b"ok")
+        assert shed == ["idle"]
+        assert await first_reader.read() == b""  # closed by the hub
+        first.close()
+        second.close()
+    finally:
+        server.stop()
+        await server.close_all_connections()
+
+
+@pytest.mark.gen_test(timeout=10)
+async def test_at_the_limit_a_head_younger_than_shed_after_is_not_closed(monkeypatch):
+    monkeypatch.setattr(handlers.server, "SHED_AFTER", 0.3)
+    server = HTTPServer(Application([("/", Recording)]))
+    listener, port = tornado.testing.bind_unused_port()
+    shed: list[str] = []
+    accept_within(server, [listener], 1, lambda: open_connections(server), on_shed=shed.append)
+    try:
+        first_reader, first = await asyncio.open_connection("127.0.0.1", port)
+        first.write(REQUEST[:20])  # a head that never ends
+        await until(lambda: open_connections(server) == 1)
+        began = asyncio.get_running_loop().time()
+        second_reader, second = await asyncio.open_connection("127.0.0.1", port)
+        second.write(REQUEST)
+        assert (await asyncio.wait_for(answer(second_reader), 5)).endswith(b"ok")
+        assert asyncio.get_running_loop().time() - began >= 0.25  # not at once
+        assert shed == ["head"]
+        assert await first_reader.read() == b""
+        first.close()
+        second.close()
+    finally:
+        server.stop()
+        await server.close_all_connections()
+
+
+@stream_request_body
+class Body(RequestHandler):
+    """Takes a body as it arrives; answers "ok" once it is in."""
+
+    started = False
+
+    def prepare(self) -> None:
+        Body.started = True
+
+    def data_received(self, chunk: bytes) -> None:
+        pass
+
+    def post(self) -> None:
+        self.finish("ok")
