@@ -55,12 +55,24 @@ from hub.registry import Registry
 from hub.stream import Channel, Stream
 from hub.transport import SocketTransport
 
-__all__ = ["CLOSE_GRACE", "LATENCY_BUCKETS", "PING", "WINDOW", "Flusher", "LatencyTally"]
+__all__ = [
+    "CLOSE_GRACE",
+    "LATENCY_BUCKETS",
+    "PING",
+    "REPLAY_BUDGET",
+    "WINDOW",
+    "Flusher",
+    "LatencyTally",
+]
 
 log = logging.getLogger("hub")
 
 PING = b": ping\n\n"
 WINDOW = 256 * 1024  # the most one write to a stream carries
+# The most a pass replays from the history, over all resuming streams: one resume goes at
+# full speed (a window a pass), past four at once they share it; a client resuming from the
+# oldest id in a loop gets its share, and the live streams keep theirs (issue 18).
+REPLAY_BUDGET = 4 * WINDOW
 CLOSE_GRACE = 5.0  # seconds an ending stream has to take what it is owed and its end frame
 TRIM_EVENTS = 256  # a channel is trimmed after a pass once it holds this many events
 TRIM_BYTES = 64 * 1024  # or this many bytes of frames (and on every tick in any case)
@@ -102,6 +114,7 @@ class Flusher:
         slice_size: int = 512,
         window: int = WINDOW,
         grace: float = CLOSE_GRACE,
+        replay_budget: int = REPLAY_BUDGET,
     ) -> None:
         self.registry = registry
         self.history = history
@@ -113,6 +126,11 @@ class Flusher:
         self.slice_size = slice_size
         self.window = window
         self.grace = grace
+        self.replay_budget = replay_budget
+        self._replay_left = replay_budget  # of this pass's
+        # Resuming streams the budget left out of a pass: the next one visits them first.
+        self._replay_waiting: list[Stream] = []
+        self._deferred = False  # the last _take_replay took nothing: the budget was spent
         self.everyone = Channel("everyone")
         self.topics: dict[str, Channel] = {}
         self.dirty: list[Stream] = []
@@ -350,7 +368,13 @@ class Flusher:
             self.bytes_written += len(data)
             out.written_at = self._now
             transport.write(data)
-        if self._cut_short and transport.pending is None:
+        if self._deferred:  # the pass's replay budget is spent: first in the next pass
+            self._deferred = False
+            out.dirty = True
+            self._replay_waiting.append(out)
+            if self._handle is None and self._pass is None:
+                self._schedule()
+        elif self._cut_short and transport.pending is None:
             self.mark(out)  # more than a window's worth: the rest in the next pass
 
     def _write_ending(self, out: Stream) -> None:
@@ -365,6 +389,7 @@ class Flusher:
             return  # drained() marks it again
         if out.replay is not None or out.private:
             data = self._take_owed(out, self.window)
+            self._deferred = False  # (a budget spent: mark() below visits it again)
             if out.final is None:
                 return  # cut: its replay fell out of the history
             if data:
@@ -564,6 +589,10 @@ class Flusher:
             out.replay = None
             self._cut_slow(out, "its replay fell out of the history")
             return b""
+        window = min(window, self._replay_left)
+        if window <= 0:
+            self._deferred = True
+            return b""
         end = out.replay_end
         parts = []
         size = 0
@@ -574,6 +603,7 @@ class Flusher:
             if out.entitled(event):
                 parts.append(event.frame)
                 size += len(event.frame)
+        self._replay_left -= size
         if seq < end:
             out.replay = seq
             self._cut_short = True
@@ -616,6 +646,10 @@ class Flusher:
         if self.finishing:  # ending streams read no channel
             targets += self.finishing
             self.finishing = []
+        if self._replay_waiting:
+            targets = self._replay_waiting + targets
+            self._replay_waiting = []
+        self._replay_left = self.replay_budget
         self._pass = targets
         self._pass_channels = channels
         self._pass_pos = 0
@@ -683,7 +717,7 @@ class Flusher:
             if len(channel.events) >= TRIM_EVENTS or channel.size >= TRIM_BYTES:
                 self._trim(channel)
         self._pass_channels = []
-        if self.dirty or self.dirty_channels or self.finishing:
+        if self.dirty or self.dirty_channels or self.finishing or self._replay_waiting:
             self._schedule()
 
     def _trim(self, channel: Channel) -> None:
@@ -763,6 +797,7 @@ class Flusher:
             self._grace_handle.cancel()
             self._grace_handle = None
         self._pass = None
+        self._replay_waiting = []
         while self._ending:
             out = self._ending.popleft()[1]
             out.final = out.private = out.replay = None

@@ -4,6 +4,7 @@ real sockets (socketpairs) and a real asyncio loop."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -466,9 +467,42 @@ def test_slow_resumers_share_the_historys_bytes_and_hold_one_write_each():
         peers = [Peer(rcvbuf=4096) for _ in range(20)]
         for p in peers:
             hub.subscribe(p.transport, "u1", last_event_id=ids[0])
-        assert all(0 < p.transport.pending_size <= WINDOW for p in peers)
+        assert all(p.transport.pending_size <= WINDOW for p in peers)
         await until(lambda: counts(peers, b"\nevent: ") == [2999] * 20, timeout=30)
         assert all([i for i, _ in p.events()] == ids[1:] for p in peers)
+        for p in peers:
+            p.shutdown()
+
+    run(scenario)
+
+
+def test_resumes_share_a_replay_budget_a_pass_and_none_is_left_behind():
+    """Clients resuming from the oldest id at once (or in a loop) get the history's bytes
+    within one budget a pass, taken in turns, so that the live streams keep their passes:
+    each finishes exactly, and no pass replays more than the budget (and one event)."""
+
+    async def scenario() -> None:
+        hub = Hub(config(history=5000))
+        flusher = hub.flusher
+        flusher.replay_budget = 16 * 1024
+        ids = await publish(hub, [{"type": 5, "data": "z" * 200}] * 2000)
+        frame = max(len(e.frame) for e in hub.history.events)
+        per_pass: list[int] = []
+        begin = flusher._begin
+
+        def counted_begin() -> None:  # (observes each pass: the bytes written in the last)
+            per_pass.append(flusher.bytes_written)
+            begin()
+
+        flusher._begin = counted_begin  # type: ignore[method-assign]
+        peers = [Peer() for _ in range(8)]
+        for i, p in enumerate(peers):
+            hub.subscribe(p.transport, f"u{i}", last_event_id=ids[0])
+        await until(lambda: counts(peers, b"\nevent: ") == [1999] * 8, timeout=30)
+        assert all([i for i, _ in p.events()] == ids[1:] for p in peers)
+        written = [b - a for a, b in itertools.pairwise(per_pass)]
+        assert len(written) > 8 * 1999 * frame // flusher.replay_budget // 2
+        assert max(written) <= flusher.replay_budget + frame
         for p in peers:
             p.shutdown()
 
