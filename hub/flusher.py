@@ -69,9 +69,12 @@ log = logging.getLogger("hub")
 
 PING = b": ping\n\n"
 WINDOW = 256 * 1024  # the most one write to a stream carries
-# The most a pass replays from the history, over all resuming streams: one resume goes at
-# full speed (a window a pass), past four at once they share it; a client resuming from the
-# oldest id in a loop gets its share, and the live streams keep theirs (issue 18).
+# The most a pass replays from the history, over all resuming streams, past the window each
+# resume is written when it opens: one long resume goes at full speed (a window a pass), past
+# four at once they share it; a client resuming from the oldest id in a loop gets its share,
+# and the live streams keep theirs (issue 18). The first window is not counted: a reconnect
+# storm's resumes (each owed the few events it missed) are written as they open, as before
+# (counting them held 10,000 reconnects back for tens of seconds: python -m bench.storm).
 REPLAY_BUDGET = 4 * WINDOW
 CLOSE_GRACE = 5.0  # seconds an ending stream has to take what it is owed and its end frame
 TRIM_EVENTS = 256  # a channel is trimmed after a pass once it holds this many events
@@ -131,6 +134,7 @@ class Flusher:
         # Resuming streams the budget left out of a pass: the next one visits them first.
         self._replay_waiting: list[Stream] = []
         self._deferred = False  # the last _take_replay took nothing: the budget was spent
+        self._opening = False  # open() writes a resume's first window (outside the budget)
         self.everyone = Channel("everyone")
         self.topics: dict[str, Channel] = {}
         self.dirty: list[Stream] = []
@@ -191,7 +195,11 @@ class Flusher:
         if replay_from is not None and replay_from < self.history.end_seq:
             out.replay = replay_from
             out.replay_end = self.history.end_seq
-            self.write(out)
+            self._opening = True  # its first window: not counted in the replay budget
+            try:
+                self.write(out)
+            finally:
+                self._opening = False
         transport.watch(out)
 
     def end(self, out: Stream, why: Disconnect, retry_ms: int | None) -> None:
@@ -589,10 +597,11 @@ class Flusher:
             out.replay = None
             self._cut_slow(out, "its replay fell out of the history")
             return b""
-        window = min(window, self._replay_left)
-        if window <= 0:
-            self._deferred = True
-            return b""
+        if not self._opening:
+            window = min(window, self._replay_left)
+            if window <= 0:
+                self._deferred = True
+                return b""
         end = out.replay_end
         parts = []
         size = 0
@@ -603,7 +612,8 @@ class Flusher:
             if out.entitled(event):
                 parts.append(event.frame)
                 size += len(event.frame)
-        self._replay_left -= size
+        if not self._opening:
+            self._replay_left -= size
         if seq < end:
             out.replay = seq
             self._cut_short = True
