@@ -161,6 +161,7 @@ def all_scenarios() -> list[Scenario]:
         ("feed", "events/s one process takes from the Redis feed, no subscribers"),
         ("layouts", "Redis layouts: entry per event, entry per batch, Pub/Sub plus a history"),
         ("parsers", "redis-py's reply parsers (hiredis, Python) reading the Redis feed"),
+        ("storm", "reconnect storm: 10,000 streams cut at once, hub restarts; Last-Event-ID"),
     ):
         s.append(Scenario(name, title, 0, extra={"module": f"bench.{name}"}))
     return s
