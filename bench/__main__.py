@@ -136,7 +136,7 @@ def run_one(
             "streams": sc.streams,
             "routing": sc.routing,
             "probes": min(sc.probes, args.probes) if sc.probes else 0,
-            "connect_rate": args.connect_rate,
+            "connect_rate": sc.extra.get("connect_rate", args.connect_rate),
             "duration": args.duration,
             "idle_hold": min(args.duration, 3.0),
             "publish": pub,
@@ -147,7 +147,7 @@ def run_one(
             "loadgen_loop": "uvloop",
             "rcvlowat": args.rcvlowat,
         }
-        connect_budget = sc.streams / args.connect_rate + 35
+        connect_budget = sc.streams / spec["connect_rate"] + 35
         timeout = connect_budget + args.duration + 60
         spec["timeout"] = timeout - 5
         res = run_loadgen(spec, timeout, tmp / f"loadgen-{sc.name}-{kind}.log")
@@ -228,6 +228,8 @@ def notes(r: dict[str, Any]) -> str:
         return "ERROR: " + " ".join(str(r["error"]).split())[:160]
     if r.get("connect_s") is not None and r.get("scenario", "").startswith("idle"):
         out.append(f"connect all {r['connect_s']:.2f}s")
+        if r["connect_s"] > 0:
+            out.append(f"{r['streams'] / r['connect_s']:,.0f} connects/s")
         if r.get("connect_cpu_us") is not None:
             out.append(f"{r['connect_cpu_us']:.0f} us server CPU/connect")
     elif r.get("streams") and r.get("connect_s") is None:
@@ -326,6 +328,14 @@ def check_targets(rows: list[dict[str, Any]]) -> str:
         v = r.get("lg_cpu_pct") or 0
         return " [limited by loadgen]" if v > LOADGEN_LIMIT_PCT else ""
 
+    r = hub.get("idle-10k-ramp10k")
+    if r and r.get("connect_s"):
+        ov = (r.get("tcp_ext") or {}).get("ListenOverflows", 0)
+        line(
+            ov == 0,
+            "10,000 arriving at 10,000/s: the rate sustained, no listen-queue overflow",
+            f"{r['streams'] / r['connect_s']:,.0f} connects/s, {ov} overflows",
+        )
     r = hub.get("idle-10k")
     if r:
         kb = r.get("rss_per_stream_kb")

@@ -79,7 +79,17 @@ class Scenario:
 
 
 def all_scenarios() -> list[Scenario]:
-    s = [Scenario("idle-10k", "10,000 idle streams", 10_000, probes=0)]
+    s = [
+        Scenario("idle-10k", "10,000 idle streams", 10_000, probes=0),
+        # the connect rate the hub sustains: clients arriving twice as fast as idle-10k's
+        Scenario(
+            "idle-10k-ramp10k",
+            "10,000 idle streams arriving at 10,000/s",
+            10_000,
+            probes=0,
+            extra={"connect_rate": 10_000},
+        ),
+    ]
     for streams, rates in ((2_000, (200, 500, 1000)), (10_000, (100, 200))):
         for r in rates:
             s.append(
