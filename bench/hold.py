@@ -55,17 +55,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import errno
 import itertools
 import json
 import os
 import platform
 import random
 import re
-import resource
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -73,32 +69,34 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import jwt
+from bench import procs, servers
+from bench.faults_check import Attempt
+from bench.faults_clients import Blackhole
+from bench.rawconn import (
+    HEAD_END,
+    Conn,
+    answer_head,
+    close_all,
+    events_request,
+    retry_after,
+)
 
-from bench import servers
-from bench.faults_check import STORED
-from bench.faults_clients import Blackhole, http_get, post
-
-REPO = Path(__file__).resolve().parent.parent
 SECRET = "hold-bench-secret-".ljust(48, "x")
 now = time.monotonic
 
 RATE = 200.0  # events/s published to A throughout
-TICK = 0.01  # the publisher sends what it owes every TICK seconds
-MAX_BATCH = 50  # events per publish at most (a publisher that fell behind catches up)
 PRE_EVENTS = 5  # published to A while B is cut off, before the storm
 MAX_TRIES = 10  # attempts per client
 LAUNCH_CHUNK = 500  # first attempts started in one turn of the loop
 HEAD_TIMEOUT = 15.0  # seconds an attempt waits to connect and get its answer's head
-READ_SIZE = 256 * 1024
 STORM_WITHIN = 40.0  # seconds a storm may take in all (10 tries of up to 4 s each)
 MARK_AFTER = 0.5  # seconds after the last stream opened before the closing mark
 DRAIN_WITHIN = 15.0  # seconds every open stream has to read up to the mark
 SIDE_WITHIN = 10.0  # seconds the side process has to answer a command
-READY_WITHIN = 30.0
 PROBE_WITHIN = 10.0
 RCVLOWAT = 64 * 1024  # an open stream is read once this much waits (fewer, larger reads)
 RAW_CAP = 1 << 20  # bytes of ids kept of a stream that differs from the others
@@ -108,7 +106,6 @@ RUN_WITHIN = 420.0  # the whole run, whatever happens
 # An event the publisher sent: its id, then its name (a `reset` or anything else is counted).
 EVENT_ID = re.compile(rb"id: ([^\n]*)\nevent: broadcast\n")
 OPENING_ID = re.compile(rb"(?m)^id: ([^\n]*)$")
-HEAD_END = b"\r\n\r\n"
 
 
 @dataclass(frozen=True)
@@ -126,10 +123,7 @@ CELLS = [
 ]
 
 
-def token(sub: str, **claims: Any) -> str:
-    return jwt.encode(
-        {"sub": sub, "exp": int(time.time()) + 7200, **claims}, SECRET, algorithm="HS256"
-    )
+token = partial(procs.token, SECRET)
 
 
 def key(event_id: bytes | str) -> tuple[int, int] | None:
@@ -142,76 +136,7 @@ def key(event_id: bytes | str) -> tuple[int, int] | None:
         return None
 
 
-def cores() -> tuple[int | None, list[int]]:
-    """B's core and everyone else's (None, all: fewer than two cores, nothing pinned)."""
-    mine = sorted(os.sched_getaffinity(0))
-    if len(mine) < 2:
-        return None, mine
-    return mine[0], mine[1:]
-
-
-# -- /proc -----------------------------------------------------------------------------------
-
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def proc_status_kb(pid: int, field_name: bytes) -> int:
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(field_name):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
-def cpu_s(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return 0.0
-    fields = data[data.rindex(b")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def busy_s() -> float:
-    """Busy seconds of every core (/proc/stat: all but idle and iowait), softirq included."""
-    total = 0.0
-    with open("/proc/stat") as f:
-        for line in f:
-            if line.startswith("cpu") and line[3:4].isdigit():
-                vals = [int(v) for v in line.split()[1:9]]
-                total += sum(vals) - vals[3] - vals[4]
-    return total / CLK_TCK
-
-
-def reset_peak(pid: int) -> bool:
-    """Reset the process's VmHWM to its current RSS (Linux >= 4.0): whether it could."""
-    try:
-        with open(f"/proc/{pid}/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def listen_overflows() -> int:
-    try:
-        with open("/proc/net/netstat") as f:
-            lines = [line.split() for line in f if line.startswith("TcpExt:")]
-        return int(dict(zip(lines[0][1:], lines[1][1:], strict=False)).get("ListenOverflows", 0))
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
 # -- the side process: B's proxy and the publisher --------------------------------------------
-
-
-def emit(message: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(message) + "\n")
-    sys.stdout.flush()
 
 
 async def side_main(upstream: int, a_port: int, rate: float) -> None:
@@ -219,287 +144,106 @@ async def side_main(upstream: int, a_port: int, rate: float) -> None:
     object a line), reports on stdout. Ends when stdin does."""
     loop = asyncio.get_running_loop()
     proxy = await Blackhole(upstream).start()
-    headers = {
-        "Authorization": f"Bearer {os.environ['HOLD_TOKEN']}",
-        "Content-Type": "application/json",
-    }
-    marks: list[tuple[int, str]] = []
-    stop = asyncio.Event()
-    emit({"proxy": proxy.port})
+
+    def failed(attempt: Attempt, tag: str | None) -> None:
+        procs.emit({"fail": attempt.status, "detail": attempt.detail, "tag": tag})
+
+    publisher = procs.Paced(a_port, os.environ["HOLD_TOKEN"], rate, failed)
+    procs.emit({"proxy": proxy.port})
 
     def heal() -> None:
         proxy.heal()
-        emit({"healed": now()})
+        procs.emit({"healed": now()})
 
-    async def publish(events: list[dict[str, Any]], tag: str | None) -> None:
-        attempt = await post(0, a_port, headers, json.dumps(events).encode(), timeout=10.0)
-        if attempt.outcome == STORED:
-            emit({"ack": json.loads(attempt.detail), "tag": tag})
-        else:
-            emit({"fail": attempt.status, "detail": attempt.detail, "tag": tag})
-
-    async def publisher() -> None:
-        start, sent, n = now(), 0, 0
-        while not stop.is_set():
-            if marks:
-                count, tag = marks.pop(0)
-                await publish(
-                    [{"type": 5, "data": {"mark": tag, "i": i}} for i in range(count)], tag
-                )
-                continue
-            owed = min(MAX_BATCH, int(rate * (now() - start)) - sent)
-            if owed >= 1:
-                await publish([{"type": 5, "data": {"n": n + i}} for i in range(owed)], None)
-                sent += owed
-                n += owed
-                continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), TICK)  # pacing, not a synchronisation
-
-    task = loop.create_task(publisher())
-    reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    publisher.start()
+    reader = await procs.pipe_reader(sys.stdin)
     try:
         while line := await reader.readline():
             cmd = json.loads(line)
             what = cmd["cmd"]
             if what == "block":
                 proxy.block()
-                emit({"blocked": now()})
+                procs.emit({"blocked": now()})
             elif what == "heal_after":
                 loop.call_later(float(cmd["s"]), heal)
             elif what == "heal":
                 heal()
             elif what == "mark":
-                marks.append((int(cmd["n"]), str(cmd["tag"])))
+                publisher.marks.append((int(cmd["n"]), str(cmd["tag"])))
     finally:
-        stop.set()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(task, 12)
+        await publisher.close()
         await proxy.close()
 
 
-class Side:
+class Side(procs.PublishingSide):
     """The side process, seen from here: commands in, acknowledged ids out (in id order)."""
 
     def __init__(self, tmp: Path, redis_port: int, a_port: int, publisher_token: str) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
+        env = procs.clean_env()
         env["HOLD_TOKEN"] = publisher_token
-        self.log = tmp / "side.log"
         argv = [sys.executable, "-m", "bench.hold", "--side", str(redis_port), str(a_port)]
         argv += ["--rate", str(RATE)]
-        with open(self.log, "wb") as err:
-            self.proc = subprocess.Popen(
-                argv,
-                cwd=REPO,
-                env=env,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=err,
-                start_new_session=True,
-            )
-        servers.STARTED.append(self.proc)
-        self.acks: list[str] = []
+        super().__init__(argv, tmp / "side.log", env)
         self.failures: list[str] = []
-        self.marks: dict[str, asyncio.Future[list[str]]] = {}
         self.healed: asyncio.Future[float] | None = None
         self.blocked: asyncio.Future[float] | None = None
         self.proxy_port: asyncio.Future[int] | None = None
-        self.reader_task: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
-        loop = asyncio.get_running_loop()
-        self.proxy_port = loop.create_future()
-        reader = asyncio.StreamReader(limit=1 << 20)
-        assert self.proc.stdout is not None
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), self.proc.stdout)
-        self.reader_task = loop.create_task(self._read(reader))
+        self.proxy_port = asyncio.get_running_loop().create_future()
+        await self.listen(1 << 20)
         return await asyncio.wait_for(self.proxy_port, SIDE_WITHIN)
 
-    async def _read(self, reader: asyncio.StreamReader) -> None:
-        while line := await reader.readline():
-            msg = json.loads(line)
-            if "ack" in msg:
-                self.acks.extend(msg["ack"])
-                future = self.marks.pop(msg["tag"], None) if msg["tag"] else None
-                if future is not None and not future.done():
-                    future.set_result(msg["ack"])
-            elif "fail" in msg:
-                self.failures.append(f"{msg['fail']} {msg['detail']}"[:200])
-                future = self.marks.pop(msg["tag"], None) if msg["tag"] else None
-                if future is not None and not future.done():
-                    future.set_exception(RuntimeError(f"mark not published: {msg['detail']}"))
-            elif "healed" in msg and self.healed is not None and not self.healed.done():
-                self.healed.set_result(float(msg["healed"]))
-            elif "blocked" in msg and self.blocked is not None and not self.blocked.done():
-                self.blocked.set_result(float(msg["blocked"]))
-            elif "proxy" in msg and self.proxy_port is not None:
-                self.proxy_port.set_result(int(msg["proxy"]))
-        for future in self.marks.values():
-            if not future.done():
-                future.set_exception(RuntimeError("the side process ended"))
-
-    def send(self, **cmd: Any) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write((json.dumps(cmd) + "\n").encode())
-        self.proc.stdin.flush()
+    def on_message(self, msg: dict[str, Any]) -> None:
+        if "ack" in msg:
+            self.acked(msg)
+        elif "fail" in msg:
+            self.failures.append(f"{msg['fail']} {msg['detail']}"[:200])
+            if msg["tag"]:
+                self.mark_failed(msg["tag"], f"mark not published: {msg['detail']}")
+        elif "healed" in msg and self.healed is not None and not self.healed.done():
+            self.healed.set_result(float(msg["healed"]))
+        elif "blocked" in msg and self.blocked is not None and not self.blocked.done():
+            self.blocked.set_result(float(msg["blocked"]))
+        elif "proxy" in msg and self.proxy_port is not None:
+            self.proxy_port.set_result(int(msg["proxy"]))
 
     async def mark(self, count: int, tag: str) -> list[str]:
         """Publish `count` events tagged `tag` through the publisher's queue; their ids."""
-        future: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
-        self.marks[tag] = future
-        self.send(cmd="mark", n=count, tag=tag)
-        return await asyncio.wait_for(future, SIDE_WITHIN)
+        return await self.mark_once(count, tag, SIDE_WITHIN)
 
     async def block(self) -> float:
         self.blocked = asyncio.get_running_loop().create_future()
-        self.send(cmd="block")
+        self.send({"cmd": "block"})
         return await asyncio.wait_for(self.blocked, SIDE_WITHIN)
 
     def heal_after(self, seconds: float) -> None:
         self.healed = asyncio.get_running_loop().create_future()
-        self.send(cmd="heal_after", s=seconds)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            if self.proc.stdin is not None:
-                self.proc.stdin.close()  # the side process ends when its stdin does
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(15)
-        servers.stop(self.proc, grace=2.0)
-        if self.reader_task is not None:
-            self.reader_task.cancel()
+        self.send({"cmd": "heal_after", "s": seconds})
 
 
 # -- the hubs --------------------------------------------------------------------------------
 
 
-class Hub:
+class Hub(procs.Hub):
     """One hub process on a free loopback port, pinned to `core` when given; logs in a file;
     ended by its PID (bench.servers.STARTED)."""
 
     def __init__(self, tmp: Path, name: str, core: int | None, flags: list[str]) -> None:
-        self.port = servers.free_port()
-        self.log = tmp / f"hub-{name}-{self.port}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
+        port = servers.free_port()
+        env = procs.clean_env()
         env["HUB_JWT_SECRET"] = SECRET
         argv = [sys.executable, "-m", "handlers.app", "--host", "127.0.0.1"]
-        argv += ["--port", str(self.port), "--shutdown-spread", "0", "--shutdown-timeout", "5"]
+        argv += ["--port", str(port), "--shutdown-spread", "0", "--shutdown-timeout", "5"]
         argv += flags
         if core is not None:
             argv = ["taskset", "-c", str(core), *argv]
-        self.proc = servers.spawn(argv, env=env, log=self.log)
-        self.pid = self.proc.pid  # taskset execs the hub: the same PID
-
-    async def wait_ready(self) -> None:
-        deadline = now() + READY_WITHIN
-        while now() < deadline and self.proc.poll() is None:
-            if await http_get(self.port, "/readyz", 1.0) == 200:
-                return
-            await asyncio.sleep(0.05)  # polling inside a deadline
-        tail = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
-        raise RuntimeError(f"hub on port {self.port} not ready (exit {self.proc.poll()}):\n{tail}")
-
-    def stop(self) -> None:
-        servers.stop(self.proc, grace=8.0)
+        super().__init__(argv, port, tmp / f"hub-{name}-{port}.log", env)
 
 
 # -- the storm's clients ---------------------------------------------------------------------
 
 HEAD, STREAM, DONE, GAVE_UP = range(4)
-
-
-class Conn:
-    """One attempt's connection: a non-blocking socket the loop watches (add_reader,
-    add_writer), no transport: connecting and sending cost a few system calls, so the first
-    requests leave while the last sockets are made. What it reads goes to its client while it
-    is the client's current one."""
-
-    __slots__ = ("client", "fd", "loop", "sending", "sock")
-
-    def __init__(self, client: Client) -> None:
-        self.client = client
-        self.loop = client.storm.loop
-        self.sock: socket.socket | None = None
-        self.fd = -1
-        self.sending = b""
-
-    def open(self, port: int) -> None:
-        sock = self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        self.fd = sock.fileno()
-        err = sock.connect_ex(("127.0.0.1", port))
-        if err not in (0, errno.EINPROGRESS):
-            raise OSError(err, os.strerror(err))
-        self.sending = self.client.request
-        self._send()  # on loopback the handshake is often done already
-
-    def _send(self) -> None:
-        sock = self.sock
-        assert sock is not None
-        try:
-            sent = sock.send(self.sending)
-        except (BlockingIOError, InterruptedError):
-            self.loop.add_writer(self.fd, self._writable)
-            return
-        except OSError as exc:
-            if exc.errno != errno.ENOTCONN:  # (not connected yet: wait until it is)
-                raise
-            self.loop.add_writer(self.fd, self._writable)
-            return
-        self.sending = self.sending[sent:]
-        if self.sending:
-            self.loop.add_writer(self.fd, self._writable)
-            return
-        client = self.client
-        if not client.sent:
-            client.sent = now()
-        self.loop.add_reader(self.fd, self._readable)
-
-    def _writable(self) -> None:
-        self.loop.remove_writer(self.fd)
-        sock = self.sock
-        if sock is None:
-            return
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        try:
-            if err:
-                raise OSError(err, os.strerror(err))
-            self._send()
-        except OSError as exc:
-            self.client.failed(self, exc)
-
-    def _readable(self) -> None:
-        sock = self.sock
-        if sock is None:
-            return
-        try:
-            data = sock.recv(READ_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self.close()
-            if self.client.conn is self:
-                self.client.lost()
-            return
-        if self.client.conn is self:
-            self.client.received(data)
-
-    def lowat(self, n: int) -> None:
-        """SO_RCVLOWAT: readable once n bytes wait (fewer, larger reads); set back to 1 it
-        wakes its reader at once (Linux >= 4.19)."""
-        if self.sock is not None:
-            with contextlib.suppress(OSError):
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, n)
-
-    def close(self) -> None:
-        sock, self.sock = self.sock, None
-        if sock is not None:
-            self.loop.remove_reader(self.fd)
-            self.loop.remove_writer(self.fd)
-            sock.close()
 
 
 class Client:
@@ -544,17 +288,20 @@ class Client:
             self.first = now()
         self.state = HEAD
         self.buf = b""
-        conn = self.conn = Conn(self)
+        conn = self.conn = Conn(self, self.storm.loop)
         self.timer = self.storm.loop.call_later(HEAD_TIMEOUT, self._head_timeout, conn)
         try:
-            conn.open(self.storm.port)
+            conn.open(self.storm.port, self.request)
         except OSError as exc:
-            self.failed(conn, exc)
+            self.failed(exc)
 
-    def failed(self, conn: Conn, exc: OSError) -> None:
-        if self.conn is conn:
-            self.storm.errors.append(f"connect: {exc!r}"[:120])
-            self._answer(0, 1.0, "connect")
+    def request_sent(self) -> None:
+        if not self.sent:
+            self.sent = now()
+
+    def failed(self, exc: OSError) -> None:
+        self.storm.errors.append(f"connect: {exc!r}"[:120])
+        self._answer(0, 1.0, "connect")
 
     def _head_timeout(self, conn: Conn) -> None:
         if self.conn is conn and self.state == HEAD:
@@ -585,25 +332,14 @@ class Client:
             self._take(data)
         elif self.state == HEAD:
             self.buf += data
-            end = self.buf.find(HEAD_END)
-            if end < 0:
+            head = answer_head(self.buf)
+            if head is None:
                 if len(self.buf) > 65536:
                     self._answer(0, 1.0, "head too long")
                 return
-            lines = self.buf[:end].decode("latin-1").split("\r\n")
-            rest = self.buf[end + len(HEAD_END) :]
+            status, headers, rest = head
             self.buf = b""
-            try:
-                status = int(lines[0].split(" ", 2)[1])
-            except (IndexError, ValueError):
-                status = 0
             if status != 200:
-                retry_after = 1.0
-                for line in lines[1:]:
-                    name, _, value = line.partition(":")
-                    if name.strip().lower() == "retry-after":
-                        with contextlib.suppress(ValueError):
-                            retry_after = float(value.strip())
                 kind = (
                     "behind"
                     if b"not read up to" in rest
@@ -612,7 +348,7 @@ class Client:
                     else ""
                 )
                 self.storm.said.setdefault(f"{status} {kind}", rest[:200].decode(errors="replace"))
-                self._answer(status, retry_after, kind)
+                self._answer(status, retry_after(headers), kind)
                 return
             if self.timer is not None:
                 self.timer.cancel()
@@ -764,17 +500,9 @@ class Storm:
         self.all_settled = asyncio.Event()
         self.all_done = asyncio.Event()
         self.t_settled = 0.0
-        host = f"127.0.0.1:{port}"
+        resume = f"Last-Event-ID: {last_id}\r\n\r\n".encode()
         self.clients = [
-            Client(
-                self,
-                i,
-                (
-                    f"GET /events HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n"
-                    f"Authorization: Bearer {tok}\r\nLast-Event-ID: {last_id}\r\n\r\n"
-                ).encode(),
-            )
-            for i, tok in enumerate(tokens)
+            Client(self, i, events_request(port, tok) + resume) for i, tok in enumerate(tokens)
         ]
 
     def start(self, at: int = 0) -> None:
@@ -821,11 +549,7 @@ class Storm:
 
     def close(self) -> None:
         self.closing = True
-        for client in self.clients:
-            if client.timer is not None:
-                client.timer.cancel()
-            if client.conn is not None:
-                client.conn.close()
+        close_all(self.clients)
 
 
 # -- one cell --------------------------------------------------------------------------------
@@ -983,15 +707,15 @@ async def run_cell(
         needle = f"final-{tag}".encode()
         storm = Storm(loop, b.port, tokens[:n], last_id, needle, random.randrange(1 << 30))
         await asyncio.sleep(0.05)  # B's own settling after the block (it is not reading)
-        row.rss_before_kb = proc_status_kb(b.pid, b"VmRSS:")
-        hwm = reset_peak(b.pid)
+        row.rss_before_kb = procs.proc_status_kb(b.pid, b"VmRSS:")
+        hwm = procs.reset_peak(b.pid)
         sampled = row.rss_before_kb
-        overflows = listen_overflows()
-        cpu0 = cpu_s(b.pid)
-        mine0 = cpu_s(os.getpid())
+        overflows = procs.listen_overflows()
+        cpu0 = procs.cpu_s(b.pid)
+        mine0 = procs.cpu_s(os.getpid())
         ours = [b.pid, *pids]
-        ours0 = sum(cpu_s(pid) for pid in ours) + mine0
-        busy0 = busy_s()
+        ours0 = sum(procs.cpu_s(pid) for pid in ours) + mine0
+        busy0 = procs.busy_s()
         lag = Lag(loop)
         t0 = now()
         if cell.hold_ms is not None:
@@ -999,21 +723,23 @@ async def run_cell(
         storm.start()
         deadline = t0 + STORM_WITHIN
         while not storm.all_settled.is_set() and now() < deadline:
-            sampled = max(sampled, proc_status_kb(b.pid, b"VmRSS:"))
+            sampled = max(sampled, procs.proc_status_kb(b.pid, b"VmRSS:"))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(storm.all_settled.wait(), 0.02)  # sampling RSS
         storm.expired = not storm.all_settled.is_set()
-        cpu1 = cpu_s(b.pid)
-        mine1 = cpu_s(os.getpid())
+        cpu1 = procs.cpu_s(b.pid)
+        mine1 = procs.cpu_s(os.getpid())
         row.bench_cpu_s = mine1 - mine0
-        row.others_cpu_s = busy_s() - busy0 - (sum(cpu_s(pid) for pid in ours) + mine1 - ours0)
+        row.others_cpu_s = (
+            procs.busy_s() - busy0 - (sum(procs.cpu_s(pid) for pid in ours) + mine1 - ours0)
+        )
         row.storm_s = now() - t0
         row.lag_ms = lag.stop() * 1000
-        sampled = max(sampled, proc_status_kb(b.pid, b"VmRSS:"))
-        peak = proc_status_kb(b.pid, b"VmHWM:") if hwm else 0
+        sampled = max(sampled, procs.proc_status_kb(b.pid, b"VmRSS:"))
+        peak = procs.proc_status_kb(b.pid, b"VmHWM:") if hwm else 0
         row.rss_peak_kb, row.peak_how = (peak, "VmHWM") if hwm else (sampled, "sampled")
         row.cpu_s = cpu1 - cpu0
-        row.overflows = listen_overflows() - overflows
+        row.overflows = procs.listen_overflows() - overflows
         if side.healed is not None:
             healed = await asyncio.wait_for(side.healed, SIDE_WITHIN)
             assert cell.hold_ms is not None
@@ -1085,7 +811,7 @@ async def run_cell(
         await asyncio.sleep(0.2)  # the aborts reach B before it is stopped
         await asyncio.to_thread(b.stop)
         if side.healed is not None and not side.healed.done():
-            side.send(cmd="heal")
+            side.send({"cmd": "heal"})
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(side.healed, SIDE_WITHIN)
         side.healed = None
@@ -1164,7 +890,7 @@ def details(rows: list[Row]) -> list[str]:
 async def main_async(
     n: int, cells: list[Cell], say: Callable[[str], None], keep: bool, direct: bool
 ) -> list[Row]:
-    b_core, rest = cores()
+    b_core, rest = procs.cores()
     if b_core is not None:
         os.sched_setaffinity(0, rest)  # this process and every child but B
     tmp = Path(tempfile.mkdtemp(prefix="hub-hold-"))
@@ -1198,10 +924,7 @@ async def main_async(
             side.close()
         await asyncio.to_thread(a.stop)
         redis.stop()
-        if keep:
-            say(f"logs kept in {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        procs.drop_logs(tmp, keep, say)
     return rows
 
 
@@ -1242,21 +965,8 @@ def main() -> None:
     if shutil.which("redis-server") is None:
         print("hold: redis-server is missing (apt-get install redis-server)", file=sys.stderr)
         sys.exit(2)
-    servers.raise_nofile()
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    if soft < n + 200:
-        print(f"hold: {n} streams need {n + 200} descriptors; the limit is {soft}", file=sys.stderr)
-        sys.exit(2)
-
-    def on_term(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt  # unwinds through every finally: each process ended by PID
-
-    signal.signal(signal.SIGTERM, on_term)
-    t_run = now()
-
-    def say(text: str) -> None:
-        print(f"[{now() - t_run:6.1f} s] {text}", flush=True)
-
+    procs.enough_descriptors("hold", n)
+    t_run, say = procs.sayer()
     redis_version = subprocess.run(
         ["redis-server", "--version"], capture_output=True, text=True, timeout=10
     ).stdout.split()
@@ -1265,23 +975,7 @@ def main() -> None:
         f"{os.cpu_count()} cores, Linux {platform.release()}, Python {platform.python_version()}, "
         f"redis {next((w for w in redis_version if w.startswith('v=')), '?')[2:]}"
     )
-    try:
-        import uvloop
-
-        factory: Any = uvloop.new_event_loop
-    except ImportError:
-        factory = None
-    rows: list[Row] = []
-    try:
-        with asyncio.Runner(loop_factory=factory) as runner:
-            rows = runner.run(
-                asyncio.wait_for(main_async(n, chosen, say, args.keep, args.b_direct), RUN_WITHIN)
-            )
-    except KeyboardInterrupt:
-        print("hold: interrupted", file=sys.stderr)
-        sys.exit(130)
-    finally:
-        servers.stop_all()
+    rows = procs.run_main("hold", main_async(n, chosen, say, args.keep, args.b_direct), RUN_WITHIN)
     print()
     print("\n".join(table(rows)))
     print("\n".join(LEGEND))

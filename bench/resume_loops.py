@@ -57,27 +57,21 @@ import contextlib
 import gc
 import json
 import os
-import platform
 import re
 import resource
 import shlex
-import shutil
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
 from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
-import jwt
-
-from bench import servers
-from bench.faults_clients import http_get
+from bench import procs, servers
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "resume-loops-bench-secret-".ljust(48, "x")
@@ -96,7 +90,6 @@ STREAM_READ = 256 * 1024
 RCVLOWAT = 64 * 1024  # an ordinary (not probe) stream is read once this much waits
 OPEN_CHUNK = 200  # streams connecting at once
 HEAD_WITHIN = 30.0  # seconds for every ordinary stream to get its 200 head
-READY_WITHIN = 30.0
 POST_WITHIN = 15.0  # seconds one publish may take
 REPLAY_WITHIN = 60.0  # seconds the lone resume may take
 FIRST_WITHIN = 10.0  # seconds for every probe to receive its first live event
@@ -109,10 +102,7 @@ LIVE = re.compile(rb'"t":(\d+),"n":(\d+)')
 HEAD_END = b"\r\n\r\n"
 
 
-def token(sub: str, **claims: Any) -> str:
-    return jwt.encode(
-        {"sub": sub, "exp": int(time.time()) + 7200, **claims}, SECRET, algorithm="HS256"
-    )
+token = partial(procs.token, SECRET)
 
 
 def request(port: int, tok: str, last_id: str | None = None) -> bytes:
@@ -121,32 +111,6 @@ def request(port: int, tok: str, last_id: str | None = None) -> bytes:
         f"GET /events HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {tok}\r\n"
         f"Accept: text/event-stream\r\n{resume}\r\n"
     ).encode()
-
-
-def cores() -> tuple[int | None, list[int]]:
-    """The hub's core and everyone else's (None, all: fewer than two cores, nothing pinned)."""
-    mine = sorted(os.sched_getaffinity(0))
-    if len(mine) < 2:
-        return None, mine
-    return mine[0], mine[1:]
-
-
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_s(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return 0.0
-    fields = data[data.rindex(b")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def self_cpu_s() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
 
 
 def percentile(sorted_vals: Sequence[float], q: float) -> float:
@@ -162,21 +126,7 @@ def set_rcvlowat(transport: asyncio.BaseTransport | None, n: int) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, n)
 
 
-def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-    return factory
-
-
 # -- the side process: the looping clients ---------------------------------------------------
-
-
-def emit(message: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(message) + "\n")
-    sys.stdout.flush()
 
 
 class Looper:
@@ -285,14 +235,13 @@ async def side_main(port: int) -> None:
     """Reads its spec (one JSON line), starts the loops, says when; on `stop` (or EOF, or its
     own deadline) stops them and says what they pulled."""
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=16 << 20)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    reader = await procs.pipe_reader(sys.stdin, 16 << 20)
     spec = json.loads(await asyncio.wait_for(reader.readline(), SIDE_WITHIN))
     looper = Looper(port, spec)
     until = mono() + float(spec["max_seconds"])
-    cpu0, start = self_cpu_s(), mono_ns()
+    cpu0, start = procs.self_cpu_s(), mono_ns()
     looper.tasks = [loop.create_task(looper.client(i, until)) for i in range(len(spec["tokens"]))]
-    emit({"start": start})
+    procs.emit({"start": start})
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(reader.readline(), max(0.0, until - mono()))  # "stop" or EOF
     stop = mono_ns()
@@ -303,50 +252,31 @@ async def side_main(port: int) -> None:
         "cut": list(looper.cut),
         "durations": list(looper.durations),
         "refusals": dict(looper.refusals),
-        "cpu": self_cpu_s() - cpu0,
+        "cpu": procs.self_cpu_s() - cpu0,
     }
     looper.stopping = True
     for task in looper.tasks:
         task.cancel()
     await asyncio.gather(*looper.tasks, return_exceptions=True)
-    emit(said)
+    procs.emit(said)
 
 
-class Side:
+class Side(procs.Side):
     """The side process, seen from here."""
 
     def __init__(self, tmp: Path, port: int) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
-        self.log = tmp / "side.log"
         argv = [sys.executable, "-m", "bench.resume_loops", "--side", str(port)]
-        with open(self.log, "wb") as err:
-            self.proc = subprocess.Popen(
-                argv,
-                cwd=REPO,
-                env=env,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=err,
-                start_new_session=True,
-                preexec_fn=servers.raise_nofile,
-            )
-        servers.STARTED.append(self.proc)
+        super().__init__(argv, tmp / "side.log", procs.clean_env(), preexec_fn=servers.raise_nofile)
         self.lines: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self.reader_task: asyncio.Task[None] | None = None
 
     async def start(self, spec: dict[str, Any]) -> int:
         """Sends the spec; the side's start (monotonic ns) once its loops are launched."""
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=64 << 20)
-        assert self.proc.stdout is not None
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), self.proc.stdout)
-        self.reader_task = loop.create_task(self._read(reader))
+        await self.listen(64 << 20)
         self.send(spec)
         return int((await self.next())["start"])
 
-    async def _read(self, reader: asyncio.StreamReader) -> None:
-        while line := await reader.readline():
-            await self.lines.put(json.loads(line))
+    def on_message(self, msg: dict[str, Any]) -> None:
+        self.lines.put_nowait(msg)
 
     async def next(self, within: float = SIDE_WITHIN) -> dict[str, Any]:
         try:
@@ -357,58 +287,26 @@ class Side:
                 f"the side process did not answer in {within:g} s:\n{tail}"
             ) from None
 
-    def send(self, message: dict[str, Any]) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write((json.dumps(message) + "\n").encode())
-        self.proc.stdin.flush()
-
     async def stop(self) -> dict[str, Any]:
         self.send({"cmd": "stop"})
         return await self.next()
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            if self.proc.stdin is not None:
-                self.proc.stdin.close()  # the side ends when its stdin does
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(SIDE_WITHIN)
-        servers.stop(self.proc, grace=2.0)
-        if self.reader_task is not None:
-            self.reader_task.cancel()
 
 
 # -- the hub ---------------------------------------------------------------------------------
 
 
-class Hub:
+class Hub(procs.Hub):
     """The hub process on a free loopback port, pinned to `core` when given; its log in a
     file; ended by its PID (bench.servers.STARTED)."""
 
     def __init__(self, tmp: Path, cmd: list[str], core: int | None, flags: list[str]) -> None:
-        self.port = servers.free_port()
-        self.log = tmp / f"hub-{self.port}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
+        port = servers.free_port()
+        env = procs.clean_env()
         env["HUB_JWT_SECRET"] = SECRET
-        argv = [*cmd, "--host", "127.0.0.1", "--port", str(self.port), *flags]
+        argv = [*cmd, "--host", "127.0.0.1", "--port", str(port), *flags]
         if core is not None:
             argv = ["taskset", "-c", str(core), *argv]
-        self.argv = argv
-        self.proc = servers.spawn(argv, env=env, log=self.log)
-        self.pid = self.proc.pid  # taskset (and env) exec the hub: the same PID
-
-    async def wait_ready(self) -> None:
-        deadline = mono() + READY_WITHIN
-        while mono() < deadline and self.proc.poll() is None:
-            if await http_get(self.port, "/readyz", 1.0) == 200:
-                return
-            await asyncio.sleep(0.05)  # polling inside a deadline
-        raise RuntimeError(f"hub not ready (exit {self.proc.poll()}):\n{self.tail()}")
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
-
-    def stop(self) -> None:
-        servers.stop(self.proc, grace=8.0)
+        super().__init__(argv, port, tmp / f"hub-{port}.log", env)  # (taskset, env: same PID)
 
 
 class Poster:
@@ -778,7 +676,7 @@ def measure(
 
 
 async def run(args: argparse.Namespace, say: Callable[[str], None]) -> Result:
-    hub_core, rest = cores()
+    hub_core, rest = procs.cores()
     if hub_core is not None:
         os.sched_setaffinity(0, rest)  # this process and the side; the hub alone on its core
     tmp = Path(tempfile.mkdtemp(prefix="hub-resume-loops-"))
@@ -832,9 +730,9 @@ async def run(args: argparse.Namespace, say: Callable[[str], None]) -> Result:
             ) from None
 
         base = Period("baseline")
-        a, cpu_a, me_a = mono_ns(), cpu_s(hub.pid), self_cpu_s()
+        a, cpu_a, me_a = mono_ns(), procs.cpu_s(hub.pid), procs.self_cpu_s()
         await asyncio.sleep(args.baseline_seconds)  # the measured period
-        b, cpu_b, me_b = mono_ns(), cpu_s(hub.pid), self_cpu_s()
+        b, cpu_b, me_b = mono_ns(), procs.cpu_s(hub.pid), procs.self_cpu_s()
         base.bench_cpu = 100 * (me_b - me_a) / ((b - a) / 1e9)
         say(f"baseline period done ({(b - a) / 1e9:.1f} s)")
 
@@ -847,9 +745,9 @@ async def run(args: argparse.Namespace, say: Callable[[str], None]) -> Result:
         }
         during = Period("loops")
         c = await side.start(spec)
-        cpu_c, me_c = cpu_s(hub.pid), self_cpu_s()
+        cpu_c, me_c = procs.cpu_s(hub.pid), procs.self_cpu_s()
         await asyncio.sleep(max(0.0, args.seconds - (mono_ns() - c) / 1e9))  # the period
-        cpu_d, me_d = cpu_s(hub.pid), self_cpu_s()
+        cpu_d, me_d = procs.cpu_s(hub.pid), procs.self_cpu_s()
         report = await side.stop()
         d = int(report["stop"])
         during.bench_cpu = 100 * (me_d - me_c) / ((d - c) / 1e9)
@@ -892,10 +790,7 @@ async def run(args: argparse.Namespace, say: Callable[[str], None]) -> Result:
             side.close()
         await asyncio.sleep(0)  # the aborts go out before the hub is stopped
         await asyncio.to_thread(hub.stop)
-        if args.keep:
-            say(f"logs kept in {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        procs.drop_logs(tmp, args.keep, say)
 
 
 def run_within(args: argparse.Namespace) -> float:
@@ -906,40 +801,17 @@ def run_within(args: argparse.Namespace) -> float:
 # -- the report ------------------------------------------------------------------------------
 
 
-def commit() -> str:
-    def git(*words: str) -> str:
-        try:
-            r = subprocess.run(
-                ["git", *words], cwd=REPO, capture_output=True, text=True, timeout=10
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            return ""
-        return r.stdout.strip() if r.returncode == 0 else ""
-
-    head = git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = git("status", "--porcelain", "--", "hub", "handlers")
-    return f"{head} with uncommitted changes" if dirty else head
-
-
-def machine() -> str:
-    model = "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return (
-        f"{os.cpu_count()} cores ({model}), Linux {platform.release()}, "
-        f"Python {platform.python_version()}"
-    )
+def checkout() -> str:
+    """This checkout's commit, `with uncommitted changes` when hub/ or handlers/ has any."""
+    return procs.commit("--", "hub", "handlers", unknown="unknown")
 
 
 def report(r: Result, hub_cmd: str | None) -> tuple[list[str], bool]:
     lines: list[str] = []
     if hub_cmd:
-        lines.append(f"hub: --hub-cmd {hub_cmd!r}, not this checkout (at {commit()})")
+        lines.append(f"hub: --hub-cmd {hub_cmd!r}, not this checkout (at {checkout()})")
     else:
-        lines.append(f"hub: this checkout at {commit()}")
+        lines.append(f"hub: this checkout at {checkout()}")
     lines.append(f"hub argv: {' '.join(a for a in r.hub_argv)}")
     lines.append(
         f"history: {r.fill_events} events filled in {r.fill_s:.1f} s; a resume from the oldest "
@@ -1029,7 +901,7 @@ def main() -> None:
     parser.add_argument("--side", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
-        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        with asyncio.Runner(loop_factory=procs.event_loop_factory()) as runner:
             runner.run(side_main(args.side))
         return
     if args.quick:
@@ -1045,29 +917,14 @@ def main() -> None:
         print(f"resume_loops: {args.streams} streams need more descriptors than {soft}")
         sys.exit(2)
 
-    def on_term(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt  # unwinds through every finally: each process ended by PID
-
-    signal.signal(signal.SIGTERM, on_term)
-    t_run = mono()
-
-    def say(text: str) -> None:
-        print(f"[{mono() - t_run:6.1f} s] {text}", flush=True)
+    t_run, say = procs.sayer()
 
     say(
         f"bench.resume_loops: {args.loops} loops, {args.history_mb:g} MB of replay, "
         f"{args.streams} streams, periods {args.baseline_seconds:g} s + {args.seconds:g} s; "
-        f"{machine()}"
+        f"{procs.machine(memory=False)}"
     )
-    result: Result | None = None
-    try:
-        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-            result = runner.run(asyncio.wait_for(run(args, say), run_within(args)))
-    except KeyboardInterrupt:
-        print("resume_loops: interrupted", file=sys.stderr)
-        sys.exit(130)
-    finally:
-        servers.stop_all()
+    result = procs.run_main("resume_loops", run(args, say), run_within(args))
     lines, ok = report(result, args.hub_cmd)
     print()
     print("\n".join(lines))

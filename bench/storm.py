@@ -46,17 +46,13 @@ import argparse
 import asyncio
 import bisect
 import contextlib
-import errno
 import itertools
 import json
 import os
-import platform
 import random
 import re
-import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -65,35 +61,23 @@ import uuid
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import jwt
-
-from bench import servers
-from bench.faults_check import STORED, UNKNOWN
-from bench.faults_clients import http_get, post
-from bench.hold import (
-    Lag,
-    cpu_s,
-    key,
-    listen_overflows,
-    percentile,
-    proc_status_kb,
-    reset_peak,
-)
+from bench import procs, servers
+from bench.faults_check import UNKNOWN, Attempt
+from bench.hold import Lag, key, percentile
+from bench.rawconn import Conn, answer_head, close_all, events_request, retry_after
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "storm-bench-secret-".ljust(48, "x")
 now = time.monotonic
 
 RATE = 200.0  # events/s published throughout
-TICK = 0.01  # the publisher sends what it owes every TICK seconds
-MAX_BATCH = 50  # events per publish at most (a publisher that fell behind catches up)
 PROBES = 200  # streams read at once, whose events' delays are measured
 LAUNCH_CHUNK = 500  # attempts started in one turn of the loop
 HEAD_TIMEOUT = 15.0  # seconds an attempt waits for its answer's head
-READ_SIZE = 256 * 1024
 RCVLOWAT = 64 * 1024  # a stream that is not a probe is read once this much waits
 MAX_TRIES = 20  # attempts per client per phase (the first connect, the storm)
 CONNECT_WITHIN = 90.0  # seconds for every stream's first connect
@@ -105,7 +89,6 @@ MARK_AFTER = 0.5  # seconds after all are back before the closing mark
 DRAIN_WITHIN = 30.0  # seconds every stream has to read up to the mark
 LATE_AFTER = 5.0  # a stream that reads the mark later than this after its 202 stalled
 SIDE_WITHIN = 15.0
-READY_WITHIN = 30.0
 SAMPLE = 0.05  # seconds between RSS samples during a storm
 RUN_WITHIN = 1200.0  # the whole run, whatever happens
 QUICK = {"streams": 200, "probes": 50, "retry": 1.0, "spread": 2.0, "warm": 1.0}
@@ -114,7 +97,6 @@ T_SENT = re.compile(rb'"t":([0-9.]+)')
 # the id of a broadcast frame: the first of some bytes; each after a blank line
 FIRST_ID = re.compile(rb"id: ([^\n]*)\nevent: broadcast\n")
 FRAME_ID = re.compile(rb"\n\nid: ([^\n]*)\nevent: broadcast\n")
-HEAD_END = b"\r\n\r\n"
 IDLE, HEAD, OPENING, STREAM, GAVE_UP = range(5)
 
 
@@ -154,10 +136,7 @@ class Settings:
     default_spread: float  # the hub's own default
 
 
-def token(sub: str, **claims: Any) -> str:
-    return jwt.encode(
-        {"sub": sub, "exp": int(time.time()) + 7200, **claims}, SECRET, algorithm="HS256"
-    )
+token = partial(procs.token, SECRET)
 
 
 def hub_defaults() -> tuple[float, float]:
@@ -168,56 +147,7 @@ def hub_defaults() -> tuple[float, float]:
     return config.retry, config.shutdown_spread
 
 
-def children(pid: int) -> list[int]:
-    """The processes whose parent is `pid` (a --workers supervisor's workers)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        fields = data[data.rindex(b")") + 2 :].split()
-        if int(fields[1]) == pid:
-            found.append(int(entry))
-    return found
-
-
-def commit() -> str:
-    def git(*args: str) -> str:
-        try:
-            r = subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO, timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            return ""
-        return r.stdout.strip()
-
-    head = git("rev-parse", "--short", "HEAD") or "?"
-    dirty = git("status", "--porcelain", "--untracked-files=no")
-    return f"{head} with uncommitted changes" if dirty else head
-
-
-def machine() -> str:
-    model = "?"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (
-        f"{os.cpu_count()} cores ({model}), {mem:.0f} GiB, Linux {platform.release()}, "
-        f"Python {platform.python_version()}"
-    )
-
-
 # -- the publisher: a side process ------------------------------------------------------------
-
-
-def emit(message: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(message) + "\n")
-    sys.stdout.flush()
 
 
 async def side_main(port: int, rate: float) -> None:
@@ -225,195 +155,97 @@ async def side_main(port: int, rate: float) -> None:
     event's data carrying its send time (`t`, this machine's monotonic clock); marks on
     command (stdin, a JSON object a line); each answer reported on stdout. Ends when stdin
     does. A publish that fails is not retried: the pace goes on (a restart refuses a few)."""
-    loop = asyncio.get_running_loop()
-    headers = {
-        "Authorization": f"Bearer {os.environ['STORM_TOKEN']}",
-        "Content-Type": "application/json",
-    }
-    marks: list[tuple[int, str]] = []
-    stop = asyncio.Event()
 
-    async def publish(events: list[dict[str, Any]], tag: str | None) -> None:
-        attempt = await post(0, port, headers, json.dumps(events).encode(), timeout=10.0)
-        if attempt.outcome == STORED:
-            emit({"ack": json.loads(attempt.detail), "tag": tag})
-        else:
-            emit({"fail": attempt.outcome, "detail": f"{attempt.status} {attempt.detail}"[:200]})
-            if tag is not None:
-                emit({"markfail": tag})
+    def failed(attempt: Attempt, tag: str | None) -> None:
+        procs.emit({"fail": attempt.outcome, "detail": f"{attempt.status} {attempt.detail}"[:200]})
+        if tag is not None:
+            procs.emit({"markfail": tag})
 
-    async def publisher() -> None:
-        start, sent, n = now(), 0, 0
-        while not stop.is_set():
-            if marks:
-                count, tag = marks.pop(0)
-                await publish(
-                    [{"type": 5, "data": {"mark": tag, "i": i}} for i in range(count)], tag
-                )
-                continue
-            owed = min(MAX_BATCH, int(rate * (now() - start)) - sent)
-            if owed >= 1:
-                t = round(now(), 4)
-                await publish(
-                    [{"type": 5, "data": {"n": n + i, "t": t}} for i in range(owed)], None
-                )
-                sent += owed  # (failed or not: the pace does not catch up on refusals)
-                n += owed
-                continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), TICK)  # pacing, not a synchronisation
-
-    task = loop.create_task(publisher())
-    reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    emit({"ready": True})
+    publisher = procs.Paced(port, os.environ["STORM_TOKEN"], rate, failed, stamp=True)
+    publisher.start()
+    reader = await procs.pipe_reader(sys.stdin)
+    procs.emit({"ready": True})
     try:
         while line := await reader.readline():
             cmd = json.loads(line)
             if cmd.get("cmd") == "mark":
-                marks.append((int(cmd["n"]), str(cmd["tag"])))
+                publisher.marks.append((int(cmd["n"]), str(cmd["tag"])))
     finally:
-        stop.set()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(task, 12)
+        await publisher.close()
 
 
-class Side:
+class Side(procs.PublishingSide):
     """The publisher's process, seen from here: marks in, acknowledged ids out (in order)."""
 
+    ended = "the publisher's process ended"
+
     def __init__(self, tmp: Path, port: int, rate: float) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HUB_")}
+        env = procs.clean_env()
         env["STORM_TOKEN"] = token("storm-publisher", publish=True)
-        self.log = tmp / f"side-{port}.log"
         argv = [sys.executable, "-m", "bench.storm", "--side", str(port), "--rate", str(rate)]
-        with open(self.log, "wb") as err:
-            self.proc = subprocess.Popen(
-                argv,
-                cwd=REPO,
-                env=env,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=err,
-                start_new_session=True,
-            )
-        servers.STARTED.append(self.proc)
-        self.acks: list[str] = []
+        super().__init__(argv, tmp / f"side-{port}.log", env)
         self.failures: dict[str, int] = {}
         self.first_failure: dict[str, str] = {}
-        self.marks: dict[str, asyncio.Future[list[str]]] = {}
         self.ready: asyncio.Future[bool] | None = None
-        self.reader_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.ready = loop.create_future()
-        reader = asyncio.StreamReader(limit=1 << 20)
-        assert self.proc.stdout is not None
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), self.proc.stdout)
-        self.reader_task = loop.create_task(self._read(reader))
+        self.ready = asyncio.get_running_loop().create_future()
+        await self.listen(1 << 20)
         await asyncio.wait_for(self.ready, SIDE_WITHIN)
 
-    async def _read(self, reader: asyncio.StreamReader) -> None:
-        while line := await reader.readline():
-            msg = json.loads(line)
-            if "ack" in msg:
-                self.acks.extend(msg["ack"])
-                future = self.marks.pop(msg["tag"], None) if msg["tag"] else None
-                if future is not None and not future.done():
-                    future.set_result(msg["ack"])
-            elif "fail" in msg:
-                self.failures[msg["fail"]] = self.failures.get(msg["fail"], 0) + 1
-                self.first_failure.setdefault(msg["fail"], msg["detail"])
-            elif "markfail" in msg:
-                future = self.marks.pop(msg["markfail"], None)
-                if future is not None and not future.done():
-                    future.set_exception(RuntimeError("the mark was not published"))
-            elif "ready" in msg and self.ready is not None and not self.ready.done():
-                self.ready.set_result(True)
-        for future in self.marks.values():
-            if not future.done():
-                future.set_exception(RuntimeError("the publisher's process ended"))
+    def on_message(self, msg: dict[str, Any]) -> None:
+        if "ack" in msg:
+            self.acked(msg)
+        elif "fail" in msg:
+            self.failures[msg["fail"]] = self.failures.get(msg["fail"], 0) + 1
+            self.first_failure.setdefault(msg["fail"], msg["detail"])
+        elif "markfail" in msg:
+            self.mark_failed(msg["markfail"], "the mark was not published")
+        elif "ready" in msg and self.ready is not None and not self.ready.done():
+            self.ready.set_result(True)
 
     async def mark(self, count: int, tag: str) -> list[str]:
         """Publish `count` events tagged `tag` (tried up to 3 times); their ids."""
         for attempt in range(3):
-            future: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
-            self.marks[tag] = future
-            assert self.proc.stdin is not None
-            self.proc.stdin.write(
-                (json.dumps({"cmd": "mark", "n": count, "tag": tag}) + "\n").encode()
-            )
-            self.proc.stdin.flush()
             try:
-                return await asyncio.wait_for(future, SIDE_WITHIN)
+                return await self.mark_once(count, tag, SIDE_WITHIN)
             except RuntimeError:
                 if attempt == 2:
                     raise
                 await asyncio.sleep(0.5)  # the hub refused it: once more, bounded
         raise AssertionError("unreachable")
 
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            if self.proc.stdin is not None:
-                self.proc.stdin.close()  # the publisher ends when its stdin does
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(15)
-        servers.stop(self.proc, grace=2.0)
-        if self.reader_task is not None:
-            self.reader_task.cancel()
-
 
 # -- the hub ------------------------------------------------------------------------------------
 
 
-class Hub:
+class Hub(procs.Hub):
     """`.venv/bin/hub` on a given loopback port, pinned with taskset; ended by its PID."""
 
+    grace = 20.0
+
     def __init__(self, tmp: Path, name: str, port: int, cores: str, flags: list[str]) -> None:
-        self.port = port
-        self.log = tmp / f"hub-{name}-{port}.log"
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith("HUB_") and k != "WEB_CONCURRENCY"
-        }
+        env = procs.clean_env("WEB_CONCURRENCY")
         env["HUB_JWT_SECRET"] = SECRET
         argv = ["taskset", "-c", cores, str(REPO / ".venv" / "bin" / "hub")]
         argv += ["--host", "127.0.0.1", "--port", str(port), *flags]
         self.workers = int(flags[flags.index("--workers") + 1]) if "--workers" in flags else 1
         self.started = now()
-        self.proc = servers.spawn(argv, env=env, log=self.log)
-        self.pid = self.proc.pid  # taskset execs the hub: the same PID
+        super().__init__(argv, port, tmp / f"hub-{name}-{port}.log", env)
         self._pids = [self.pid]
 
     def pids(self) -> list[int]:
         """Its processes: the hub, or a supervisor and its workers."""
         if self.workers > 1 and len(self._pids) < self.workers + 1:
-            self._pids = [self.pid, *children(self.pid)]
+            self._pids = [self.pid, *procs.children(self.pid)]
         return self._pids
 
-    async def wait_ready(self, streak: int = 1) -> None:
-        """Until /readyz answers 200 `streak` times in a row (workers: each is asked)."""
-        deadline = now() + READY_WITHIN
-        ok = 0
-        while now() < deadline and self.proc.poll() is None:
-            ok = ok + 1 if await http_get(self.port, "/readyz", 1.0) == 200 else 0
-            if ok >= streak and len(self.pids()) >= self.workers + (self.workers > 1):
-                return
-            await asyncio.sleep(0.05)  # polling inside a deadline
-        raise RuntimeError(
-            f"hub on port {self.port} not ready (exit {self.proc.poll()}):\n{self.tail()}"
-        )
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
+    def complete(self) -> bool:
+        return len(self.pids()) >= self.workers + (self.workers > 1)
 
     def term(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-
-    def stop(self) -> None:
-        servers.stop(self.proc, grace=20.0)
 
 
 # -- the canonical log ----------------------------------------------------------------------------
@@ -450,94 +282,6 @@ class Canon:
 
 
 # -- the clients ----------------------------------------------------------------------------------
-
-
-class Conn:
-    """One attempt's connection: a non-blocking socket the loop watches (add_reader,
-    add_writer), no transport (bench.hold.Conn, for this module's clients)."""
-
-    __slots__ = ("client", "fd", "loop", "sending", "sock")
-
-    def __init__(self, client: Client) -> None:
-        self.client = client
-        self.loop = client.storm.loop
-        self.sock: socket.socket | None = None
-        self.fd = -1
-        self.sending = b""
-
-    def open(self, port: int, request: bytes) -> None:
-        sock = self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        self.fd = sock.fileno()
-        err = sock.connect_ex(("127.0.0.1", port))
-        if err not in (0, errno.EINPROGRESS):
-            raise OSError(err, os.strerror(err))
-        self.sending = request
-        self._send()
-
-    def _send(self) -> None:
-        sock = self.sock
-        assert sock is not None
-        try:
-            sent = sock.send(self.sending)
-        except (BlockingIOError, InterruptedError):
-            self.loop.add_writer(self.fd, self._writable)
-            return
-        except OSError as exc:
-            if exc.errno != errno.ENOTCONN:  # (not connected yet: wait until it is)
-                raise
-            self.loop.add_writer(self.fd, self._writable)
-            return
-        self.sending = self.sending[sent:]
-        if self.sending:
-            self.loop.add_writer(self.fd, self._writable)
-            return
-        self.loop.add_reader(self.fd, self._readable)
-
-    def _writable(self) -> None:
-        self.loop.remove_writer(self.fd)
-        sock = self.sock
-        if sock is None:
-            return
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        try:
-            if err:
-                raise OSError(err, os.strerror(err))
-            self._send()
-        except OSError as exc:
-            if self.client.conn is self:
-                self.client.failed(exc)
-
-    def _readable(self) -> None:
-        sock = self.sock
-        if sock is None:
-            return
-        try:
-            data = sock.recv(READ_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self.close()
-            if self.client.conn is self:
-                self.client.lost()
-            return
-        if self.client.conn is self:
-            self.client.received(data)
-
-    def lowat(self, n: int) -> None:
-        """SO_RCVLOWAT: readable once n bytes wait; set back to 1 it wakes its reader."""
-        if self.sock is not None:
-            with contextlib.suppress(OSError):
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, n)
-
-    def close(self) -> None:
-        sock, self.sock = self.sock, None
-        if sock is not None:
-            self.loop.remove_reader(self.fd)
-            self.loop.remove_writer(self.fd)
-            sock.close()
 
 
 class Client:
@@ -618,12 +362,15 @@ class Client:
         self.tries += 1
         self.state = HEAD
         self.buf = self.pbuf = b""
-        conn = self.conn = Conn(self)
+        conn = self.conn = Conn(self, storm.loop)
         self.timer = storm.loop.call_later(HEAD_TIMEOUT, self._head_timeout, conn)
         try:
             conn.open(storm.port, self.auth + b"Last-Event-ID: " + self.last_id + b"\r\n\r\n")
         except OSError as exc:
             self.failed(exc)
+
+    def request_sent(self) -> None:
+        pass
 
     def failed(self, exc: OSError) -> None:
         what = f"connect: {exc.strerror or exc!r}"[:100]
@@ -673,29 +420,18 @@ class Client:
             return
         self.buf += data
         if self.state == HEAD:
-            end = self.buf.find(HEAD_END)
-            if end < 0:
+            head = answer_head(self.buf)
+            if head is None:
                 if len(self.buf) > 65536:
                     self._retry(0, None)
                 return
-            lines = self.buf[:end].decode("latin-1").split("\r\n")
-            rest = self.buf[end + len(HEAD_END) :]
+            status, headers, rest = head
             self.buf = b""
-            try:
-                status = int(lines[0].split(" ", 2)[1])
-            except (IndexError, ValueError):
-                status = 0
             if status != 200:
-                retry_after = 1.0
-                for line in lines[1:]:
-                    name, _, value = line.partition(":")
-                    if name.strip().lower() == "retry-after":
-                        with contextlib.suppress(ValueError):
-                            retry_after = float(value.strip())
                 storm = self.storm
                 storm.refusals[status] = storm.refusals.get(status, 0) + 1
                 storm.said.setdefault(status, rest[:160].decode(errors="replace"))
-                self._retry(status, retry_after)
+                self._retry(status, retry_after(headers))
                 return
             self.statuses.append(200)
             self.state = OPENING
@@ -1018,18 +754,8 @@ class Storm:
         self.ends = self.unexpected = self.openings_off = 0
         self.pending: list[Client] = []  # attempts to start, LAUNCH_CHUNK a turn
         self.launching = False
-        host = f"127.0.0.1:{port}"
         self.clients = [
-            Client(
-                self,
-                i,
-                (
-                    f"GET /events HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n"
-                    f"Authorization: Bearer {tok}\r\n"
-                ).encode(),
-                i < probes,
-            )
-            for i, tok in enumerate(tokens)
+            Client(self, i, events_request(port, tok), i < probes) for i, tok in enumerate(tokens)
         ]
 
     def launch_soon(self, client: Client) -> None:
@@ -1084,11 +810,7 @@ class Storm:
 
     def close(self) -> None:
         self.closing = True
-        for client in self.clients:
-            if client.timer is not None:
-                client.timer.cancel()
-            if client.conn is not None:
-                client.conn.close()
+        close_all(self.clients)
 
 
 # -- one cell -----------------------------------------------------------------------------------
@@ -1160,7 +882,7 @@ async def sample_until(
 ) -> None:
     """Wait for `event` (until `deadline`), sampling the summed VmRSS of `pids()` meanwhile."""
     while not event.is_set() and now() < deadline:
-        rss = sum(proc_status_kb(pid, b"VmRSS:") for pid in pids())
+        rss = sum(procs.proc_status_kb(pid, b"VmRSS:") for pid in pids())
         peak[0] = max(peak[0], rss)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), SAMPLE)  # sampling RSS
@@ -1234,10 +956,10 @@ async def run_cell(
         peak = [0]
         hwm = False
         if cell.kind == "cut":
-            hwm = all(reset_peak(pid) for pid in hub.pids())
-        overflows0 = listen_overflows()
-        cpu0 = sum(cpu_s(pid) for pid in hub.pids())
-        mine0 = cpu_s(os.getpid())
+            hwm = all(procs.reset_peak(pid) for pid in hub.pids())
+        overflows0 = procs.listen_overflows()
+        cpu0 = sum(procs.cpu_s(pid) for pid in hub.pids())
+        mine0 = procs.cpu_s(os.getpid())
         lag = Lag(loop)
         storm.expected = n
         storm.back = 0
@@ -1272,12 +994,12 @@ async def run_cell(
 
         await sample_until(storm.all_back, storm_deadline, pids, peak)
         storm.restarting = False
-        row.overflows = listen_overflows() - overflows0
-        row.hub_cpu_s = sum(cpu_s(pid) for pid in pids()) - cpu0
-        row.bench_cpu_s = cpu_s(os.getpid()) - mine0
+        row.overflows = procs.listen_overflows() - overflows0
+        row.hub_cpu_s = sum(procs.cpu_s(pid) for pid in pids()) - cpu0
+        row.bench_cpu_s = procs.cpu_s(os.getpid()) - mine0
         row.lag_ms = lag.stop() * 1000
         if hwm:
-            row.rss_peak_kb = sum(proc_status_kb(pid, b"VmHWM:") for pid in pids())
+            row.rss_peak_kb = sum(procs.proc_status_kb(pid, b"VmHWM:") for pid in pids())
             row.peak_how = "VmHWM"
         else:
             row.rss_peak_kb, row.peak_how = peak[0], "sampled VmRSS"
@@ -1528,15 +1250,15 @@ def details(rows: list[Row]) -> list[str]:
 async def main_async(
     s: Settings, cells: list[Cell], say: Callable[[str], None], keep: bool
 ) -> list[Row]:
-    mine = sorted(os.sched_getaffinity(0))
-    if len(mine) >= 2:
-        os.sched_setaffinity(0, mine[1:])  # this process, redis and the publisher off core 0
+    hub_core, rest = procs.cores()
+    if hub_core is not None:
+        os.sched_setaffinity(0, rest)  # this process, redis and the publisher off core 0
     tmp = Path(tempfile.mkdtemp(prefix="hub-storm-"))
     redis: servers.RedisServer | None = None
     rows: list[Row] = []
     try:
         if any(c.broker == "redis" for c in cells):
-            redis = await asyncio.to_thread(servers.RedisServer, tmp, mine[-1])
+            redis = await asyncio.to_thread(servers.RedisServer, tmp, rest[-1])
         t = now()
         tokens = [token(f"storm-{i}") for i in range(s.streams)]
         say(f"{s.streams} tokens in {now() - t:.2f} s")
@@ -1549,10 +1271,7 @@ async def main_async(
     finally:
         if redis is not None:
             redis.stop()
-        if keep:
-            say(f"logs kept in {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        procs.drop_logs(tmp, keep, say)
     return rows
 
 
@@ -1606,48 +1325,19 @@ def main() -> None:
     if any(c.broker == "redis" for c in cells) and shutil.which("redis-server") is None:
         print("storm: redis-server is missing (apt-get install redis-server)", file=sys.stderr)
         sys.exit(2)
-    servers.raise_nofile()
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    if soft < s.streams + 200:
-        print(
-            f"storm: {s.streams} streams need {s.streams + 200} descriptors; the limit is {soft}",
-            file=sys.stderr,
-        )
-        sys.exit(2)
-
-    def on_term(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt  # unwinds through every finally: each process ended by PID
-
-    signal.signal(signal.SIGTERM, on_term)
-    t_run = now()
-
-    def say(text: str) -> None:
-        print(f"[{now() - t_run:6.1f} s] {text}", flush=True)
+    procs.enough_descriptors("storm", s.streams)
+    t_run, say = procs.sayer()
 
     say(f"bench.storm: {' '.join(sys.argv[1:]) or '(defaults)'}")
-    say(f"machine: {machine()}")
-    say(f"hub: commit {commit()}")
+    say(f"machine: {procs.machine()}")
+    say(f"hub: commit {procs.commit('--untracked-files=no')}")
     say(
         f"{s.streams} streams ({s.probes} probes), {s.rate:g} broadcasts/s throughout; hubs at "
         f"--retry {s.retry if s.retry is not None else retry:g} s, default cells' "
         f"--shutdown-spread {s.spread:g} s (the hub's default: {default_spread:g} s); "
         "hub on core 0 (--workers 2: both), this process, the publisher and redis on core 1"
     )
-    try:
-        import uvloop
-
-        factory: Any = uvloop.new_event_loop
-    except ImportError:
-        factory = None
-    rows: list[Row] = []
-    try:
-        with asyncio.Runner(loop_factory=factory) as runner:
-            rows = runner.run(asyncio.wait_for(main_async(s, cells, say, args.keep), RUN_WITHIN))
-    except KeyboardInterrupt:
-        print("storm: interrupted", file=sys.stderr)
-        sys.exit(130)
-    finally:
-        servers.stop_all()
+    rows = procs.run_main("storm", main_async(s, cells, say, args.keep), RUN_WITHIN)
     print()
     print("\n".join(table(rows)))
     print("\n".join(LEGEND))
