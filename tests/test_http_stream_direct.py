@@ -19,6 +19,7 @@ import tornado.testing
 from conftest import SECRET
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sse import wait_for
 
 from handlers.app import build_app
 from hub.config import Config
@@ -214,11 +215,7 @@ def test_a_head_in_pieces_and_a_refusal_go_to_tornado(hub_server, io_loop):
         hub = await hub_server()
         reader, writer = await asyncio.open_connection("127.0.0.1", hub.port)
         writer.write(b"GET /events HTTP/1.1\r\n")
-        await asyncio.sleep(0)  # (not a wait for anything: the head is simply incomplete)
-        deadline = time.monotonic() + 5
-        while hub.direct.handed_over == 0 and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        assert hub.direct.handed_over == 1
+        assert await wait_for(lambda: hub.direct.handed_over == 1)
         writer.write(f"Host: x\r\nAuthorization: Bearer {hub.token('bob')}\r\n\r\n".encode())
         assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 OK\r\n")
         writer.close()
