@@ -55,6 +55,19 @@ def defer_accept(sock: socket.socket, seconds: float) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, option, max(1, math.ceil(seconds)))
 
 
+class _Differs(Exception):
+    """A query value Tornado reads otherwise (its control characters made spaces)."""
+
+
+def _argument(value: bytes) -> str:
+    """A query value as RequestHandler.get_query_argument reads it: UTF-8, stripped; one
+    with a control character goes to Tornado (_Differs)."""
+    text = value.decode("utf-8")
+    if _CONTROL.search(text):
+        raise _Differs
+    return text.strip()
+
+
 class DirectStreams:
     """What the accept loop calls with each new connection of the public port."""
 
@@ -111,18 +124,18 @@ class DirectStreams:
         except HTTPInputError:
             return False
         path, _, query = start.path.partition("?")
-        if start.version != "HTTP/1.1" or path != "/events" or _CONTROL.search(query):
+        if start.version != "HTTP/1.1" or path != "/events":
             return False
         if len(headers.get_list("Host")) != 1 or any(name in headers for name in _NOT_HERE):
             return False
         raw = parse_qs_bytes(query, keep_blank_values=True)
 
         def arguments(name: str) -> list[str]:
-            return [value.decode("utf-8").strip() for value in raw.get(name, ())]
+            return [_argument(value) for value in raw.get(name, ())]
 
         def last(name: str) -> str | None:  # get_query_argument's: the last value given
             values = raw.get(name)
-            return values[-1].decode("utf-8").strip() if values else None
+            return _argument(values[-1]) if values else None
 
         try:
             check_names(raw, self.allowed)
@@ -138,7 +151,7 @@ class DirectStreams:
             claims = self.verifier.verify(token)
             topics, filters = stream_query(self.hub, arguments)
             last_id = headers.get("Last-Event-ID") or last("lastEventId")
-        except (QueryError, AuthError, UnicodeDecodeError):
+        except (QueryError, AuthError, UnicodeDecodeError, _Differs):
             return False
         if claims.publish or not all(claims.may_subscribe(topic) for topic in topics):
             return False

@@ -117,6 +117,8 @@ def heads(user: str) -> st.SearchStrategy[bytes]:
                 ("ticket", "abc"),
                 ("topic", "\x01x"),
                 ("level", "%FF"),
+                ("lastEventId", "%011-1"),
+                ("topic", "%01news"),
             ]
         ),
         max_size=3,
@@ -224,3 +226,16 @@ def test_a_head_in_pieces_and_a_refusal_go_to_tornado(hub_server, io_loop):
         assert hub.direct.opened == 0 and hub.direct.handed_over == 2
 
     io_loop.run_sync(run, timeout=20)
+
+
+def test_a_query_value_is_read_as_tornado_reads_it_or_left_to_tornado():
+    """UTF-8 and stripped, as get_query_argument; a control character, which Tornado makes a
+    space (so that `%011-1` is the id `1-1` there), sends the request to Tornado."""
+    from handlers.stream_direct import _argument, _Differs
+
+    assert _argument(b"  1-1 ") == "1-1"
+    for value in (b"\x011-1", b"news\x1f", b"\x08"):
+        with pytest.raises(_Differs):
+            _argument(value)
+    with pytest.raises(UnicodeDecodeError):
+        _argument(b"\xff")
