@@ -7,7 +7,6 @@ real sockets on loopback; every wait has a deadline."""
 from __future__ import annotations
 
 import contextlib
-import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import time
 import jwt
 from browser_support import free_port, wait_until
 from prometheus_client.parser import text_string_to_metric_families
+from test_limits import stop
 
 from bench.flood import closed as closed_by_peer
 from bench.flood import healthz
@@ -35,17 +35,6 @@ def start(port: int, *args: str) -> subprocess.Popen[str]:
         stderr=subprocess.STDOUT,
         text=True,
     )
-
-
-def stop(proc: subprocess.Popen[str]) -> str:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        out, _ = proc.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate(timeout=5)
-    return out
 
 
 def token(sub: str, **claims: object) -> str:
