@@ -30,6 +30,14 @@ from typing import Any
 import jwt
 
 from hub.refusal import Refusal, RefusalKind
+from hub.topics import (
+    MAX_GRANTS,
+    MAX_TOPIC_LENGTH,
+    NO_GRANTS,
+    TOPIC_ALPHABET,
+    GrantError,
+    Grants,
+)
 
 VERIFIED_CACHE_SIZE = 4096
 MAX_SUB_LENGTH = 256
@@ -60,7 +68,11 @@ BAD_CLAIM = {
     "exp": "token claim exp must be a number (NumericDate)",
     "iat": "token claim iat must be a number (NumericDate)",
     "nbf": "token claim nbf must be a number (NumericDate)",
-    "topics": "token claim topics must be a list of strings",
+    **{
+        claim: f"token claim {claim} must be a list of at most {MAX_GRANTS} topic names "
+        f"({TOPIC_ALPHABET}; at most {MAX_TOPIC_LENGTH}) and patterns (a name's start, then *)"
+        for claim in ("topics", "publish_topics")
+    },
     "sid": "token claim sid must be a string",
     "jti": "token claim jti must be a string",
 }
@@ -165,6 +177,18 @@ def _seconds(value: Any, claim: str) -> float:
     raise AuthError(RefusalKind.TOKEN_INVALID, BAD_CLAIM[claim])
 
 
+def _grants(claims: dict[str, Any], claim: str) -> Grants | None:
+    """A claim of topic names and patterns (None where the token has none); AuthError, saying
+    what is wrong with it, if it is not one."""
+    value = claims.get(claim)
+    if value is None:
+        return None
+    try:
+        return Grants.parse(value)
+    except GrantError:
+        raise AuthError(RefusalKind.TOKEN_INVALID, BAD_CLAIM[claim]) from None
+
+
 class AuthError(Exception):
     """A token refused: `refusal` says why (who are you?, or not allowed)."""
 
@@ -183,11 +207,13 @@ class Claims:
     exp: float
     iat: float
     sid: str | None
-    topics: frozenset[str]  # "*" = any topic
+    topics: Grants  # the topics its streams may read (hub.topics: names and name* patterns)
     publish: bool
+    # A publisher's: the only topics it may reach (None: any topic, users and everyone).
+    publish_topics: Grants | None = None
 
     def may_subscribe(self, topic: str) -> bool:
-        return "*" in self.topics or topic in self.topics
+        return topic in self.topics
 
 
 class Verifier:
@@ -298,9 +324,8 @@ class Verifier:
             raise AuthError(RefusalKind.TOKEN_INVALID, BAD_CLAIM["sub"])
         # pyjwt takes a numeric string ("exp": "1795000000"); the RFC says NumericDate
         exp = _seconds(claims["exp"], "exp")
-        topics = claims.get("topics", [])
-        if not isinstance(topics, list) or not all(isinstance(t, str) for t in topics):
-            raise AuthError(RefusalKind.TOKEN_INVALID, BAD_CLAIM["topics"])
+        topics = _grants(claims, "topics") or NO_GRANTS
+        publish_topics = _grants(claims, "publish_topics")
         sid = claims.get("sid")
         if sid is not None and not isinstance(sid, str):
             raise AuthError(RefusalKind.TOKEN_INVALID, BAD_CLAIM["sid"])
@@ -310,8 +335,9 @@ class Verifier:
             exp=exp,
             iat=iat,
             sid=sid,
-            topics=frozenset(topics),
+            topics=topics,
             publish=claims.get("publish") is True,
+            publish_topics=publish_topics,
         )
 
     def _refusal(self, exc: jwt.PyJWTError) -> tuple[RefusalKind, str]:

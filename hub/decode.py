@@ -190,6 +190,8 @@ def build_event(
             ts = header_ts
             if ts is not None and ts > MAX_TS:
                 raise Rejected(_TS_RANGE)
+        if kind.internal:
+            raise Rejected(f"{kind.name} events are published by the hub itself, not by publishers")
         user = obj.get("user")
         if user is not None and (type(user) is not str or not 0 < len(user) <= MAX_USER_LENGTH):
             raise Rejected(f"user must be a non-empty string of at most {MAX_USER_LENGTH} chars")

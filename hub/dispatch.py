@@ -44,6 +44,8 @@ class Kind:
     route: RouteFunction
     filter: FilterFactory | None = None
     filter_params: tuple[str, ...] = ()  # the query parameters `filter` reads, for /types
+    # Published by the hub itself (join/leave): a publish naming the type is refused.
+    internal: bool = False
 
 
 def _user(event: Event) -> str:

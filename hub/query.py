@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Sequence
 
+from hub.topics import MAX_TOPIC_LENGTH, topic_error
+
 __all__ = ["MAX_TOPICS", "MAX_TOPIC_LENGTH", "QueryError", "check_names", "parse_topics"]
 
 MAX_TOPICS = 64
-MAX_TOPIC_LENGTH = 128
 
 
 class QueryError(Exception):
@@ -23,7 +24,7 @@ class QueryError(Exception):
 
 def parse_topics(args: Sequence[str]) -> tuple[str, ...]:
     """The topics of `?topic=a&topic=b,c`: stripped, empty ones dropped, each once, in order.
-    At most MAX_TOPICS of at most MAX_TOPIC_LENGTH printable characters each."""
+    At most MAX_TOPICS names, each a topic name (hub.topics: its alphabet and length)."""
     if len(args) > MAX_TOPICS or sum(arg.count(",") + 1 for arg in args) > 4 * MAX_TOPICS:
         # more names than could ever be allowed, even counting empty ones and repeats
         raise QueryError(f"too many topics: at most {MAX_TOPICS}")
@@ -33,8 +34,9 @@ def parse_topics(args: Sequence[str]) -> tuple[str, ...]:
             topic = raw.strip()
             if not topic:
                 continue
-            if len(topic) > MAX_TOPIC_LENGTH or not topic.isprintable():
-                raise QueryError("invalid topic name", topic=topic[:MAX_TOPIC_LENGTH])
+            error = topic_error(topic)
+            if error is not None:
+                raise QueryError(f"invalid topic name: {error}", topic=topic[:MAX_TOPIC_LENGTH])
             topics[topic] = None
             if len(topics) > MAX_TOPICS:
                 raise QueryError(f"too many topics: at most {MAX_TOPICS}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from hub.stream import Stream
 
 __all__ = ["Registry"]
@@ -15,12 +17,17 @@ class Registry:
         self.all: set[Stream] = set()
         self.by_user: dict[str, set[Stream]] = {}
         self.by_topic: dict[str, set[Stream]] = {}
+        # Told of every stream added (True) and removed (False), after the indexes changed:
+        # presence (hub.presence) and join/leave events (hub.joins) follow the registry so.
+        self.watchers: list[Callable[[Stream, bool], None]] = []
 
     def add(self, stream: Stream) -> None:
         self.all.add(stream)
         self.by_user.setdefault(stream.user, set()).add(stream)
         for topic in stream.topics:
             self.by_topic.setdefault(topic, set()).add(stream)
+        for watcher in self.watchers:
+            watcher(stream, True)
 
     def remove(self, stream: Stream) -> bool:
         """Drop the stream from every index; False if it was not there."""
@@ -30,6 +37,8 @@ class Registry:
         _discard(self.by_user, stream.user, stream)
         for topic in stream.topics:
             _discard(self.by_topic, topic, stream)
+        for watcher in self.watchers:
+            watcher(stream, False)
         return True
 
     def sessions(self, user: str, sid: str | None) -> list[Stream]:

@@ -77,6 +77,7 @@ class Stream:
         "replay_end",
         "sent_seen",
         "sid",
+        "since",
         "topic_pos",
         "topics",
         "transport",
@@ -100,6 +101,7 @@ class Stream:
         self.sid = sid
         self.topics = topics
         self.exp = exp
+        self.since = time.time()  # when it opened (epoch s): presence says since when
         self.filters = filters or None  # type number -> predicate, from the stream's query
         # Ended: out of the registry and of every channel; end() does nothing more.
         self.closed = False

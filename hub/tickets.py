@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import ujson
 
+from hub.topics import GrantError, Grants
 from hub.auth import AuthError, Claims
 from hub.query import QueryError
 from hub.refusal import RefusalKind
@@ -111,7 +112,7 @@ def encode_claims(claims: Claims) -> bytes:
         {
             "sub": claims.user,
             "sid": claims.sid,
-            "topics": sorted(claims.topics),
+            "topics": list(claims.topics.source),
             "exp": claims.exp,
             "iat": claims.iat,
         },
@@ -130,18 +131,20 @@ def decode_claims(raw: bytes | str) -> Claims:
     if (
         type(user) is not str
         or not (sid is None or type(sid) is str)
-        or type(topics) is not list
-        or not all(type(t) is str for t in topics)
         or type(exp) not in (int, float)
         or type(iat) not in (int, float)
     ):
         raise ValueError("not a stored ticket: a field of the wrong type")
+    try:
+        grants = Grants.parse(topics)
+    except GrantError as exc:
+        raise ValueError(f"not a stored ticket: topics {exc}") from None
     return Claims(
         user=user,
         exp=float(exp),
         iat=float(iat),
         sid=sid,
-        topics=frozenset(topics),
+        topics=grants,
         publish=False,
     )
 

@@ -16,6 +16,7 @@ from core_support import Peer, config, parse_blocks
 from sse import wait_for
 
 from hub.auth import Claims
+from hub.topics import Grants
 from hub.core import Hub
 from hub.decode import decode_json
 from hub.disconnect import EXPIRED, GONE, LOGOUT, SHUTDOWN, Disconnect
@@ -816,7 +817,7 @@ def test_open_stream_admits_waits_takes_the_transport_and_opens_or_refuses_in_co
     async def scenario() -> None:
         hub = Hub(config(catch_up_wait=0.05))
         now = time.time()
-        claims = Claims("u1", now + 60, now, "s1", frozenset({"*"}), publish=False)
+        claims = Claims("u1", now + 60, now, "s1", Grants.of(["*"]), publish=False)
         taken: list[Peer] = []
 
         def take() -> SocketTransport:

@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sse import wait_for
 
 from hub.auth import Claims
+from hub.topics import Grants
 from hub.core import Hub
 from hub.refusal import RefusalKind
 from hub.revocations import EXPIRIES_PER_TICK, Revocations
@@ -86,7 +87,7 @@ def test_a_session_logout_spares_the_users_other_sessions_an_all_sessions_one_do
 def test_the_hub_refuses_a_revoked_session_as_revoked_before_any_cap():
     async def scenario() -> None:
         hub = Hub(config(max_streams_per_user=1))
-        claims = Claims("u1", time.time() + 60, time.time() - 10, "s1", frozenset(), False)
+        claims = Claims("u1", time.time() + 60, time.time() - 10, "s1", Grants.of([]), False)
         assert hub.admit(claims) is None
         hub.revoke("u1", "s1", time.time() * 1000)
         refused = hub.admit(claims)

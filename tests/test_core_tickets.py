@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hub.auth import AuthError, Claims
+from hub.topics import Grants
 from hub.broker import MAX_MEMORY_TICKETS, MemoryBroker
 from hub.core import Hub
 from hub.logs import redact
@@ -43,7 +44,7 @@ def claims(user: str = "alice", exp_in: float = 300, **overrides: Any) -> Claims
         "exp": time.time() + exp_in,
         "iat": time.time() - 1.5,
         "sid": "s1",
-        "topics": frozenset({"presence", "payments"}),
+        "topics": Grants.of(["presence", "payments"]),
         "publish": False,
     }
     values.update(overrides)
@@ -195,7 +196,7 @@ def test_every_ticket_the_hub_makes_parses_and_redacts(seed):
 @given(
     user=st.text(min_size=1, max_size=40),
     sid=st.none() | st.text(max_size=40),
-    topics=st.frozensets(st.text(max_size=20), max_size=5),
+    topics=st.lists(st.from_regex(r"[A-Za-z0-9_.:/@~-]{1,20}\*?", fullmatch=True), max_size=5).map(Grants.of),
     exp=st.floats(0, 2**40, allow_nan=False),
     iat=st.floats(0, 2**40, allow_nan=False),
 )

@@ -22,6 +22,7 @@ from browser_support import SECRET, HubProcess, free_port, http_json, wait_until
 from redis_support import RedisTarget
 
 from hub.auth import Claims
+from hub.topics import Grants
 from hub.broker import BrokerUnavailable
 from hub.redis_broker import RedisBroker
 from hub.tickets import encode_claims, ticket_key
@@ -170,7 +171,7 @@ def test_the_redis_store_keeps_the_tickets_hash_for_its_life_and_hands_it_out_on
         try:
             ticket = secrets.token_urlsafe(32)
             key = ticket_key(ticket)
-            claims = Claims("alice", time.time() + 60, time.time(), "s1", frozenset(), False)
+            claims = Claims("alice", time.time() + 60, time.time(), "s1", Grants.of([]), False)
             await broker.put_ticket(key, encode_claims(claims), 7.5)
             stored = [k.decode() for k in plain.scan_iter(match=f"{redis_url.prefix}:*")]
             assert stored == [f"{redis_url.prefix}:ticket:{key}"]
