@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import ujson
 
-from hub.topics import GrantError, Grants
 from hub.auth import AuthError, Claims
 from hub.query import QueryError
 from hub.refusal import RefusalKind
+from hub.topics import GrantError, Grants
 
 if TYPE_CHECKING:
     from hub.broker import Broker

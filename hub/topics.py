@@ -24,8 +24,8 @@ __all__ = [
     "MAX_GRANTS",
     "MAX_TOPIC_LENGTH",
     "TOPIC_ALPHABET",
-    "Grants",
     "GrantError",
+    "Grants",
     "topic_error",
 ]
 
@@ -83,14 +83,14 @@ class Grants:
                 prefix = item[:-1]
                 if prefix and topic_error(prefix) is not None:
                     raise GrantError(
-                        f"pattern {item[:MAX_TOPIC_LENGTH + 1]!r}: a pattern is a topic name's "
+                        f"pattern {item[: MAX_TOPIC_LENGTH + 1]!r}: a pattern is a topic name's "
                         "beginning then one `*`, at the end"
                     )
                 prefixes.add(prefix)
             else:
                 error = topic_error(item)
                 if error is not None:
-                    raise GrantError(f"{item[:MAX_TOPIC_LENGTH + 1]!r}: {error}")
+                    raise GrantError(f"{item[: MAX_TOPIC_LENGTH + 1]!r}: {error}")
                 exact.add(item)
         return cls(frozenset(exact), frozenset(prefixes))
 

@@ -16,7 +16,6 @@ from core_support import Peer, config, parse_blocks
 from sse import wait_for
 
 from hub.auth import Claims
-from hub.topics import Grants
 from hub.core import Hub
 from hub.decode import decode_json
 from hub.disconnect import EXPIRED, GONE, LOGOUT, SHUTDOWN, Disconnect
@@ -27,6 +26,7 @@ from hub.message import Event
 from hub.refusal import Refusal, RefusalKind
 from hub.registry import Registry
 from hub.stream import Stream, StreamRequest
+from hub.topics import Grants
 from hub.transport import SocketTransport
 
 

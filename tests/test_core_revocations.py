@@ -14,10 +14,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from sse import wait_for
 
 from hub.auth import Claims
-from hub.topics import Grants
 from hub.core import Hub
 from hub.refusal import RefusalKind
 from hub.revocations import EXPIRIES_PER_TICK, Revocations
+from hub.topics import Grants
 
 
 def run(fn: Callable[[], Awaitable[Any]]) -> Any:

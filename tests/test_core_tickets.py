@@ -16,7 +16,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hub.auth import AuthError, Claims
-from hub.topics import Grants
 from hub.broker import MAX_MEMORY_TICKETS, MemoryBroker
 from hub.core import Hub
 from hub.logs import redact
@@ -30,6 +29,7 @@ from hub.tickets import (
     parse_ticket,
     ticket_key,
 )
+from hub.topics import Grants
 
 PROPERTY = settings(max_examples=300, deadline=None)
 
@@ -196,7 +196,9 @@ def test_every_ticket_the_hub_makes_parses_and_redacts(seed):
 @given(
     user=st.text(min_size=1, max_size=40),
     sid=st.none() | st.text(max_size=40),
-    topics=st.lists(st.from_regex(r"[A-Za-z0-9_.:/@~-]{1,20}\*?", fullmatch=True), max_size=5).map(Grants.of),
+    topics=st.lists(st.from_regex(r"[A-Za-z0-9_.:/@~-]{1,20}\*?", fullmatch=True), max_size=5).map(
+        Grants.of
+    ),
     exp=st.floats(0, 2**40, allow_nan=False),
     iat=st.floats(0, 2**40, allow_nan=False),
 )

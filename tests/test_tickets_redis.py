@@ -22,10 +22,10 @@ from browser_support import SECRET, HubProcess, free_port, http_json, wait_until
 from redis_support import RedisTarget
 
 from hub.auth import Claims
-from hub.topics import Grants
 from hub.broker import BrokerUnavailable
 from hub.redis_broker import RedisBroker
 from hub.tickets import encode_claims, ticket_key
+from hub.topics import Grants
 
 redis_url = redis_support.redis_url
 
