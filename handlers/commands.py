@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hub.client import HubError, Publisher
 from hub.config import JWT_ALGORITHMS, MIN_SECRET_BYTES, ConfigError, OneLineParser
 from hub.keys import KeyProblem, check_private, load_private
+from hub.topics import GrantError, Grants
 
 __all__ = ["publish_main", "token_main"]
 
@@ -60,8 +61,10 @@ def mint(
     topics: Sequence[str] = (),
     sid: str | None = None,
     publish: bool = False,
+    publish_topics: Sequence[str] = (),
 ) -> str:
-    """A token the hub accepts: `sub`, `iat`, `exp`, and `topics`, `sid`, `publish` if asked."""
+    """A token the hub accepts: `sub`, `iat`, `exp`, and `topics`, `sid`, `publish`,
+    `publish_topics` if asked."""
     now = int(time.time())
     claims: dict[str, Any] = {"sub": sub, "iat": now, "exp": now + int(ttl)}
     if topics:
@@ -70,6 +73,8 @@ def mint(
         claims["sid"] = sid
     if publish:
         claims["publish"] = True
+    if publish_topics:
+        claims["publish_topics"] = list(publish_topics)
     return jwt.encode(claims, secret, algorithm=algorithm)
 
 
@@ -81,10 +86,17 @@ def token_main(argv: Sequence[str]) -> None:
         "mode makes up its secret: use /demo/token there.",
     )
     parser.add_argument("--sub", required=True, help="who the token is for (a user id)")
-    parser.add_argument("--topics", default="", help="comma-separated topics it may read")
+    parser.add_argument(
+        "--topics", default="", help="comma-separated topics it may read (names, or prefix*)"
+    )
     parser.add_argument("--sid", help="a session id (a logout can end one session)")
     parser.add_argument("--ttl", type=float, default=3600, help="seconds it lives (3600)")
     parser.add_argument("--publish", action="store_true", help="a publisher token")
+    parser.add_argument(
+        "--publish-topics",
+        default="",
+        help="with --publish: comma-separated topics (names, or prefix*) it is limited to",
+    )
     parser.add_argument(
         "--jwt-algorithm",
         "--algorithm",
@@ -132,6 +144,14 @@ def token_main(argv: Sequence[str]) -> None:
             )
         key = secret
     topics = [t.strip() for t in args.topics.split(",") if t.strip()]
+    publish_topics = [t.strip() for t in args.publish_topics.split(",") if t.strip()]
+    if publish_topics and not args.publish:
+        raise _fail("token", "--publish-topics limits a publisher: give --publish too")
+    for claim, items in (("--topics", topics), ("--publish-topics", publish_topics)):
+        try:
+            Grants.parse(items)
+        except GrantError as exc:
+            raise _fail("token", f"{claim}: {exc}") from None
     try:
         print(
             mint(
@@ -142,6 +162,7 @@ def token_main(argv: Sequence[str]) -> None:
                 topics=topics,
                 sid=args.sid,
                 publish=args.publish,
+                publish_topics=publish_topics,
             )
         )
     except (ValueError, TypeError, jwt.PyJWTError) as exc:

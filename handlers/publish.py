@@ -16,8 +16,10 @@ from hub.auth import Verifier
 from hub.broker import BrokerUnavailable, Idempotency, IdempotencyConflict, OutcomeUnknown
 from hub.core import Hub
 from hub.decode import Decoder, decode_frames, decode_json, decode_ndjson
+from hub.dispatch import outside_grants
 from hub.limits import INTERNAL, Throttled, retry_after
 from hub.message import ParseError, Rejected, TooLarge
+from hub.topics import Grants
 
 __all__ = ["DECODERS", "PublishHandler"]
 
@@ -64,6 +66,7 @@ class PublishHandler(DrainsRefusedBody, HubHandler):
         self.size = 0
         self.decoder: Decoder = decode_json
         self.publisher = INTERNAL  # the rate bucket's identity: the token's sub, if any
+        self.publish_topics: Grants | None = None  # the token's limit, if it has one
         self.idempotency_key: str | None = None
 
     def prepare(self) -> None:
@@ -83,6 +86,7 @@ class PublishHandler(DrainsRefusedBody, HubHandler):
             if claims is None:
                 return
             self.publisher = claims.user
+            self.publish_topics = claims.publish_topics
         try:
             self.hub.check_rate(self.publisher)
         except Throttled as exc:
@@ -195,6 +199,18 @@ class PublishHandler(DrainsRefusedBody, HubHandler):
                 extra["index"] = exc.index
             self.fail(422, exc.message, **extra)
             return
+        if self.publish_topics is not None:
+            for index, event in enumerate(events):
+                assert event.route is not None
+                outside = outside_grants(event.route, self.publish_topics)
+                if outside is not None:
+                    self.fail(
+                        403,
+                        f"event {index}: {outside}: this publisher may publish only to the "
+                        "topics its publish_topics claim grants",
+                        index=index,
+                    )
+                    return
         idempotency = None
         if self.idempotency_key is not None:
             # Keys are the publisher's own: another publisher's same key is another publish.

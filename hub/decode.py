@@ -22,6 +22,7 @@ import ujson
 
 from hub.dispatch import DEFAULT_TYPES, TypeTable
 from hub.message import FRAME_HEADER, Event, ParseError, Rejected, TooLarge
+from hub.topics import MAX_EVENT_TOPICS, MAX_TOPIC_LENGTH, topic_error
 
 __all__ = [
     "MAX_TS",
@@ -40,8 +41,9 @@ MAX_USER_LENGTH = 256
 MAX_TS = 2**53 - 1
 _TS_RANGE = f"ts must be a non-negative integer (ms since the epoch) of at most {MAX_TS}"
 _SHOWN_FIELDS = 5  # an error names at most this many unknown fields, each cut to 32 chars
-_FIELDS = frozenset(("type", "user", "data", "ts"))
-_PAYLOAD_FIELDS = frozenset(("user", "data"))  # a binary frame's header has type and ts
+_FIELDS = frozenset(("type", "user", "data", "ts", "topics", "topic"))
+# a binary frame's header has type and ts
+_PAYLOAD_FIELDS = frozenset(("user", "data", "topics", "topic"))
 
 
 # Control characters JSON never allows raw, inside strings or out (TAB, LF, CR are allowed
@@ -195,8 +197,12 @@ def build_event(
         user = obj.get("user")
         if user is not None and (type(user) is not str or not 0 < len(user) <= MAX_USER_LENGTH):
             raise Rejected(f"user must be a non-empty string of at most {MAX_USER_LENGTH} chars")
+        topics = _named_topics(obj) if "topics" in obj or "topic" in obj else ()
+        if topics and not kind.topics:
+            takers = ", ".join(k.name for k in types if k.topics) or "none"
+            raise Rejected(f"{kind.name} events do not take topics (types that do: {takers})")
         try:
-            event = Event(kind.number, kind.name, user, obj.get("data"), ts or now)
+            event = Event(kind.number, kind.name, user, obj.get("data"), ts or now, topics)
         except OverflowError:
             raise ParseError(
                 f"invalid JSON in event at byte {offset}: NaN and Infinity are not JSON",
@@ -208,6 +214,30 @@ def build_event(
         exc.index = index
         raise
     return event
+
+
+def _named_topics(obj: dict[str, Any]) -> tuple[str, ...]:
+    """The topics an event names, `topics` (a list) or `topic` (one): each a topic name
+    (hub.topics), at most MAX_EVENT_TOPICS, each once, in order. Counted before any is read."""
+    if "topic" in obj:
+        if "topics" in obj:
+            raise Rejected("an event names its topics in topics or in topic, not both")
+        named = [obj["topic"]]
+        field = "topic"
+    else:
+        named = obj["topics"]
+        field = "topics"
+        if type(named) is not list or not named:
+            raise Rejected("topics must be a non-empty list of topic names")
+        if len(named) > MAX_EVENT_TOPICS:
+            raise Rejected(f"an event names at most {MAX_EVENT_TOPICS} topics, not {len(named)}")
+    for i, name in enumerate(named):
+        error = topic_error(name)
+        if error is not None:
+            where = field if field == "topic" else f"topics[{i}]"
+            shown = f" ({name[:MAX_TOPIC_LENGTH]!r})" if type(name) is str else ""
+            raise Rejected(f"{where}: {error}{shown}")
+    return tuple(dict.fromkeys(named))
 
 
 class Decoder(Protocol):

@@ -1,9 +1,17 @@
 """The dispatch table: everything the hub knows about an event type, in one entry.
 
-An entry (`Kind`) has the type's number, its name, its route function and, optionally, a
-per-stream filter built from the stream's query (the `log` type's `level` and `service`). A
-route function looks at one event and says who receives it; it runs once, at publish time, on
-the node that took the publish, and the route then travels with the event.
+An entry (`Kind`) has the type's number, its name, its route function, whether its events
+may name topics (`topics`), and, optionally, a per-stream filter built from the stream's query
+(the `log` type's `level` and `service`). A route function looks at one event and says who
+receives it; it runs once, at publish time, on the node that took the publish, and the route
+then travels with the event.
+
+Topics a publisher names (`"topics": [...]` or `"topic"` in the event, read as `event.topics`)
+reach a type's route function only if its entry says `topics=True`; for any other type they are
+refused (422) before it runs. The route function decides how they combine with its own route:
+a `payment` goes to its user, the `payments` topic and the named topics; a `broadcast` goes to
+the named topics instead of everyone. `login`, `logout` and `log` take none: their audience is
+their meaning.
 
 Adding a type is one route function and one entry in DEFAULT_TYPES. Nothing else in the hub,
 in hub.js or in the demo page names a type: they learn the table from `GET /types`.
@@ -18,6 +26,7 @@ from dataclasses import dataclass
 
 from hub.message import Event, Rejected, Route
 from hub.query import QueryError
+from hub.topics import Grants
 
 __all__ = [
     "DEFAULT_TYPES",
@@ -27,6 +36,7 @@ __all__ = [
     "Route",
     "TypeTable",
     "filter_log",
+    "outside_grants",
 ]
 
 
@@ -46,6 +56,8 @@ class Kind:
     filter_params: tuple[str, ...] = ()  # the query parameters `filter` reads, for /types
     # Published by the hub itself (join/leave): a publish naming the type is refused.
     internal: bool = False
+    # Its events may name topics (event.topics); its route function says where they go.
+    topics: bool = False
 
 
 def _user(event: Event) -> str:
@@ -64,8 +76,17 @@ def route_login(event: Event) -> Route:
     return Route((_user(event),), _PRESENCE)
 
 
+def _and_named(own: tuple[str, ...], event: Event) -> tuple[str, ...]:
+    """The type's own topics, then those the publisher named, each once (an event queued
+    twice in one channel would reach its readers twice)."""
+    named = event.topics
+    if not named:
+        return own
+    return own + tuple(topic for topic in named if topic not in own)
+
+
 def route_payment(event: Event) -> Route:
-    return Route((_user(event),), _PAYMENTS)
+    return Route((_user(event),), _and_named(_PAYMENTS, event))
 
 
 def route_logout(event: Event) -> Route:
@@ -85,7 +106,34 @@ def route_log(event: Event) -> Route:
 
 
 def route_broadcast(event: Event) -> Route:
-    return _EVERYONE
+    """Everyone, or only the subscribers of the topics the publisher named."""
+    return Route(topics=event.topics) if event.topics else _EVERYONE
+
+
+def outside_grants(route: Route, grants: Grants) -> str | None:
+    """What of the route a publisher limited to `grants` (its publish_topics claim) may not
+    reach, or None: such a publisher reaches the subscribers of its topics and no one else
+    (not everyone, not a user's own streams, not a topic the type adds by itself)."""
+    if route.everyone:
+        return "the event would reach everyone"
+    if route.users:
+        return "the event would reach a user's own streams"
+    if not route.topics:
+        return "the event names no topic"
+    for topic in route.topics:
+        if topic not in grants:
+            return f'topic "{topic}" is not allowed by the token\'s publish_topics'
+    return None
+
+
+def route_membership(event: Event) -> Route:
+    """`join` and `leave` (published by the hub itself, hub.joins): the subscribers of the
+    one topic the event is about, `data.topic`."""
+    data = event.data
+    topic = data.get("topic") if type(data) is dict else None
+    if type(topic) is not str:
+        raise Rejected(f"{event.name} events name their topic in data.topic")
+    return Route(topics=(topic,))
 
 
 LOG_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
@@ -153,7 +201,13 @@ class TypeTable:
     def describe(self) -> list[dict[str, object]]:
         """The table as `GET /types` and the answers to an unknown type list it."""
         return [
-            {"type": k.number, "name": k.name, "filters": list(k.filter_params)}
+            {
+                "type": k.number,
+                "name": k.name,
+                "filters": list(k.filter_params),
+                "topics": k.topics,
+                "internal": k.internal,
+            }
             for k in self.kinds.values()
         ]
 
@@ -177,9 +231,12 @@ class TypeTable:
 DEFAULT_TYPES = TypeTable(
     [
         Kind(0x01, "login", route_login),
-        Kind(0x02, "payment", route_payment),
+        Kind(0x02, "payment", route_payment, topics=True),
         Kind(0x03, "logout", route_logout),
         Kind(0x04, "log", route_log, filter_log, ("level", "service")),
-        Kind(0x05, "broadcast", route_broadcast),
+        Kind(0x05, "broadcast", route_broadcast, topics=True),
+        # The hub's own (--join-leave, hub.joins), numbered apart from publishers' additions.
+        Kind(0x10, "join", route_membership, internal=True),
+        Kind(0x11, "leave", route_membership, internal=True),
     ]
 )

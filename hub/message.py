@@ -145,6 +145,7 @@ class Event:
         "name",
         "route",
         "seq",
+        "topics",
         "ts",
         "type",
         "user",
@@ -157,18 +158,22 @@ class Event:
         user: str | None,
         data: Any,
         ts: int | None = None,
+        topics: tuple[str, ...] = (),
     ) -> None:
         self.type = type
         self.name = name
         self.user = user
         self._data = data
         self.ts = ts or int(time.time() * 1000)
+        # The topics its publisher named (hub.topics names), for its route function; a
+        # stream on several topics reads them in the body.
+        self.topics = topics
+        fields = {"type": type, "name": name, "user": user, "ts": self.ts}
+        if topics:
+            fields["topics"] = topics
+        fields["data"] = data
         # allow_nan=False raises OverflowError for NaN/Infinity: not JSON to any browser.
-        self.body = ujson.dumps(
-            {"type": type, "name": name, "user": user, "ts": self.ts, "data": data},
-            escape_forward_slashes=False,
-            allow_nan=False,
-        )
+        self.body = ujson.dumps(fields, escape_forward_slashes=False, allow_nan=False)
         self.id = ""
         self.key = (0, 0)  # the id as (ms, seq), for ordering in the history
         self.frame = b""
@@ -188,6 +193,7 @@ class Event:
         event.user = user
         event.ts = ts
         event.body = body
+        event.topics = ()  # (routed already: the broker carries the route)
         event._data = UNDECODED
         event.id = ""
         event.key = (0, 0)

@@ -39,6 +39,11 @@ def test_hub_token_mints_what_the_hub_accepts_with_the_claims_asked_for():
     assert 55 <= claims["exp"] - time.time() <= 61 and "publish" not in claims
     publisher = run("token", "--sub", "billing", "--publish", HUB_JWT_SECRET=SECRET)
     assert jwt.decode(publisher.stdout.strip(), SECRET, algorithms=["HS256"])["publish"] is True
+    limited = run(
+        "token", "--sub", "o42", "--publish", "--publish-topics", "org:42:*", HUB_JWT_SECRET=SECRET
+    )  # fmt: skip
+    claims = jwt.decode(limited.stdout.strip(), SECRET, algorithms=["HS256"])
+    assert claims["publish_topics"] == ["org:42:*"] and claims["publish"] is True
 
 
 @pytest.mark.parametrize(
@@ -48,6 +53,8 @@ def test_hub_token_mints_what_the_hub_accepts_with_the_claims_asked_for():
         (["token", "--sub", "a"], {"HUB_JWT_SECRET": "short"}, "32+ bytes"),
         (["token", "--sub", "a", "--ttl", "0"], {"HUB_JWT_SECRET": SECRET}, "--ttl"),
         (["token", "--sub", "a", "--algorithm", "RS256"], {}, "--private-key"),
+        (["token", "--sub", "a", "--topics", "org 42"], {"HUB_JWT_SECRET": SECRET}, "--topics"),
+        (["token", "--sub", "a", "--publish-topics", "x"], {"HUB_JWT_SECRET": SECRET}, "--publish"),
         (["publish", "{not json"], {"HUB_TOKEN": "x"}, "not JSON"),
         (["publish"], {}, "--token"),
     ],

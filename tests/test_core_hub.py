@@ -240,7 +240,13 @@ def test_a_type_added_to_the_table_is_routed_and_filtered_with_no_other_change()
         await until(lambda: len(user.events()) == 1 and len(eur.events()) == 1)
         assert user.events() == [(ids[0], "refund")]
         assert eur.events() == [(ids[1], "refund")]
-        assert {"type": 6, "name": "refund", "filters": ["currency"]} in types.describe()
+        assert {
+            "type": 6,
+            "name": "refund",
+            "filters": ["currency"],
+            "topics": False,
+            "internal": False,
+        } in types.describe()
         user.shutdown()
         eur.shutdown()
 

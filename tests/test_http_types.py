@@ -66,8 +66,20 @@ async def test_an_added_type_is_routed_filtered_listed_and_counted(hub_server):
     assert marker == []  # the USD refund never reached the EUR desk
 
     types = await server.get_json("/types")
-    assert {"type": 6, "name": "refund", "filters": ["currency"]} in types["types"]
-    assert {"type": 4, "name": "log", "filters": ["level", "service"]} in types["types"]
+    assert {
+        "type": 6,
+        "name": "refund",
+        "filters": ["currency"],
+        "topics": False,
+        "internal": False,
+    } in types["types"]
+    assert {
+        "type": 4,
+        "name": "log",
+        "filters": ["level", "service"],
+        "topics": False,
+        "internal": False,
+    } in types["types"]
 
     metrics = (await server.fetch("/metrics")).body.decode()
     assert published(metrics, "refund") == 2
