@@ -51,8 +51,11 @@ class DemoTokenHandler(HubHandler):
             }
         elif role == "subscriber":
             user = self.get_query_argument("user", "demo")[:64] or "demo"
+            # The topics asked, read as a stream's query reads them (names of the topic
+            # alphabet, commas between); none, or `*`, grants every topic.
+            asked = self.get_query_argument("topics", "*")
             try:
-                topics = list(parse_topics([self.get_query_argument("topics", "*")])) or ["*"]
+                topics = ["*"] if asked.strip() == "*" else list(parse_topics([asked])) or ["*"]
             except QueryError as exc:
                 self.fail(400, exc.message, **exc.extra)
                 return

@@ -29,7 +29,15 @@ import re
 import ssl
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlencode, urlsplit
@@ -78,13 +86,33 @@ class HubError(Exception):
         super().__init__(f"hub answered {status}: {why}")
 
 
-def _event(type: int | str, user: str | None, data: Any) -> dict[str, Any]:
+def _event(
+    type: int | str, user: str | None, data: Any, topics: Sequence[str] | None = None
+) -> dict[str, Any]:
     event: dict[str, Any] = {"type": type}
     if user is not None:
         event["user"] = user
     if data is not None:
         event["data"] = data
+    if topics is not None:
+        event["topics"] = _topic_list(topics)
     return event
+
+
+def _topic_list(topics: Sequence[str]) -> list[str]:
+    if isinstance(topics, str):  # a name would go out as its characters
+        raise TypeError(f"topics must be a sequence of topic names, not a str: [{topics!r}]")
+    return list(topics)
+
+
+def _with_topics(
+    events: Iterable[Mapping[str, Any]], topics: Sequence[str] | None
+) -> Iterable[Mapping[str, Any]]:
+    """The batch, with `topics` on each event that names none of its own."""
+    if topics is None:
+        return events
+    names = _topic_list(topics)
+    return [e if "topics" in e or "topic" in e else {**e, "topics": names} for e in events]
 
 
 @dataclass
@@ -129,6 +157,34 @@ def _ids(status: int, answer: Any) -> list[str]:
     return list(answer["ids"])
 
 
+def _presence_path(
+    users: Sequence[str] | None, topic: str | None, limit: int | None, after: str | None
+) -> str:
+    """GET /presence's path and query: of users, or of one topic (a page of its members)."""
+    if (users is None) == (topic is None):
+        raise ValueError("ask presence of users (users=[...]) or of one topic (topic=...)")
+    params: list[tuple[str, str]] = []
+    if users is not None:
+        if isinstance(users, str):  # a name would go out as its characters
+            raise TypeError(f"users must be a sequence of user names, not a str: [{users!r}]")
+        if limit is not None or after is not None:
+            raise ValueError("limit and after page a topic's members: not with users")
+        params = [("user", user) for user in users]
+    else:
+        params = [("topic", str(topic))]
+        if limit is not None:
+            params.append(("limit", str(limit)))
+        if after is not None:
+            params.append(("after", after))
+    return "/presence?" + urlencode(params)
+
+
+def _presence_answer(status: int, answer: Any) -> dict[str, Any]:
+    if status != 200:
+        raise HubError(status, answer)
+    return dict(answer)
+
+
 def _target(base_url: str) -> tuple[str, str, int, str]:
     parts = urlsplit(base_url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -163,13 +219,25 @@ class Publisher:
         self.retry = _Retry(attempts, backoff, max_backoff)
         self._conn: http.client.HTTPConnection | None = None
 
-    def publish(self, type: int | str, user: str | None = None, data: Any = None) -> str:
-        """Publish one event (its type by number or name); its id."""
-        return self.publish_many([_event(type, user, data)])[0]
+    def publish(
+        self,
+        type: int | str,
+        user: str | None = None,
+        data: Any = None,
+        *,
+        topics: Sequence[str] | None = None,
+    ) -> str:
+        """Publish one event (its type by number or name); its id. `topics` names topics
+        (`["org:42"]`) for the types that take them: a payment goes to them too, a broadcast
+        to them instead of everyone."""
+        return self.publish_many([_event(type, user, data, topics)])[0]
 
-    def publish_many(self, events: Iterable[Mapping[str, Any]]) -> list[str]:
-        """Publish a batch, all or nothing; the ids, in order."""
-        body, headers = _publish_request(events, self.token)
+    def publish_many(
+        self, events: Iterable[Mapping[str, Any]], *, topics: Sequence[str] | None = None
+    ) -> list[str]:
+        """Publish a batch, all or nothing; the ids, in order. `topics`: for each event that
+        names none of its own (`topics` or `topic`)."""
+        body, headers = _publish_request(_with_topics(events, topics), self.token)
         attempt = 0
         while True:
             try:
@@ -186,7 +254,43 @@ class Publisher:
             time.sleep(wait)
             attempt += 1
 
+    def presence(
+        self,
+        users: Sequence[str] | None = None,
+        *,
+        topic: str | None = None,
+        limit: int | None = None,
+        after: str | None = None,
+    ) -> dict[str, Any]:
+        """Who is online (GET /presence; the token must be a publisher's): of `users`,
+        `{"users": {name: {"online", "streams", "sessions", "since"}}}`; of a `topic`,
+        `{"topic", "streams", "users", "members", "next"}`, `members` a page of at most
+        `limit` names after `after` (pass `next` as `after` for the next page; None: the
+        last). Retried as a publish is (a dropped connection, a 503); HubError otherwise."""
+        path = _presence_path(users, topic, limit, after)
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        attempt = 0
+        while True:
+            try:
+                status, answer, retry_after = self._request("GET", path, None, headers)
+            except (OSError, http.client.HTTPException):
+                self.close()
+                wait = self.retry.wait(attempt, None)
+                if wait < 0:
+                    raise
+            else:
+                wait = self.retry.wait(attempt, status, retry_after)
+                if wait < 0:
+                    return _presence_answer(status, answer)
+            time.sleep(wait)
+            attempt += 1
+
     def _post(self, body: bytes, headers: dict[str, str]) -> tuple[int, Any, str | None]:
+        return self._request("POST", "/publish", body, headers)
+
+    def _request(
+        self, method: str, path: str, body: bytes | None, headers: dict[str, str]
+    ) -> tuple[int, Any, str | None]:
         if self._conn is None:
             if self.scheme == "https":
                 self._conn = http.client.HTTPSConnection(
@@ -194,7 +298,7 @@ class Publisher:
                 )
             else:
                 self._conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
-        self._conn.request("POST", self.path + "/publish", body=body, headers=headers)
+        self._conn.request(method, self.path + path, body=body, headers=headers)
         response = self._conn.getresponse()
         raw = response.read()
         if response.will_close:
@@ -393,11 +497,20 @@ class AsyncPublisher:
         self._conn = _Connection(scheme, host, port, timeout)
         self._lock = asyncio.Lock()
 
-    async def publish(self, type: int | str, user: str | None = None, data: Any = None) -> str:
-        return (await self.publish_many([_event(type, user, data)]))[0]
+    async def publish(
+        self,
+        type: int | str,
+        user: str | None = None,
+        data: Any = None,
+        *,
+        topics: Sequence[str] | None = None,
+    ) -> str:
+        return (await self.publish_many([_event(type, user, data, topics)]))[0]
 
-    async def publish_many(self, events: Iterable[Mapping[str, Any]]) -> list[str]:
-        body, headers = _publish_request(events, self.token)
+    async def publish_many(
+        self, events: Iterable[Mapping[str, Any]], *, topics: Sequence[str] | None = None
+    ) -> list[str]:
+        body, headers = _publish_request(_with_topics(events, topics), self.token)
         async with self._lock:
             attempt = 0
             while True:
@@ -415,11 +528,44 @@ class AsyncPublisher:
                 await asyncio.sleep(wait)
                 attempt += 1
 
+    async def presence(
+        self,
+        users: Sequence[str] | None = None,
+        *,
+        topic: str | None = None,
+        limit: int | None = None,
+        after: str | None = None,
+    ) -> dict[str, Any]:
+        """Publisher.presence, awaited."""
+        path = _presence_path(users, topic, limit, after)
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        async with self._lock:
+            attempt = 0
+            while True:
+                try:
+                    status, answer, answer_headers = await self._request("GET", path, headers)
+                except (OSError, TimeoutError):
+                    await self._conn.close()
+                    wait = self.retry.wait(attempt, None)
+                    if wait < 0:
+                        raise
+                else:
+                    wait = self.retry.wait(attempt, status, answer_headers.get("retry-after"))
+                    if wait < 0:
+                        return _presence_answer(status, answer)
+                await asyncio.sleep(wait)
+                attempt += 1
+
     async def _post(
         self, body: bytes, headers: Mapping[str, str]
     ) -> tuple[int, Any, dict[str, str]]:
+        return await self._request("POST", "/publish", headers, body)
+
+    async def _request(
+        self, method: str, path: str, headers: Mapping[str, str], body: bytes = b""
+    ) -> tuple[int, Any, dict[str, str]]:
         conn = self._conn
-        await conn.send("POST", self.path + "/publish", headers, body)
+        await conn.send(method, self.path + path, headers, body)
         status, answer_headers = await conn.read_head()
         raw = await conn.read_body(answer_headers)
         if not conn.reusable:

@@ -80,6 +80,8 @@ const state = {
   publisherToken: null,
   /** @type {Burst | null} */
   burst: null,
+  /** @type {string[]} the named topics this page joined: its stream has them beside TOPICS */
+  joined: [],
 };
 
 class DemoOff extends Error {}
@@ -87,19 +89,37 @@ class DemoOff extends Error {}
 // ---- tokens -------------------------------------------------------------------------------
 
 /**
+ * A demo token and its claims; an error with the hub's reason when it refuses (a topic name
+ * outside its alphabet, say).
  * @param {Record<string, string>} params
- * @returns {Promise<string>}
+ * @returns {Promise<{token: string, topics?: string[]}>}
  */
-async function demoToken(params) {
+async function demoAnswer(params) {
   const response = await fetch("/demo/token?" + new URLSearchParams(params), { cache: "no-store" });
   if (response.status === 404) throw new DemoOff("demo mode is off");
-  if (!response.ok) throw new Error(`GET /demo/token: HTTP ${response.status}`);
-  return (await response.json()).token;
+  const answer = await response.json().catch(() => ({}));
+  if (!response.ok) {
+    throw new Error(`HTTP ${response.status}: ${answer.error || "GET /demo/token failed"}`);
+  }
+  return answer;
 }
 
-/** @param {string} user */
-function subscriberToken(user) {
-  return () => demoToken({ user, topics: TOPICS.join(",") });
+/** @param {Record<string, string>} params */
+async function demoToken(params) {
+  return (await demoAnswer(params)).token;
+}
+
+/** The topics this page's stream asks for: the demo's own, then the named ones it joined. */
+function streamTopics() {
+  return [...TOPICS, ...state.joined];
+}
+
+/**
+ * @param {string} user
+ * @param {string[]} topics  what the token grants (and the stream asks for)
+ */
+function subscriberToken(user, topics) {
+  return () => demoToken({ user, topics: topics.join(",") });
 }
 
 // ---- the stream ---------------------------------------------------------------------------
@@ -110,12 +130,14 @@ function signIn(user) {
   state.user = user;
   localStorage.setItem("hub-demo-user", user);
   $as("user", HTMLSelectElement).value = user;
+  const topics = streamTopics();
   const hub = connect({
     url: "/events",
-    topics: TOPICS,
-    token: subscriberToken(user),
+    topics,
+    token: subscriberToken(user, topics),
     ticketUrl: "/tickets", // the token buys a one-time ticket per stream: never in a URL
-    key: "demo:" + user, // tabs signed in as the same user share one connection
+    // Tabs signed in as the same user, on the same topics, share one connection.
+    key: ["demo:" + user, ...[...state.joined].sort()].join("|"),
     onReset: showReset,
   });
   state.hub = hub; // before its first status: renderWho reads it
@@ -368,17 +390,29 @@ function renderRows(rows) {
 }
 
 /**
- * Whom the event is for. A broadcast reaches every stream: it has no user (a `user` field a
- * publisher put on one routes nothing, so it is not shown as if it did).
+ * Whom the event is for: its user, and the topics its publisher named. A broadcast has no user
+ * (a `user` field a publisher put on one routes nothing, so it is not shown as if it did): it
+ * reaches every stream, or only the subscribers of the topics it names.
  * @param {HubEvent} event
  */
 function userCell(event) {
-  if (event.name === "broadcast") {
+  const topics = event.topics ?? [];
+  const broadcast = event.name === "broadcast";
+  if (broadcast && !topics.length) {
     const cell = el("td", "user everyone", "everyone");
     cell.title = "A broadcast goes to every stream: it is for no one user";
     return cell;
   }
-  return el("td", "user", event.user || "—");
+  const cell = el("td", "user", broadcast ? undefined : event.user || "—");
+  if (!topics.length) return cell;
+  cell.classList.add("to-topics");
+  if (!broadcast) cell.append(" ");
+  for (const topic of topics) cell.append(el("span", "topic", topic));
+  const names = topics.join(", ");
+  cell.title = broadcast
+    ? `A broadcast to the subscribers of ${names}`
+    : `For ${event.user || "no user"}, and the subscribers of ${names}`;
+  return cell;
 }
 
 /** @param {boolean} changed */
@@ -609,6 +643,25 @@ function randomRef() {
   return "pay_" + Math.random().toString(36).slice(2, 10);
 }
 
+/**
+ * A broadcast to the named topic of the "Topic" field: only the streams on it get it.
+ * @param {string} topic
+ */
+async function publishToTopic(topic) {
+  const result = $("pub-result");
+  const kind = state.types.find((t) => t.name === "broadcast");
+  const message = $as("pub-message", HTMLInputElement).value;
+  try {
+    const type = kind ? kind.type : "broadcast";
+    const answer = await publish({ type, topics: [topic], data: { message } });
+    result.classList.remove("bad");
+    result.textContent = `202 broadcast to ${topic} → id ${answer.ids && answer.ids[0]}`;
+  } catch (e) {
+    result.classList.add("bad");
+    result.textContent = `broadcast to ${topic} failed: ${messageOf(e)}`;
+  }
+}
+
 /** @param {EventType} kind */
 async function publishOne(kind) {
   const result = $("pub-result");
@@ -673,6 +726,65 @@ function renderBurst() {
   else parts.push(`${b.seen.toLocaleString("en-US")} / ${n} received`);
   out.innerHTML = parts.join(" · "); // numbers only: nothing from the wire
   out.dataset.done = b.done !== null ? "true" : "false";
+}
+
+// ---- named topics -------------------------------------------------------------------------
+
+/**
+ * Join the named topic(s) of the join field: the hub reads the names (a name outside its
+ * alphabet is refused, and the page says why) and signs a token granting them; the page's
+ * stream then opens again with them.
+ * @param {string} text
+ */
+async function joinTopic(text) {
+  const out = $("join-result");
+  const name = text.trim();
+  if (!name || !state.user) return;
+  const user = state.user;
+  let granted;
+  try {
+    // The hub's reading of the names (each once, in order) is the list the page keeps.
+    const answer = await demoAnswer({ user, topics: [...streamTopics(), name].join(",") });
+    granted = answer.topics ?? [];
+  } catch (e) {
+    out.classList.add("bad");
+    out.textContent = `Could not join "${name}": ${messageOf(e)}`;
+    return;
+  }
+  const joined = granted.filter((t) => !TOPICS.includes(t));
+  out.classList.remove("bad");
+  if (joined.length === state.joined.length) {
+    out.textContent = `This page's stream has ${name} already.`;
+    return;
+  }
+  state.joined = joined;
+  out.textContent = `Joined ${name}: this page's stream includes it.`;
+  $as("join-topic", HTMLInputElement).value = "";
+  renderJoined();
+  signIn(user);
+}
+
+/** @param {string} topic */
+function leaveTopic(topic) {
+  state.joined = state.joined.filter((t) => t !== topic);
+  $("join-result").textContent = `Left ${topic}.`;
+  renderJoined();
+  if (state.user) signIn(state.user);
+}
+
+/** The joined topics, each with a button that leaves it. */
+function renderJoined() {
+  $("joined").replaceChildren(...state.joined.map((topic) => {
+    const chip = el("span", "topic", topic);
+    chip.dataset.topic = topic;
+    const leave = el("button", "leave", "×");
+    leave.type = "button";
+    leave.title = `Leave ${topic}`;
+    leave.setAttribute("aria-label", `Leave ${topic}`);
+    leave.addEventListener("click", () => leaveTopic(topic));
+    chip.append(leave);
+    return chip;
+  }));
 }
 
 // ---- wiring -------------------------------------------------------------------------------
@@ -751,6 +863,13 @@ async function main() {
     renderCounters(false);
   });
   $("burst").addEventListener("click", burst);
+  $("join-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    joinTopic($as("join-topic", HTMLInputElement).value);
+  });
+  $("publish-topic").addEventListener("click", () => {
+    publishToTopic($as("pub-topic", HTMLInputElement).value.trim());
+  });
 
   // The same table hub.js listens by; an older hub without GET /types gets the built-in one.
   state.types = await fetchTypes("/events").catch(() => FALLBACK_TYPES);
@@ -767,6 +886,7 @@ async function main() {
     $("conn").dataset.status = "closed";
     $("status").textContent = STATUS_TEXT.closed;
     $("publisher").hidden = true;
+    $("join-form").hidden = true;
     $("events-empty").replaceChildren(...noStreamHint(e instanceof DemoOff));
     return;
   }

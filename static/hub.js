@@ -55,6 +55,8 @@ const failed = new Set();
  * @property {string | null} user
  * @property {number | null} ts
  * @property {unknown} data
+ * @property {string[] | null} topics  the topics its publisher named (`"topics"` in its JSON),
+ *   null when it named none
  * @property {boolean} [backwards]  on a reset only: true when its id is of the same epoch as
  *   the last event id and older (an older hub, a buggy node, a proxy). Refetch state as for
  *   any reset; the last event id stays where it was (a reconnect resumes from there), and the
@@ -71,7 +73,9 @@ const failed = new Set();
 /**
  * @typedef {object} Options
  * @property {string | URL} [url]  the stream endpoint, default "/events"
- * @property {string[]} [topics]  topic names, sent as ?topic=a&topic=b
+ * @property {string[]} [topics]  topic names, sent as ?topic=a&topic=b (URL-encoded: any name
+ *   of the hub's alphabet, `org:42`, `a/b`, `x@y`). A name the hub refuses (400) or the token
+ *   does not grant (403) closes the stream with the hub's reason
  * @property {import("./hub/source.js").TokenSource} [token]  a string, or a function returning a
  *   token or a promise of one; a function is asked again when the hub answers 401 or the
  *   token's exp has passed
@@ -371,8 +375,9 @@ class HubConnection {
           user: body.user ?? null,
           ts: body.ts,
           data: body.data,
+          topics: Array.isArray(body.topics) ? body.topics : null,
         }
-      : { id: msg.id, name: msg.name, type: null, user: null, ts: null, data: body };
+      : { id: msg.id, name: msg.name, type: null, user: null, ts: null, data: body, topics: null };
     if (msg.reset) event.backwards = backwards;
     if (msg.name === RESET && this._onReset) this._call(this._onReset, event);
     for (const fn of this._listeners.get(msg.name) || []) this._call(fn, event);
