@@ -346,10 +346,10 @@ function addCounter({ type, name }) {
   $("stats").insertBefore(card, $("stat-latency"));
 }
 
-/** One publish button per type the hub lists. */
+/** One publish button per type the hub lists, but those the hub publishes itself. */
 function addPublishButtons() {
   const buttons = $("publish-buttons");
-  for (const kind of state.types) {
+  for (const kind of state.types.filter((t) => !t.internal)) {
     const { type, name } = kind;
     const button = el("button");
     button.type = "button";

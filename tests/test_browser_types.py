@@ -96,6 +96,13 @@ async def test_the_demo_page_counts_and_publishes_an_added_type(hub_server):
 
         card = page.locator(f".stat[data-type='{REFUND}']")
         assert await card.locator(".label").inner_text() == f"{REFUND} · refund"
+        # the types the hub publishes itself (join, leave) are counted, never offered to publish
+        internal = [t["name"] for t in WITH_REFUND.describe() if t["internal"]]
+        assert internal
+        buttons = await page.locator("#publish-buttons [data-publish]").evaluate_all(
+            "(els) => els.map((e) => e.dataset.publish)"
+        )
+        assert "refund" in buttons and not set(internal) & set(buttons), buttons
         assert await page.locator(f"#count-{REFUND}").inner_text() == "0"
 
         # The button publishes a refund for the form's user (alice: this page's user), and the

@@ -1,7 +1,11 @@
 // The hub's event types, learnt from the hub itself (GET /types), so that a type added to the
 // hub's table reaches the page with no change here.
 
-/** @typedef {{type: number, name: string, filters: string[]}} EventType */
+/**
+ * `topics`: its events may name topics; `internal`: the hub publishes it itself (join, leave),
+ * a publish of it is refused.
+ * @typedef {{type: number, name: string, filters: string[], topics?: boolean, internal?: boolean}} EventType
+ */
 
 /**
  * The hub's table as it was when this file was written. Used only when GET /types cannot be
@@ -11,10 +15,10 @@
  */
 export const FALLBACK_TYPES = Object.freeze([
   { type: 1, name: "login", filters: [] },
-  { type: 2, name: "payment", filters: [] },
+  { type: 2, name: "payment", filters: [], topics: true },
   { type: 3, name: "logout", filters: [] },
   { type: 4, name: "log", filters: ["level", "service"] },
-  { type: 5, name: "broadcast", filters: [] },
+  { type: 5, name: "broadcast", filters: [], topics: true },
 ]);
 
 const TYPES_TIMEOUT_MS = 5000;
@@ -54,11 +58,11 @@ function parseTypes(body) {
   const list = body && typeof body === "object" && "types" in body ? body.types : null;
   if (!Array.isArray(list)) throw new Error("GET /types: no list of types");
   return list.map((entry) => {
-    const { type, name, filters } = entry ?? {};
+    const { type, name, filters, topics, internal } = entry ?? {};
     if (typeof type !== "number" || typeof name !== "string" || !name) {
       throw new Error("GET /types: an entry without a number or a name");
     }
     const params = Array.isArray(filters) ? filters.filter((f) => typeof f === "string") : [];
-    return { type, name, filters: params };
+    return { type, name, filters: params, topics: topics === true, internal: internal === true };
   });
 }
