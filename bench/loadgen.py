@@ -170,6 +170,13 @@ class Gen:
         # "\nevent: ", not "\nid: ": a hub stream's opening block carries an id too
         self.marker: bytes = b"\nevent: " if self.kind == "hub" else b"\ndata:"
         self.topic: bool = spec["routing"] == "topic"
+        # "named": `topics` topics named by the publisher (bench.topics), streams reading them
+        # in blocks (topic_of: the probes, every n/probes-th stream, spread over them);
+        # "plain": broadcast to streams that name no topic
+        self.named: int = spec.get("topics", 0) if spec["routing"] == "named" else 0
+        self.readers = [0] * self.named  # streams per topic
+        for i in range(self.n if self.named else 0):
+            self.readers[self.topic_of(i)] += 1
         self.subs: list[Sub] = []
         self.headers_ok = 0
         self.head_errors: list[str] = []
@@ -188,9 +195,11 @@ class Gen:
             if self.kind == "hub":
                 path = (
                     "/events"
-                    if self.private
+                    if self.private or spec["routing"] == "plain"
                     else "/events?topic=logs"
                     if self.topic
+                    else f"/events?topic=t{self.topic_of(i)}"
+                    if self.named
                     else "/events?topic=payments"
                 )
                 auth = f"Authorization: Bearer {tokens[i]}\r\n"
@@ -204,6 +213,10 @@ class Gen:
                     "Accept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n"
                 ).encode()
             )
+
+    def topic_of(self, i: int) -> int:
+        """The topic stream i reads (routing "named")."""
+        return i * self.named // self.n
 
     def head_received(self) -> None:
         self.headers_ok += 1
@@ -474,7 +487,14 @@ class Publisher:
         self.errors = 0
         self.error_sample: list[str] = []
         self.next_user = 0
-        self.expected = array("q", bytes(8 * g.n)) if g.private else None
+        # acknowledged events per user (private) or per topic (named)
+        self.expected = (
+            array("q", bytes(8 * g.n))
+            if g.private
+            else array("q", bytes(8 * g.named))
+            if g.named
+            else None
+        )
         hostport = f"{g.host}:{g.port}"
         if g.kind == "hub":
             self.head = (
@@ -508,6 +528,14 @@ class Publisher:
                 n = g.n
                 evs = [
                     b'{"type":2,"user":"u%d","data":{"t":%d}}' % ((first + k) % n, t)
+                    for k in range(nev)
+                ]
+                self.next_user = (first + nev) % n
+            elif g.named:
+                first = self.next_user  # here: the first event's topic
+                n = g.named
+                evs = [
+                    b'{"type":"broadcast","topic":"t%d","data":{"t":%d}}' % ((first + k) % n, t)
                     for k in range(nev)
                 ]
                 self.next_user = (first + nev) % n
@@ -557,7 +585,7 @@ class Publisher:
             self.acked_requests += 1
             exp = self.expected
             if exp is not None:
-                n = self.g.n
+                n = len(exp)
                 if first + nev <= n:
                     for u in range(first, first + nev):
                         exp[u] += 1
@@ -776,7 +804,11 @@ async def run(g: Gen, spec: dict[str, Any]) -> dict[str, Any]:
         if got != last:
             last, last_change = got, now
         answered = pub.all_answered()
-        expected_total = pub.acked_events * (1 if g.private else n)
+        expected_total = (
+            sum(a * r for a, r in zip(pub.expected, g.readers, strict=True))
+            if g.named and pub.expected is not None
+            else pub.acked_events * (1 if g.private else n)
+        )
         if answered and got >= expected_total:
             break
         if (answered and now - last_change > stall) or now > hard:
@@ -797,11 +829,11 @@ async def run(g: Gen, spec: dict[str, Any]) -> dict[str, Any]:
         # in their socket buffers at the end; count to the time the last event arrived instead
         res["delivery_rate"] = (g.received() - recv0) / max(wall, last_change - w0)
     lost = extra = 0
-    if g.private:
+    if g.private or g.named:
         exp = pub.expected
         assert exp is not None
-        for s in g.subs:
-            d = exp[s.idx] - s.count
+        for s in g.subs:  # stream i reads user i, or its topic
+            d = exp[g.topic_of(s.idx) if g.named else s.idx] - s.count
             if d > 0:
                 lost += d
             else:

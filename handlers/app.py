@@ -31,6 +31,7 @@ from handlers.ops import (
     StaticHandler,
     TypesHandler,
 )
+from handlers.presence import PresenceHandler
 from handlers.publish import PublishHandler
 from handlers.server import HubApplication, accept_within
 from handlers.stream import EventsHandler
@@ -83,6 +84,7 @@ def build_app(
         (r"/readyz", ReadyHandler, deps),
         _metrics_route(config, deps),
         (r"/types", TypesHandler, deps),
+        (r"/presence", PresenceHandler, deps),
         (r"/()", StaticHandler, {"path": static, "default_filename": "index.html"}),
         (r"/static/(.*)", StaticHandler, {"path": static}),
     ]
@@ -105,7 +107,8 @@ def build_app(
 
 
 def build_internal_app(hub: Hub) -> HubApplication:
-    """POST /publish without authentication, for a listener only internal services reach."""
+    """POST /publish and GET /presence without authentication, for a listener only internal
+    services reach."""
     verifier = Verifier(hub.config.jwt_algorithm, hub.config.jwt_secret, hub.config.jwt_public_key)
     deps: dict[str, Any] = {"hub": hub, "verifier": verifier}
     return HubApplication(
@@ -120,6 +123,7 @@ def build_internal_app(hub: Hub) -> HubApplication:
                 },
             ),
             (r"/healthz", HealthHandler, deps),
+            (r"/presence", PresenceHandler, {**deps, "authenticated": False}),
         ],
         hub=hub,
         log_function=access_logger(logging.DEBUG),

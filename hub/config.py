@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal, NoReturn, TypeVar
 
+from hub.topics import GrantError, Grants
+
 __all__ = [
     "HEADROOM",
     "LOG_LEVELS",
@@ -462,6 +464,16 @@ def _networks(label: str, text: str | None) -> tuple[Network, ...]:
     return tuple(networks)
 
 
+def join_leave_grants(label: str, text: str | None) -> Grants:
+    """--join-leave as grants (hub.topics): comma-separated names and `name*` patterns, `*`
+    for every topic; none or only commas: no topic."""
+    items = [item.strip() for item in (text or "").split(",") if item.strip()]
+    try:
+        return Grants.parse(items)
+    except GrantError as exc:
+        raise ConfigError(f"{label}: {exc}") from None
+
+
 @dataclass
 class Config:
     """The hub's settings. Each field is declared once, with `setting`; build one from Python
@@ -647,6 +659,13 @@ class Config:
         unit="seconds",
         positive=True,
     )
+    # hub.joins; README, Join and leave events.
+    join_leave: str | None = setting(
+        None,
+        "topics whose members' joins and leaves are published on presence:<topic> (names and "
+        "name* patterns, comma-separated; * for every topic); none: off",
+        check=join_leave_grants,
+    )
     cors_origins: str | None = setting(
         None,
         "origins whose pages may open streams cross-origin, comma-separated, or * for any "
@@ -687,6 +706,15 @@ class Config:
         unit="seconds",
         positive=True,
         at_most=60,
+    )
+    # hub.redis_presence; README, Presence.
+    presence_ttl: float = setting(
+        30.0,
+        "seconds within which a node that stops (a crash) drops out of GET /presence on Redis; "
+        "each node renews its presence every third of it",
+        unit="seconds",
+        at_least=1,
+        at_most=3600,
     )
     # WEB_CONCURRENCY, as hosting platforms name it: a platform's default for any web server,
     # so read only where several workers can run (parse_config).
@@ -802,6 +830,10 @@ class Config:
         for flag, port in (("--port", self.port), ("--internal-port", self.internal_port)):
             if port is not None and first <= port <= last:
                 raise ConfigError(f"--metrics-port {span} takes {flag} {port}: choose another")
+
+    def join_leave_topics(self) -> Grants:
+        """--join-leave as grants: the topics with join and leave events (none: empty)."""
+        return join_leave_grants("--join-leave", self.join_leave)
 
     def trusted_networks(self) -> tuple[Network, ...]:
         """--trusted-proxies as networks (an address is a network of one)."""

@@ -27,9 +27,11 @@ from hub.disconnect import EXPIRED, LOGOUT, SHUTDOWN, Disconnect
 from hub.dispatch import DEFAULT_TYPES, EventFilter, TypeTable
 from hub.flusher import Flusher
 from hub.history import History, parse_position
+from hub.joins import JoinLeave
 from hub.limits import PublishLimiter, Throttled
 from hub.message import Event, TooLarge, encode_frame
 from hub.metrics import Metrics
+from hub.presence import Presence, TopicPresence, UserPresence
 from hub.refusal import Refusal, RefusalKind
 from hub.registry import Registry
 from hub.revocations import Revocations
@@ -63,6 +65,15 @@ def _make_broker(config: Config) -> Broker:
     )
 
 
+def _make_presence(config: Config, registry: Registry) -> Presence:
+    """Who is online: this process's registry, and with Redis every node's share too."""
+    if config.broker == "memory":
+        return Presence(registry)
+    from hub.redis_presence import RedisPresence
+
+    return RedisPresence(registry, config.broker, config.redis_prefix, config.presence_ttl)
+
+
 class Hub:
     def __init__(
         self, config: Config, broker: Broker | None = None, types: TypeTable = DEFAULT_TYPES
@@ -91,6 +102,15 @@ class Hub:
         self.published: Counter[str] = Counter()
         self.replayed = 0
         self.metrics = Metrics(self)
+        # Join and leave events of the --join-leave topics: with none, no watcher at all.
+        self.joins: JoinLeave | None = None
+        followed = config.join_leave_topics()
+        if followed:
+            count = self.metrics.membership
+            self.joins = JoinLeave(
+                self.registry, followed, types, self.publish, lambda k, n: count.labels(k).inc(n)
+            )
+            self.registry.watchers.append(self.joins.watch)
         # One-time stream tickets, kept by the broker: shared where it is (hub.tickets).
         self.tickets = Tickets(self.broker, config.ticket_ttl, self.metrics)
         # Logouts refusing the tokens issued before them (--revoke-ttl, --max-revocations).
@@ -109,6 +129,9 @@ class Hub:
         self._waiters = 0  # a tie-break for the heap: futures do not compare
         self._gone = 0  # entries of waiters that stopped waiting (swept when they are many)
         self.broker.start(self)
+        # GET /presence (hub.presence): with Redis, a writer of this node's share starts.
+        self.presence = _make_presence(config, self.registry)
+        self.presence.start()
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -120,6 +143,8 @@ class Hub:
         had the flusher's grace to: hub.flusher.CLOSE_GRACE), then close the broker. The
         caller bounds the whole (handlers.app: --shutdown-timeout)."""
         self.stopping = True
+        if self.joins is not None:
+            self.joins.close()
         if self._tick_handle is not None:
             self._tick_handle.cancel()
             self._tick_handle = None
@@ -140,6 +165,7 @@ class Hub:
         while self.streams_closing():
             await asyncio.sleep(0.02)
         self.flusher.cancel()
+        await self.presence.close()  # this node's share in Redis goes
         await self.broker.close()
 
     def streams_closing(self) -> int:
@@ -469,6 +495,20 @@ class Hub:
         """Told by the flusher of every stream's end, once (Stream.end)."""
         self.metrics.disconnects.labels(why.reason).inc()
         log.debug("stream of %r ended: %s", stream.user, why.reason)
+
+    # -- presence -------------------------------------------------------------------------
+
+    async def presence_of_users(self, users: Sequence[str]) -> dict[str, UserPresence]:
+        """Each user's streams, sessions and oldest stream's opening, over every node.
+        PresenceUnavailable (hub.presence) when Redis cannot answer."""
+        return await self.presence.users(users)
+
+    async def presence_of_topic(
+        self, topic: str, limit: int, after: str | None = None
+    ) -> TopicPresence:
+        """A topic's streams and distinct users over every node, and a page of the users
+        (sorted, strictly after `after`). PresenceUnavailable when Redis cannot answer."""
+        return await self.presence.topic(topic, limit, after)
 
     # -- the tick -------------------------------------------------------------------------
 

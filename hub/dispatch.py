@@ -31,11 +31,13 @@ from hub.topics import Grants
 __all__ = [
     "DEFAULT_TYPES",
     "LOG_LEVELS",
+    "MEMBERSHIP_PREFIX",
     "EventFilter",
     "Kind",
     "Route",
     "TypeTable",
     "filter_log",
+    "membership_topic",
     "outside_grants",
 ]
 
@@ -126,14 +128,24 @@ def outside_grants(route: Route, grants: Grants) -> str | None:
     return None
 
 
+# Where the join and leave events of a topic go: `presence:<topic>`, a topic of its own, so
+# that only the streams that ask for them (and whose token grants that topic) receive them.
+MEMBERSHIP_PREFIX = "presence:"
+
+
+def membership_topic(topic: str) -> str:
+    """The topic that carries the join and leave events of `topic`."""
+    return MEMBERSHIP_PREFIX + topic
+
+
 def route_membership(event: Event) -> Route:
     """`join` and `leave` (published by the hub itself, hub.joins): the subscribers of the
-    one topic the event is about, `data.topic`."""
+    membership topic (membership_topic) of the one topic the event is about, `data.topic`."""
     data = event.data
     topic = data.get("topic") if type(data) is dict else None
     if type(topic) is not str:
         raise Rejected(f"{event.name} events name their topic in data.topic")
-    return Route(topics=(topic,))
+    return Route(topics=(membership_topic(topic),))
 
 
 LOG_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}

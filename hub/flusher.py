@@ -51,7 +51,7 @@ from hub.disconnect import GONE, SLOW, Disconnect
 from hub.dispatch import Route
 from hub.history import History
 from hub.message import Event
-from hub.registry import Registry
+from hub.registry import Registry, shrink
 from hub.stream import Channel, Stream
 from hub.transport import SocketTransport
 
@@ -137,6 +137,7 @@ class Flusher:
         self._opening = False  # open() writes a resume's first window (outside the budget)
         self.everyone = Channel("everyone")
         self.topics: dict[str, Channel] = {}
+        self._topics_peak = 0  # its peak size (hub.registry.shrink)
         self.dirty: list[Stream] = []
         self.dirty_channels: list[Channel] = []
         self.finishing: list[Stream] = []  # ending streams to visit (they read no channel)
@@ -250,10 +251,15 @@ class Flusher:
             if sources > 1:
                 kept.sort(key=_seq)  # an event it reads twice: side by side, written once
         everyone.readers.pop(out, None)
-        for channel in out.channels or ():
-            channel.readers.pop(out, None)
-            if not channel.readers and self.topics.get(channel.name) is channel:
-                del self.topics[channel.name]
+        if out.channels is not None:
+            topics = self.topics
+            size = len(topics)
+            for channel in out.channels:
+                channel.readers.pop(out, None)
+                if not channel.readers and topics.get(channel.name) is channel:
+                    del topics[channel.name]
+            if len(topics) < size:
+                self._topics_peak = shrink(topics, max(self._topics_peak, size))
         out.channels = out.topic_pos = None
         out.private = kept or None
         out.private_size = 0

@@ -98,6 +98,16 @@ class Metrics:
             registry=self.registry,
         )
         self.connects = Counter("hub_stream_connects", "Streams opened.", registry=self.registry)
+        self.membership = Counter(
+            "hub_membership_events",
+            "Users joining or leaving a topic of --join-leave (hub.joins), by what became of "
+            "the change (join, leave: published in such an event; dropped: over the bound of "
+            "changes waiting; failed: lost with a publish that failed).",
+            ["kind"],
+            registry=self.registry,
+        )
+        for kind in ("join", "leave", "dropped", "failed"):
+            self.membership.labels(kind)
         self.streams_capped = Counter(
             "hub_streams_capped",
             "Streams refused by a cap, by which (per_user: --max-streams-per-user; total: "

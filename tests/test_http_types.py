@@ -106,4 +106,6 @@ async def test_the_default_table_knows_no_added_type(hub_server):
         "logout",
         "log",
         "broadcast",
+        "join",
+        "leave",
     ]
