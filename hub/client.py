@@ -238,21 +238,7 @@ class Publisher:
         """Publish a batch, all or nothing; the ids, in order. `topics`: for each event that
         names none of its own (`topics` or `topic`)."""
         body, headers = _publish_request(_with_topics(events, topics), self.token)
-        attempt = 0
-        while True:
-            try:
-                status, answer, retry_after = self._post(body, headers)
-            except (OSError, http.client.HTTPException):
-                self.close()
-                wait = self.retry.wait(attempt, None)
-                if wait < 0:
-                    raise
-            else:
-                wait = self.retry.wait(attempt, status, retry_after)
-                if wait < 0:
-                    return _ids(status, answer)
-            time.sleep(wait)
-            attempt += 1
+        return _ids(*self._retried("POST", "/publish", body, headers))
 
     def presence(
         self,
@@ -269,10 +255,17 @@ class Publisher:
         last). Retried as a publish is (a dropped connection, a 503); HubError otherwise."""
         path = _presence_path(users, topic, limit, after)
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        return _presence_answer(*self._retried("GET", path, None, headers))
+
+    def _retried(
+        self, method: str, path: str, body: bytes | None, headers: dict[str, str]
+    ) -> tuple[int, Any]:
+        """The request's status and decoded answer, retried as `retry` says (a dropped
+        connection, a 503, a 429 after its Retry-After)."""
         attempt = 0
         while True:
             try:
-                status, answer, retry_after = self._request("GET", path, None, headers)
+                status, answer, retry_after = self._request(method, path, body, headers)
             except (OSError, http.client.HTTPException):
                 self.close()
                 wait = self.retry.wait(attempt, None)
@@ -281,12 +274,9 @@ class Publisher:
             else:
                 wait = self.retry.wait(attempt, status, retry_after)
                 if wait < 0:
-                    return _presence_answer(status, answer)
+                    return status, answer
             time.sleep(wait)
             attempt += 1
-
-    def _post(self, body: bytes, headers: dict[str, str]) -> tuple[int, Any, str | None]:
-        return self._request("POST", "/publish", body, headers)
 
     def _request(
         self, method: str, path: str, body: bytes | None, headers: dict[str, str]
@@ -511,22 +501,7 @@ class AsyncPublisher:
         self, events: Iterable[Mapping[str, Any]], *, topics: Sequence[str] | None = None
     ) -> list[str]:
         body, headers = _publish_request(_with_topics(events, topics), self.token)
-        async with self._lock:
-            attempt = 0
-            while True:
-                try:
-                    status, answer, answer_headers = await self._post(body, headers)
-                except (OSError, TimeoutError):
-                    await self._conn.close()
-                    wait = self.retry.wait(attempt, None)
-                    if wait < 0:
-                        raise
-                else:
-                    wait = self.retry.wait(attempt, status, answer_headers.get("retry-after"))
-                    if wait < 0:
-                        return _ids(status, answer)
-                await asyncio.sleep(wait)
-                attempt += 1
+        return _ids(*await self._retried("POST", "/publish", headers, body))
 
     async def presence(
         self,
@@ -539,11 +514,19 @@ class AsyncPublisher:
         """Publisher.presence, awaited."""
         path = _presence_path(users, topic, limit, after)
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        return _presence_answer(*await self._retried("GET", path, headers))
+
+    async def _retried(
+        self, method: str, path: str, headers: Mapping[str, str], body: bytes = b""
+    ) -> tuple[int, Any]:
+        """Publisher._retried, awaited: one request at a time on the connection."""
         async with self._lock:
             attempt = 0
             while True:
                 try:
-                    status, answer, answer_headers = await self._request("GET", path, headers)
+                    status, answer, answer_headers = await self._request(
+                        method, path, headers, body
+                    )
                 except (OSError, TimeoutError):
                     await self._conn.close()
                     wait = self.retry.wait(attempt, None)
@@ -552,14 +535,9 @@ class AsyncPublisher:
                 else:
                     wait = self.retry.wait(attempt, status, answer_headers.get("retry-after"))
                     if wait < 0:
-                        return _presence_answer(status, answer)
+                        return status, answer
                 await asyncio.sleep(wait)
                 attempt += 1
-
-    async def _post(
-        self, body: bytes, headers: Mapping[str, str]
-    ) -> tuple[int, Any, dict[str, str]]:
-        return await self._request("POST", "/publish", headers, body)
 
     async def _request(
         self, method: str, path: str, headers: Mapping[str, str], body: bytes = b""
