@@ -20,7 +20,7 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 from handlers.base import BodyDeadlines, access_logger
-from handlers.commands import publish_main, token_main
+from handlers.commands import outbox_main, publish_main, token_main
 from handlers.demo import DemoTokenHandler, start_demo
 from handlers.ops import (
     HealthHandler,
@@ -487,7 +487,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 # `hub token ...` and `hub publish ...`: the server's flags all start with "--".
-COMMANDS = {"token": token_main, "publish": publish_main}
+COMMANDS = {"token": token_main, "publish": publish_main, "outbox": outbox_main}
 
 
 def _log_format(worker: int | None) -> str:

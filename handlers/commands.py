@@ -29,7 +29,7 @@ from hub.config import JWT_ALGORITHMS, MIN_SECRET_BYTES, ConfigError, OneLinePar
 from hub.keys import KeyProblem, check_private, load_private
 from hub.topics import GrantError, Grants
 
-__all__ = ["publish_main", "token_main"]
+__all__ = ["outbox_main", "publish_main", "token_main"]
 
 
 # Where `hub publish` sends events when neither --url nor HUB_URL says
@@ -235,3 +235,50 @@ def publish_main(argv: Sequence[str], stdin: Any = None) -> None:
     except (OSError, ValueError, http.client.HTTPException) as exc:
         raise _fail("publish", f"{args.url}: {exc}") from None
     print("\n".join(ids))
+
+
+def outbox_main(argv: Sequence[str]) -> None:
+    """`hub outbox init URL`: create the outbox a postgres:// --source reads (its table, the
+    dead letters, the trigger that wakes the relay); `--print` shows the SQL instead, for a
+    migration tool to own."""
+    parser = OneLineParser(
+        prog="hub outbox",
+        description="Create the PostgreSQL outbox that --source postgres://... reads "
+        "(README, Event sources). Safe to run again.",
+    )
+    parser.add_argument("action", choices=["init"], help="init: create the tables and trigger")
+    parser.add_argument(
+        "url",
+        nargs="?",
+        default=os.environ.get("HUB_OUTBOX_URL"),
+        help="the --source URL (postgres://user@host:5432/db?table=hub_outbox); "
+        "default: $HUB_OUTBOX_URL",
+    )
+    parser.add_argument(
+        "--print", action="store_true", help="print the SQL, run nothing (no connection)"
+    )
+    try:  # intermixed: `init --print URL` as well as `init URL --print`
+        args, extra = parser.parse_known_intermixed_args(argv)
+        if extra:
+            parser.unexpected(argv, extra)
+    except ConfigError as exc:
+        raise _fail("outbox", str(exc)) from None
+    if not args.url:
+        raise _fail("outbox", "give the source URL (postgres://user@host:5432/db)")
+    from hub.outbox import OutboxSettings, init_outbox, outbox_ddl
+    from hub.sources import SourceError, shown_url
+
+    try:
+        settings = OutboxSettings.parse(args.url)
+    except SourceError as exc:
+        raise _fail("outbox", f"{shown_url(args.url)[:120]}: {exc}") from None
+    if args.print:
+        print(outbox_ddl(settings), end="")
+        return
+    import asyncio
+
+    try:
+        asyncio.run(init_outbox(args.url))
+    except Exception as exc:  # the server's refusal or an unreachable one: one line
+        raise _fail("outbox", f"{shown_url(args.url)[:120]}: {str(exc)[:300]}") from None
+    print(f"outbox {settings.table} ready ({settings.table}_dead keeps what the hub refuses)")

@@ -64,6 +64,15 @@ class ReadyHandler(HubHandler):
             self.fail(503, "shutting down")
         elif not self.hub.ready:
             self.fail(503, f"not ready: {self.hub.broker.unready_reason()}")
+        elif self.hub.sources:
+            # A source that is down leaves the node ready: its streams and POST /publish
+            # work, and every node shares the source, so a 503 would take the whole fleet
+            # out of the load balancer for a database outage. The body (and hub_source_up)
+            # says it (README, Event sources).
+            sources = {s.name: s.stats.state for s in self.hub.sources}
+            degraded = any(state.startswith("down") for state in sources.values())
+            status = "degraded" if degraded else "ready"
+            self.answer(200, {"status": status, "sources": sources})
         else:
             self.answer(200, {"status": "ready"})
 

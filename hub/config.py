@@ -206,6 +206,9 @@ class Setting:
     choices: tuple[str, ...] = ()
     ignore_case: bool = False  # of the choices
     env_only: bool = False  # no flag: a secret that `ps` would show
+    # The flag repeats (--source a --source b); the variable holds the values apart by spaces.
+    repeat: bool = False
+    flag_name: str = ""  # the flag's name where it is not the field's (--source for sources)
     fallback_env: str = ""  # read when HUB_<NAME> is not set (WEB_CONCURRENCY)
     why: str = ""  # said after a bound the value is outside of
     # A check of a value that bounds cannot say (a URL, a path), given the setting's label;
@@ -218,7 +221,9 @@ class Setting:
 
     @property
     def flag(self) -> str | None:
-        return None if self.env_only else "--" + self.name.replace("_", "-")
+        if self.env_only:
+            return None
+        return "--" + (self.flag_name or self.name).replace("_", "-")
 
     @property
     def var(self) -> str:
@@ -363,6 +368,8 @@ def setting(
     fallback_env: str = "",
     why: str = "",
     check: Callable[[str, Any], object] | None = None,
+    repeat: bool = False,
+    flag_name: str = "",
 ) -> T:
     """Declare a field of `Config` as a setting. Typed as its default, so that mypy sees
     `port: int = setting(8080, ...)` as a plain field; at run time it is a dataclass field
@@ -379,6 +386,8 @@ def setting(
         ignore_case=ignore_case,
         env_only=env_only,
         fallback_env=fallback_env,
+        repeat=repeat,
+        flag_name=flag_name,
         why=why,
         check=check,
     )
@@ -472,6 +481,38 @@ def join_leave_grants(label: str, text: str | None) -> Grants:
         return Grants.parse(items)
     except GrantError as exc:
         raise ConfigError(f"{label}: {exc}") from None
+
+
+def source_urls(label: str, text: str | None) -> tuple[str, ...]:
+    """--source's URLs, each checked (hub.sources.check_url); none: no source."""
+    urls = tuple((text or "").split())
+    if not urls:
+        return urls
+    from hub.sources import SourceError
+
+    for url in urls:
+        try:
+            if url.startswith(("postgres://", "postgresql://")):
+                from hub.outbox import OutboxSettings
+
+                OutboxSettings.parse(url)
+            elif url.startswith("nats://"):
+                from hub.jetstream import JetStreamSettings
+
+                JetStreamSettings.parse(url)
+            else:
+                raise SourceError("a source URL starts with postgres://, postgresql:// or nats://")
+        except SourceError as exc:
+            raise ConfigError(f"{label} {shown_source(url)[:120]!r}: {exc}") from None
+    if len(set(urls)) != len(urls):
+        raise ConfigError(f"{label}: the same source is given twice")
+    return urls
+
+
+def shown_source(url: str) -> str:
+    from hub.sources import shown_url
+
+    return shown_url(url)
 
 
 @dataclass
@@ -659,6 +700,16 @@ class Config:
         unit="seconds",
         positive=True,
     )
+    # hub.sources; README, Event sources.
+    sources: str | None = setting(
+        None,
+        "where events are also taken from: a PostgreSQL outbox (postgres://user@host/db"
+        "?table=hub_outbox) or a NATS JetStream stream (nats://host:4222/STREAM?durable=hub); "
+        "repeat the flag for several, the variable holds them apart by spaces",
+        repeat=True,
+        flag_name="source",
+        check=source_urls,
+    )
     # hub.joins; README, Join and leave events.
     join_leave: str | None = setting(
         None,
@@ -831,6 +882,10 @@ class Config:
             if port is not None and first <= port <= last:
                 raise ConfigError(f"--metrics-port {span} takes {flag} {port}: choose another")
 
+    def source_urls(self) -> tuple[str, ...]:
+        """--source as the URLs of the sources to read (none: empty)."""
+        return source_urls("--source", self.sources)
+
     def join_leave_topics(self) -> Grants:
         """--join-leave as grants: the topics with join and leave events (none: empty)."""
         return join_leave_grants("--join-leave", self.join_leave)
@@ -918,10 +973,11 @@ def help_line(declared: Setting) -> str:
 
 # The commands of `hub` besides the server (handlers.commands, handlers.app.COMMANDS), as
 # `hub --help` lists them.
-COMMANDS = ("token", "publish")
+COMMANDS = ("token", "publish", "outbox")
 USAGE = """hub [--FLAG VALUE ...]                serve (the flags below)
        hub token --sub USER [--publish] ...  print a token the hub accepts (hub token --help)
        hub publish [--url URL] [EVENT ...]   publish events, print their ids (hub publish --help)
+       hub outbox init postgres://...        create the outbox a --source reads (hub outbox --help)
        hub --version"""
 
 
@@ -968,6 +1024,8 @@ def _parser() -> OneLineParser:
         text = help_line(declared).replace("%", "%%")
         if declared.kind is bool:
             parser.add_argument(declared.flag, action="store_true", default=None, help=text)
+        elif declared.repeat:
+            parser.add_argument(declared.flag, action="append", default=None, help=text)
         else:
             # Text, parsed as a variable's is (Setting.parse): the same values and the same
             # one-line errors from a flag and from its variable.
@@ -991,7 +1049,9 @@ def parse_config(
     values: dict[str, object] = {}
     fallbacks: list[Setting] = []
     for declared in SETTINGS:
-        given = getattr(args, declared.name, None)
+        given = getattr(args, (declared.flag_name or declared.name), None)
+        if isinstance(given, list):  # a repeated flag: its values, as the variable holds them
+            given = " ".join(given)
         if isinstance(given, str) and declared.flag is not None:
             given = declared.parse(declared.flag, given)
         elif given is None:

@@ -35,6 +35,7 @@ from hub.presence import Presence, TopicPresence, UserPresence
 from hub.refusal import Refusal, RefusalKind
 from hub.registry import Registry
 from hub.revocations import Revocations
+from hub.sources import Intake, Source
 from hub.stream import Stream, StreamRequest
 from hub.tickets import Tickets
 from hub.transport import SocketTransport
@@ -72,6 +73,18 @@ def _make_presence(config: Config, registry: Registry) -> Presence:
     from hub.redis_presence import RedisPresence
 
     return RedisPresence(registry, config.broker, config.redis_prefix, config.presence_ttl)
+
+
+def _make_source(url: str, intake: Intake) -> Source:
+    """The source a --source URL names (checked at start: hub.config.source_urls). The client
+    library is imported only when a source of its kind is configured."""
+    if url.startswith("nats://"):
+        from hub.jetstream import JetStreamSource
+
+        return JetStreamSource(url, intake)
+    from hub.outbox import PostgresOutbox
+
+    return PostgresOutbox(url, intake)
 
 
 class Hub:
@@ -132,6 +145,12 @@ class Hub:
         # GET /presence (hub.presence): with Redis, a writer of this node's share starts.
         self.presence = _make_presence(config, self.registry)
         self.presence.start()
+        # --source: events also read from an outbox table or a JetStream stream (hub.sources).
+        intake = Intake(self)
+        self.sources: list[Source] = [_make_source(url, intake) for url in config.source_urls()]
+        self._source_tasks = [
+            asyncio.get_running_loop().create_task(source.run()) for source in self.sources
+        ]
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -143,6 +162,7 @@ class Hub:
         had the flusher's grace to: hub.flusher.CLOSE_GRACE), then close the broker. The
         caller bounds the whole (handlers.app: --shutdown-timeout)."""
         self.stopping = True
+        await self._stop_sources()
         if self.joins is not None:
             self.joins.close()
         if self._tick_handle is not None:
@@ -167,6 +187,17 @@ class Hub:
         self.flusher.cancel()
         await self.presence.close()  # this node's share in Redis goes
         await self.broker.close()
+
+    async def _stop_sources(self, wait: float = 2.0) -> None:
+        """Stop reading the sources: a batch being stored may finish within `wait` seconds
+        (and is let go of); what is cut then stays in its source, for the next relay."""
+        for source in self.sources:
+            await source.close()
+        tasks, self._source_tasks = self._source_tasks, []
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=wait)
+            for task in pending:
+                task.cancel()
 
     def streams_closing(self) -> int:
         """Ended streams whose sockets are still open: their clients have not taken what

@@ -20,7 +20,12 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from hub.disconnect import ENDS
@@ -187,6 +192,7 @@ class Metrics:
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         self.registry.register(_HotPath(hub))
+        self.registry.register(_Sources(hub))
         self._refusals = {
             "publish": self.rejected,
             "stream": self.streams_refused,
@@ -348,6 +354,66 @@ class _Feed(Collector):
             "of its feed that it recovered from (each logged).",
             value=getattr(self.broker, "feed_errors", 0),
         )
+
+
+class _Sources(Collector):
+    """Each --source's numbers (hub.sources.SourceStats), labelled by its URL without a
+    password; nothing without sources."""
+
+    def __init__(self, hub: object) -> None:
+        self.hub = hub
+
+    def collect(self) -> Iterator[Metric]:
+        sources = getattr(self.hub, "sources", ())
+        records = CounterMetricFamily(
+            "hub_source_records",
+            "Records taken from a source, by outcome (published: stored by this node; "
+            "replayed: stored before, by this node or another, and let go of now; dead: "
+            "refused and dead-lettered).",
+            labels=["source", "outcome"],
+        )
+        up = GaugeMetricFamily(
+            "hub_source_up", "1 while this node is connected to the source.", labels=["source"]
+        )
+        leading = GaugeMetricFamily(
+            "hub_source_leading",
+            "1 while this node reads the source (an outbox has one reader among the hubs; "
+            "the others stand by).",
+            labels=["source"],
+        )
+        lag = GaugeMetricFamily(
+            "hub_source_lag",
+            "Records waiting in the source (an outbox counts up to 100,000), as this node "
+            "last saw them while reading it.",
+            labels=["source"],
+        )
+        lag_seconds = GaugeMetricFamily(
+            "hub_source_lag_seconds",
+            "How long the oldest waiting record has waited (outbox), in seconds.",
+            labels=["source"],
+        )
+        held = GaugeMetricFamily(
+            "hub_source_held",
+            "Records read and not let go of yet (at most one batch: the backpressure bound).",
+            labels=["source"],
+        )
+        restarts = CounterMetricFamily(
+            "hub_source_restarts",
+            "Connections to the source lost and made again.",
+            labels=["source"],
+        )
+        for source in sources:
+            name, stats = [source.name], source.stats
+            records.add_metric([*name, "published"], stats.published)
+            records.add_metric([*name, "replayed"], stats.replayed)
+            records.add_metric([*name, "dead"], stats.dead)
+            up.add_metric(name, int(stats.up))
+            leading.add_metric(name, int(stats.leading))
+            lag.add_metric(name, stats.lag)
+            lag_seconds.add_metric(name, stats.lag_seconds)
+            held.add_metric(name, stats.held)
+            restarts.add_metric(name, stats.restarts)
+        yield from (records, up, leading, lag, lag_seconds, held, restarts)
 
 
 class _HotPath(Collector):

@@ -1,4 +1,4 @@
-"""`hub token` and `hub publish`, as a user runs them: real processes against a real hub."""
+"""`hub token`, `hub publish` and `hub outbox`, as a user runs them: real processes against a real hub."""
 
 from __future__ import annotations
 
@@ -57,6 +57,11 @@ def test_hub_token_mints_what_the_hub_accepts_with_the_claims_asked_for():
         (["token", "--sub", "a", "--publish-topics", "x"], {"HUB_JWT_SECRET": SECRET}, "--publish"),
         (["publish", "{not json"], {"HUB_TOKEN": "x"}, "not JSON"),
         (["publish"], {}, "--token"),
+        (["outbox", "init"], {}, "give the source URL"),
+        (["outbox", "init", "postgres://x@h/d?table=a;b"], {}, "table must be a plain name"),
+        (["outbox", "init", "postgres://x@h/d?batch=0"], {}, "batch must be positive"),
+        (["outbox", "init", "postgres:///d"], {}, "names no host"),
+        (["outbox", "drop", "postgres://x@h/d"], {}, "invalid choice"),
     ],
 )
 def test_command_errors_are_one_line_and_no_traceback(args, env, says):
@@ -222,3 +227,21 @@ def test_hub_token_says_what_is_wrong_with_a_key_in_one_line(keys, odd_keys, arg
     for name, path in files.items():
         says = says.replace(f"{{{name}}}", path)
     assert says in done.stderr, done.stderr
+
+
+def test_hub_outbox_init_print_shows_the_sql_without_a_connection():
+    done = run("outbox", "init", "--print", "postgres://nobody@192.0.2.1:1/x?table=app.notes")
+    assert done.returncode == 0, done.stderr
+    assert 'CREATE TABLE IF NOT EXISTS "app"."notes" (' in done.stdout
+    assert 'CREATE TABLE IF NOT EXISTS "app"."notes_dead" (' in done.stdout
+    assert "pg_notify('app.notes', '')" in done.stdout
+    assert 'AFTER INSERT ON "app"."notes" FOR EACH STATEMENT' in done.stdout
+
+
+def test_hub_outbox_init_against_a_server_that_does_not_answer_is_one_line_without_the_password():
+    port = free_port()
+    done = run("outbox", "init", f"postgres://app:s3cret@127.0.0.1:{port}/shop")
+    assert done.returncode == 2
+    assert done.stderr.startswith("hub outbox: error: postgres://app:***@127.0.0.1:"), done.stderr
+    assert "s3cret" not in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
