@@ -170,7 +170,12 @@ class PostgresOutbox:
                 await self._session(backoff)
             except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
                 went_down(self.stats, self.name, exc)
-            except asyncpg.InterfaceError as exc:  # the connection broke under a query
+            except (asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
+                # the connection broke under a query, or between two (a FATAL while idle:
+                # asyncpg then says "another operation is in progress")
+                went_down(self.stats, self.name, exc)
+            except Exception as exc:  # a surprise of the client: retried all the same
+                log.exception("source %s: unexpected failure", self.name)
                 went_down(self.stats, self.name, exc)
             finally:
                 await self._disconnect()
@@ -273,6 +278,7 @@ class PostgresOutbox:
                 except BrokerUnavailable as exc:
                     # The rows stay where they are; the next round reads them again.
                     stats.state = f"up (waiting for the broker: {str(exc)[:120]})"
+                    await self._measure_lag(conn, len(rows))
                     await backoff.wait()
                     continue
                 finally:
