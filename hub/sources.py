@@ -218,17 +218,13 @@ class Backoff:
 
 
 def shown_url(url: str) -> str:
-    """The URL with its password as *** (and none of our options' values hidden)."""
+    """The URL with the password of its userinfo as *** (a URL of several hosts too:
+    nats://u:p@h1:4222,h2:4222/S, which urlsplit cannot take a port from)."""
     parts = urlsplit(url)
-    if parts.password is None:
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
         return url
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{parts.username or ''}:***@{host}"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
+    return urlunsplit(parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{hosts}"))
 
 
 def options(
