@@ -211,7 +211,10 @@ class PostgresOutbox:
         self._conn = conn = await asyncpg.connect(
             settings.dsn,
             timeout=5,
-            command_timeout=30,
+            # A server that stops answering (frozen, partitioned) is down after this long,
+            # not after the kernel gives up on the socket: no query of the relay takes
+            # seconds (a batch is at most 10,000 rows and 16 MiB).
+            command_timeout=5,
             statement_cache_size=16,
             server_settings={
                 "application_name": "hub outbox relay",

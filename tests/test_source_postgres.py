@@ -377,6 +377,36 @@ async def test_a_hub_started_before_the_table_relays_once_hub_outbox_init_made_i
     assert seen["hub_source_restarts_total"] == 0, seen  # never up before: no restart
 
 
+@pytest.mark.gen_test(timeout=60)
+async def test_a_frozen_database_is_down_within_seconds_and_relaying_resumes_when_it_thaws(
+    private_postgres, hub_server
+):
+    """SIGSTOP of the postmaster and every backend (a server that hangs, or a partition: the
+    socket stays open, nothing answers): the source must not stay "up" for as long as the
+    kernel keeps the socket; it goes down within the query timeout and comes back."""
+    pg: PrivatePostgres = private_postgres
+    outbox = Outbox(pg.target(), poll=0.2)
+    await in_thread(outbox.create)
+    server = await hub_server(sources=outbox.url)
+    client = await server.stream("alice")
+    await until_state(server, outbox.name, "up")
+    assert pg.proc is not None
+    frozen = [pg.proc.pid, *pg_support._child_pids(pg.proc.pid)]
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        await until_state(server, outbox.name, "down", timeout=20)
+        assert (await readyz(server))["status"] == "degraded"
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+    await until_state(server, outbox.name, "up", timeout=20)
+    await in_thread(outbox.insert, payment("alice", n=1))
+    assert data_of(await client.next_event(timeout=10)) == {"n": 1}
+    await until_empty(outbox)
+    assert await server.before_marker(client, "after-thaw") == []
+
+
 # -- 5. the database restarted under load loses nothing ---------------------------------------
 
 
