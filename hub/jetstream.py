@@ -219,19 +219,6 @@ def subject_matches(pattern: str, subject: str) -> bool:
     return len(want) == len(have)
 
 
-def _named(url: str) -> str:
-    """The source's name: its URL without the password (hub.sources.shown_url; a URL of
-    several hosts is masked here, as urlsplit cannot read its port)."""
-    try:
-        return shown_url(url)
-    except ValueError:
-        parts = urlsplit(url)
-        userinfo, at, hosts = parts.netloc.rpartition("@")
-        if at and ":" in userinfo:
-            userinfo = userinfo.partition(":")[0] + ":***"
-        return parts._replace(netloc=f"{userinfo}{at}{hosts}").geturl()
-
-
 class _Down(Exception):
     """The server answers, but the source cannot read: no stream, a consumer it cannot use."""
 
@@ -247,7 +234,7 @@ class JetStreamSource:
 
     def __init__(self, url: str, intake: Intake) -> None:
         self.settings = JetStreamSettings.parse(url)
-        self.name = _named(url)
+        self.name = shown_url(url)
         self.intake = intake
         self.stats = SourceStats()
         self.closing = False

@@ -38,6 +38,7 @@ import logging
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlunsplit
 
 from hub.broker import BrokerUnavailable
 from hub.sources import Backoff, Intake, SourceError, SourceStats, options, shown_url, went_down
@@ -85,7 +86,8 @@ class OutboxSettings:
         poll = float(found.get("poll", cls.poll))  # type: ignore[arg-type]
         if not parts.hostname and "host=" not in rest:
             raise SourceError("the URL names no host (postgres://user@host:5432/database)")
-        return cls(parts._replace(query=rest).geturl(), table, batch, poll)
+        dsn = urlunsplit((parts.scheme, parts.netloc, parts.path, rest, parts.fragment))
+        return cls(dsn, table, batch, poll)
 
     @property
     def quoted(self) -> str:

@@ -224,7 +224,8 @@ def shown_url(url: str) -> str:
     userinfo, at, hosts = parts.netloc.rpartition("@")
     if not at or ":" not in userinfo:
         return url
-    return urlunsplit(parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{hosts}"))
+    netloc = f"{userinfo.partition(':')[0]}:***@{hosts}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def options(
