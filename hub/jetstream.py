@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 from hub.broker import BrokerUnavailable
-from hub.sources import Backoff, Intake, SourceError, SourceStats, options, shown_url, went_down
+from hub.sources import Backoff, Intake, Source, SourceError, options
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -229,57 +229,22 @@ def _stamp(info: StreamInfo) -> int:
     return int(created.timestamp() * 1_000_000) if created is not None else 0
 
 
-class JetStreamSource:
+class JetStreamSource(Source):
     """One nats:// --source (see the module's docstring)."""
 
     def __init__(self, url: str, intake: Intake) -> None:
         self.settings = JetStreamSettings.parse(url)
-        self.name = shown_url(url)
-        self.intake = intake
-        self.stats = SourceStats()
-        self.closing = False
-        self._wake = asyncio.Event()
+        super().__init__(url, intake)
         self._nc: Client | None = None
         self._lag_at = 0.0
         self._warned: set[str] = set()  # warnings given once per source
         self._keeper: str | None = None  # the stream keeping the dead letters, if any
         self._keeper_at = -DEAD_KEEPER_TTL
 
-    async def close(self) -> None:
-        """Stop: a fetch under way ends within FETCH_TIMEOUT, a batch being stored is acked
-        (or, refused by a hub that is stopping, handed back at once: nak), the connection is
-        flushed and closed. hub.core bounds the wait for run() to end."""
-        self.closing = True
-        self._wake.set()
-
-    async def run(self) -> None:
+    def _expected(self) -> tuple[type[BaseException], ...]:
         import nats.errors
 
-        backoff = Backoff()
-        while not self.closing:
-            try:
-                await self._session(backoff)
-            except (_Down, nats.errors.Error, OSError, TimeoutError) as exc:
-                went_down(self.stats, self.name, exc)
-            except Exception as exc:  # a bug or a surprise of the client: retried all the same
-                log.exception("source %s: unexpected failure", self.name)
-                went_down(self.stats, self.name, exc)
-            finally:
-                await self._disconnect()
-            if not self.closing:
-                await self._pause(backoff)
-        self.stats.up = self.stats.leading = False
-        self.stats.state = "stopped"
-
-    async def _pause(self, backoff: Backoff) -> None:
-        """Wait before the next attempt, ended early by close()."""
-        waiting = asyncio.ensure_future(backoff.wait())
-        closed = asyncio.ensure_future(self._wake.wait())
-        try:
-            await asyncio.wait({waiting, closed}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            waiting.cancel()
-            closed.cancel()
+        return (_Down, nats.errors.Error, OSError, TimeoutError)
 
     async def _connect(self) -> Client:
         import nats

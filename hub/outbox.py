@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlunsplit
 
 from hub.broker import BrokerUnavailable
-from hub.sources import Backoff, Intake, SourceError, SourceStats, options, shown_url, went_down
+from hub.sources import Backoff, Intake, Source, SourceError, options
 
 if TYPE_CHECKING:
     import asyncpg
@@ -146,55 +146,27 @@ CREATE OR REPLACE TRIGGER "{trigger}"
 """
 
 
-class PostgresOutbox:
+class PostgresOutbox(Source):
     """One postgres:// --source (see the module's docstring)."""
 
     def __init__(self, url: str, intake: Intake) -> None:
         self.settings = OutboxSettings.parse(url)
-        self.name = shown_url(url)
-        self.intake = intake
-        self.stats = SourceStats()
-        self.closing = False
-        self._wake = asyncio.Event()
+        super().__init__(url, intake)
         self._conn: asyncpg.Connection | None = None
         self._lag_at = 0.0
 
-    async def close(self) -> None:
-        self.closing = True
-        self._wake.set()
-
-    async def run(self) -> None:
+    def _expected(self) -> tuple[type[BaseException], ...]:
         import asyncpg
 
-        backoff = Backoff()
-        while not self.closing:
-            try:
-                await self._session(backoff)
-            except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
-                went_down(self.stats, self.name, exc)
-            except (asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
-                # the connection broke under a query, or between two (a FATAL while idle:
-                # asyncpg then says "another operation is in progress")
-                went_down(self.stats, self.name, exc)
-            except Exception as exc:  # a surprise of the client: retried all the same
-                log.exception("source %s: unexpected failure", self.name)
-                went_down(self.stats, self.name, exc)
-            finally:
-                await self._disconnect()
-            if not self.closing:
-                await self._pause(backoff)
-
-    async def _pause(self, backoff: Backoff) -> None:
-        """Wait before the next attempt, ended early by close()."""
-        waiting = asyncio.ensure_future(backoff.wait())
-        closed = asyncio.ensure_future(self._wake.wait())
-        try:
-            await asyncio.wait({waiting, closed}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            waiting.cancel()
-            closed.cancel()
-        if not self.closing:
-            self._wake.clear()
+        # InternalClientError: the connection broke between two queries (a FATAL while
+        # idle: asyncpg then says "another operation is in progress")
+        return (
+            TimeoutError,
+            OSError,
+            asyncpg.PostgresError,
+            asyncpg.InterfaceError,
+            asyncpg.InternalClientError,
+        )
 
     async def _disconnect(self) -> None:
         conn, self._conn = self._conn, None

@@ -98,19 +98,64 @@ class SourceStats:
         self.state = "starting"  # what /readyz shows
 
 
-class Source(Protocol):
-    """One configured source. `name` is its URL without a password: the metrics' label."""
+class Source:
+    """One configured source, read until the hub stops: every failure of its server ends a
+    session (`_session`, one connection's life), which starts again after a capped backoff.
+    An implementation gives `_session`, `_disconnect` and `_expected` (the client's errors
+    that mean the server is down or unusable: logged once per outage, with no traceback).
+    `name` is its URL without a password: the metrics' label."""
 
-    name: str
-    stats: SourceStats
-
-    async def run(self) -> None:
-        """Read, hand over, let go, until closed; reconnect after every failure."""
-        ...
+    def __init__(self, url: str, intake: Intake) -> None:
+        self.name = shown_url(url)
+        self.intake = intake
+        self.stats = SourceStats()
+        self.closing = False
+        self._wake = asyncio.Event()  # set by close() (and by a NOTIFY, for an outbox)
 
     async def close(self) -> None:
-        """Stop reading: what was stored is let go of, what was not waits in the source."""
-        ...
+        """Stop reading: what was stored is let go of, what was not waits in the source
+        (hub.core bounds the wait for run() to end)."""
+        self.closing = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        expected = self._expected()
+        backoff = Backoff()
+        while not self.closing:
+            try:
+                await self._session(backoff)
+            except expected as exc:
+                went_down(self.stats, self.name, exc)
+            except Exception as exc:  # a bug or a surprise of the client: retried all the same
+                log.exception("source %s: unexpected failure", self.name)
+                went_down(self.stats, self.name, exc)
+            finally:
+                await self._disconnect()
+            if not self.closing:
+                await self._pause(backoff)
+        self.stats.up = self.stats.leading = False
+        self.stats.state = "stopped"
+
+    async def _pause(self, backoff: Backoff) -> None:
+        """Wait before the next attempt, ended early by close()."""
+        waiting = asyncio.ensure_future(backoff.wait())
+        closed = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait({waiting, closed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiting.cancel()
+            closed.cancel()
+        if not self.closing:
+            self._wake.clear()
+
+    def _expected(self) -> tuple[type[BaseException], ...]:
+        return (OSError, TimeoutError)
+
+    async def _session(self, backoff: Backoff) -> None:
+        raise NotImplementedError
+
+    async def _disconnect(self) -> None:
+        raise NotImplementedError
 
 
 class Limits(Protocol):
