@@ -439,10 +439,13 @@ class JetStreamSource(Source):
             if msgs:
                 # A redelivery (its ack_wait ran out) comes before newer messages, or beside
                 # them: the batch goes to the broker in stream order.
-                msgs.sort(key=lambda m: m.metadata.sequence.stream)
+                # (Msg.metadata parses the reply subject anew at each call: read once.)
+                numbered = sorted(
+                    ((m.metadata.sequence.stream, m) for m in msgs), key=lambda pair: pair[0]
+                )
                 stats.held = len(msgs)
                 try:
-                    stored = await self._take(nc, js, msgs, created)
+                    stored = await self._take(nc, js, numbered, created)
                 finally:
                     stats.held = 0
                 if not stored:
@@ -455,11 +458,15 @@ class JetStreamSource(Source):
                 stats.state = "up"
             await self._measure_lag(js)
 
-    async def _take(self, nc: Client, js: JetStreamContext, msgs: list[Msg], created: int) -> bool:
-        """Store a batch and let go of it: ack what is stored, dead-letter what is refused.
-        False if the broker could not take it (the batch is handed back)."""
+    async def _take(
+        self, nc: Client, js: JetStreamContext, numbered: list[tuple[int, Msg]], created: int
+    ) -> bool:
+        """Store a batch (messages with their stream sequence, in order) and let go of it: ack
+        what is stored, dead-letter what is refused. False if the broker could not take it
+        (the batch is handed back)."""
         stream = self.settings.stream
-        records = [(f"nats:{stream}:{created}:{m.metadata.sequence.stream}", m.data) for m in msgs]
+        msgs = [m for _, m in numbered]
+        records = [(f"nats:{stream}:{created}:{seq}", m.data) for seq, m in numbered]
         try:
             reasons = await self.intake.take(records, self.stats)
         except BrokerUnavailable as exc:
@@ -473,21 +480,20 @@ class JetStreamSource(Source):
             for msg in msgs:
                 await msg.nak()
             return False
-        for msg, (key, _), reason in zip(msgs, records, reasons, strict=True):
+        for (seq, msg), (key, _), reason in zip(numbered, records, reasons, strict=True):
             if reason is None:
                 await msg.ack()
             else:
-                await self._dead_letter(nc, js, msg, key, reason)
+                await self._dead_letter(nc, js, msg, seq, key, reason)
         return True
 
     async def _dead_letter(
-        self, nc: Client, js: JetStreamContext, msg: Msg, key: str, reason: str
+        self, nc: Client, js: JetStreamContext, msg: Msg, seq: int, key: str, reason: str
     ) -> None:
         import nats.errors
         import nats.js.errors
 
         settings = self.settings
-        seq = msg.metadata.sequence.stream
         headers = {
             "Hub-Reason": reason[:REASON_HEADER],
             "Hub-Stream": settings.stream,

@@ -342,3 +342,38 @@ def publish_across_renewal(page: Any, hub: HubProcess) -> list[str]:
         pace.wait(0.05)
     assert renewed_at is not None, "the first token was never renewed"
     return sent
+
+
+def readyz_of(hub: HubProcess) -> tuple[int, Any]:
+    """A hub process's /readyz: status and body; (0, None) while nothing answers."""
+    try:
+        return http_json(hub.url + "/readyz")
+    except OSError:
+        return 0, None
+
+
+@contextlib.contextmanager
+def hub_processes(logdir: Path) -> Iterator[Callable[..., HubProcess]]:
+    """`start(*args, ready=True)`: a `hub` process (with SECRET, not demo mode), waited for
+    until /readyz answers 200 when `ready`. At the end each one is continued (if a test
+    stopped it) and ended, by its PID, and the end of its log printed (pytest shows it when
+    a test fails)."""
+    started: list[HubProcess] = []
+
+    def start(*args: str, ready: bool = True) -> HubProcess:
+        hub = HubProcess(logdir / f"hub-{len(started)}.log", *args, demo=False)
+        started.append(hub)
+        if ready:
+            wait_until(lambda: readyz_of(hub)[0] == 200, 15, f"hub {len(started)} ready")
+        return hub
+
+    try:
+        yield start
+    finally:
+        for n, hub in enumerate(started):
+            if hub.proc.poll() is None:
+                os.kill(hub.proc.pid, signal.SIGCONT)
+            hub.stop()
+            print(f"---- hub {n} (port {hub.port}, exit {hub.proc.returncode}) ----")
+            lines = [line for line in hub.log().splitlines() if "GET /" not in line]
+            print("\n".join(lines[-60:]))

@@ -57,6 +57,10 @@ class RedisTarget(NamedTuple):
         """A plain (blocking) client for the test's own checks; close it after use."""
         return redis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=2)
 
+    def hub_args(self) -> list[str]:
+        """A hub's flags for this target: its broker and key prefix."""
+        return ["--broker", self.url, "--redis-prefix", self.prefix]
+
 
 def unique_prefix() -> str:
     return f"test-{uuid.uuid4().hex[:12]}"

@@ -1,4 +1,4 @@
-"""`hub token`, `hub publish` and `hub outbox`, as a user runs them: real processes against a real hub."""
+"""`hub token`, `hub publish` and `hub outbox`, as a user runs them: real processes, a real hub."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from typing import Any
 import jwt
 import pytest
 import redis_support
-from browser_support import SECRET, HubProcess, http_json, wait_until
+from browser_support import SECRET, HubProcess, http_json, hub_processes, readyz_of, wait_until
 from redis_support import PrivateRedis, RedisTarget
 from sse import SSEClient, SSEEvent, http_request, wait_for
 
@@ -42,43 +42,19 @@ def run(fn: Callable[[], Awaitable[Any]]) -> Any:
 
 
 def readyz(hub: HubProcess) -> int:
-    try:
-        return http_json(hub.url + "/readyz")[0]
-    except OSError:
-        return 0
+    return readyz_of(hub)[0]
 
 
 @pytest.fixture
 def hubs(tmp_path: Path) -> Iterator[Callable[..., HubProcess]]:
-    """Start hub processes on a Redis target; every one is continued (if a test stopped it)
-    and ended at teardown, and its log printed (pytest shows it when a test fails)."""
-    started: list[HubProcess] = []
+    """Start hub processes on a Redis target (browser_support.hub_processes: each ended at
+    teardown, its log printed)."""
+    with hub_processes(tmp_path) as start:
 
-    def start(target: RedisTarget, *args: str, ready: bool = True) -> HubProcess:
-        hub = HubProcess(
-            tmp_path / f"hub-{len(started)}.log",
-            "--broker",
-            target.url,
-            "--redis-prefix",
-            target.prefix,
-            *args,
-            demo=False,
-        )
-        started.append(hub)
-        if ready:
-            wait_until(lambda: readyz(hub) == 200, 10, f"hub {len(started)} ready")
-        return hub
+        def on(target: RedisTarget, *args: str, ready: bool = True) -> HubProcess:
+            return start(*target.hub_args(), *args, ready=ready)
 
-    try:
-        yield start
-    finally:
-        for n, hub in enumerate(started):
-            if hub.proc.poll() is None:
-                os.kill(hub.proc.pid, signal.SIGCONT)
-            hub.stop()
-            print(f"---- hub {n} (port {hub.port}, exit {hub.proc.returncode}) ----")
-            lines = [line for line in hub.log().splitlines() if "GET /readyz" not in line]
-            print("\n".join(lines[-60:]))
+        yield on
 
 
 def token(user: str, iat: float | None = None) -> str:

@@ -30,7 +30,7 @@ import nats
 import nats_support
 import pytest
 import redis_support
-from browser_support import SECRET, HubProcess, http_json, wait_until
+from browser_support import SECRET, HubProcess, http_json, hub_processes, readyz_of
 from nats.aio.client import Client
 from nats.js.api import AckPolicy
 from nats_support import NatsTarget, PrivateNats
@@ -554,35 +554,14 @@ def token(user: str) -> str:
 
 @pytest.fixture
 def hubs(tmp_path: Path) -> Iterator[Callable[..., HubProcess]]:
-    """Start `hub` processes (with a Redis target: its broker); each is continued, ended at
-    teardown, and its log printed (pytest shows it when a test fails)."""
-    started: list[HubProcess] = []
+    """Start `hub` processes (with a Redis target: its broker; browser_support.
+    hub_processes: each ended at teardown, its log printed)."""
+    with hub_processes(tmp_path) as start:
 
-    def start(redis: RedisTarget | None, *args: str, ready: bool = True) -> HubProcess:
-        broker = ["--broker", redis.url, "--redis-prefix", redis.prefix] if redis else []
-        hub = HubProcess(tmp_path / f"hub-{len(started)}.log", *broker, *args, demo=False)
-        started.append(hub)
-        if ready:
-            wait_until(lambda: _readyz(hub)[0] == 200, 15, f"hub {len(started)} ready")
-        return hub
+        def on(redis: RedisTarget | None, *args: str, ready: bool = True) -> HubProcess:
+            return start(*(redis.hub_args() if redis else []), *args, ready=ready)
 
-    try:
-        yield start
-    finally:
-        for n, hub in enumerate(started):
-            if hub.proc.poll() is None:
-                os.kill(hub.proc.pid, signal.SIGCONT)
-            hub.stop()
-            print(f"---- hub {n} (port {hub.port}, exit {hub.proc.returncode}) ----")
-            lines = [line for line in hub.log().splitlines() if "GET /readyz" not in line]
-            print("\n".join(lines[-60:]))
-
-
-def _readyz(hub: HubProcess) -> tuple[int, Any]:
-    try:
-        return http_json(hub.url + "/readyz")
-    except OSError:
-        return 0, None
+        yield on
 
 
 def metrics_of(hub: HubProcess) -> dict[Any, float]:
@@ -768,7 +747,7 @@ def test_a_broker_that_cannot_store_stops_the_reading_and_the_messages_wait_in_n
             await publish(nc, nats_url, body(0, tag))
             assert await client.wait_until(lambda: counters(client, tag)[0] == 1, 10)
             await loop.run_in_executor(None, private_redis.stop)
-            assert await wait_for(lambda: _readyz(reader)[0] == 503, 5)
+            assert await wait_for(lambda: readyz_of(reader)[0] == 503, 5)
             for n in range(1, count):
                 await publish(nc, nats_url, body(n, tag))
 
@@ -787,7 +766,7 @@ def test_a_broker_that_cannot_store_stops_the_reading_and_the_messages_wait_in_n
             assert await wait_for(lambda: lag() == count - 1, 5), lag()  # all of them wait
             assert stored_by(reader, url) == 1
             await loop.run_in_executor(None, private_redis.start)
-            assert await wait_for(lambda: _readyz(reader)[0] == 200, 15)
+            assert await wait_for(lambda: readyz_of(reader)[0] == 200, 15)
             back = loop.time()
             await each_once(client, range(count), tag, timeout=10)
             assert loop.time() - back < 10

@@ -29,7 +29,7 @@ import pg_support
 import psycopg
 import pytest
 import redis_support
-from browser_support import SECRET, HubProcess, http_json, wait_until
+from browser_support import SECRET, HubProcess, http_json, hub_processes, readyz_of, wait_until
 from pg_support import PgTarget, PrivatePostgres
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
@@ -518,15 +518,8 @@ def process_numbers(hub: HubProcess, name: str) -> dict[str, float]:
     return numbers(scrape(hub), name)
 
 
-def process_readyz(hub: HubProcess) -> tuple[int, Any]:
-    try:
-        return http_json(hub.url + "/readyz")
-    except OSError:
-        return 0, None
-
-
 def state_of(hub: HubProcess, name: str) -> str:
-    status, body = process_readyz(hub)
+    status, body = readyz_of(hub)
     if status != 200 or "sources" not in body:
         return f"not ready ({status})"
     return str(body["sources"][name])
@@ -545,37 +538,14 @@ def token(user: str) -> str:
 
 @pytest.fixture
 def hubs(tmp_path: Path) -> Iterator[Callable[..., HubProcess]]:
-    """Start hub processes on a Redis target with an outbox source; every one is continued
-    (if a test stopped it) and ended at teardown by its PID, and its log printed (pytest
-    shows it when a test fails)."""
-    started: list[HubProcess] = []
+    """Start hub processes on a Redis target with an outbox source (browser_support.
+    hub_processes: each ended at teardown by its PID, its log printed)."""
+    with hub_processes(tmp_path) as start:
 
-    def start(target: RedisTarget, outbox: Outbox, *args: str) -> HubProcess:
-        hub = HubProcess(
-            tmp_path / f"hub-{len(started)}.log",
-            "--broker",
-            target.url,
-            "--redis-prefix",
-            target.prefix,
-            "--source",
-            outbox.url,
-            *args,
-            demo=False,
-        )
-        started.append(hub)
-        wait_until(lambda: process_readyz(hub)[0] == 200, 10, f"hub {len(started)} ready")
-        return hub
+        def on(target: RedisTarget, outbox: Outbox, *args: str) -> HubProcess:
+            return start(*target.hub_args(), "--source", outbox.url, *args)
 
-    try:
-        yield start
-    finally:
-        for n, hub in enumerate(started):
-            if hub.proc.poll() is None:
-                os.kill(hub.proc.pid, signal.SIGCONT)
-            hub.stop()
-            print(f"---- hub {n} (port {hub.port}, exit {hub.proc.returncode}) ----")
-            lines = [line for line in hub.log().splitlines() if "GET /" not in line]
-            print("\n".join(lines[-60:]))
+        yield on
 
 
 async def open_stream(hub: HubProcess, user: str, last_id: str | None = None) -> SSEClient:
