@@ -520,6 +520,40 @@ async def test_a_nats_restart_under_a_trickle_delivers_each_message_once(
     assert source.stats.published == count  # each stored once (a redelivery is a replay)
 
 
+@pytest.mark.gen_test(timeout=60)
+async def test_a_frozen_nats_server_is_down_within_seconds_and_reading_resumes_when_it_thaws(
+    private_nats: PrivateNats, hub_server
+):
+    """SIGSTOP (a server that hangs, or a partition: the socket stays open, nothing answers):
+    the source must not say "up" for as long as the kernel keeps the socket; the client's
+    pings find it, and it reads again once the server thaws."""
+    target = private_nats.target()
+    admin = await connect(target.url)
+    await make_streams(admin, target)
+    await admin.close()
+    url = source_url(target)
+    hub = await hub_server(sources=url)
+    client = await hub.stream("u1")
+
+    async def state() -> str:
+        answer = await hub.fetch("/readyz")
+        return str(json.loads(answer.body)["sources"][url])
+
+    assert await wait_for(lambda: _starts(state(), "up"), 10), "never up"
+    private_nats.pause()
+    try:
+        assert await wait_for(lambda: _starts(state(), "down"), 15), "still up while frozen"
+    finally:
+        private_nats.resume()
+    assert await wait_for(lambda: _starts(state(), "up"), 20), "not up again"
+    producer = await connect(target.url)
+    try:
+        await publish(producer, target, body(0), msg_id="after-thaw")
+    finally:
+        await producer.close()
+    await each_once(client, range(1))
+
+
 async def _starts(text: Awaitable[str], prefix: str) -> bool:
     return (await text).startswith(prefix)
 
