@@ -37,7 +37,6 @@ from hub.dispatch import TypeTable
 from hub.message import Event, ParseError, Rejected, TooLarge
 
 __all__ = [
-    "SOURCE_SCHEMES",
     "Backoff",
     "Intake",
     "Limits",
@@ -52,9 +51,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("hub.sources")
-
-SOURCE_SCHEMES = ("postgres://", "postgresql://", "nats://")
-
 
 class SourceError(ValueError):
     """A --source URL that cannot work: the message says why (no password in it)."""
