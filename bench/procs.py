@@ -359,6 +359,16 @@ class Paced:
 # -- the report's headers --------------------------------------------------------------------
 
 
+def fmt(v: Any, spec: str = ",.0f") -> str:
+    """A report's number, "-" where there is none."""
+    return "-" if v is None else format(v, spec)
+
+
+def ms(v: float | None) -> str:
+    """A report's milliseconds: one decimal below 100, "-" where there are none."""
+    return "-" if v is None else f"{v:.1f}" if v < 100 else f"{v:.0f}"
+
+
 def commit(*status: str, unknown: str = "?") -> str:
     """HEAD's short hash, `with uncommitted changes` when `git status --porcelain <status>`
     shows any; `unknown` when git cannot say."""

@@ -74,6 +74,7 @@ from bench import loadgen, procs, servers
 from bench.__main__ import LOADGEN_CORE, NOISE_PCT, SERVER_CORE, machine_load, mint_tokens
 from bench.faults_check import STORED
 from bench.faults_clients import post
+from bench.procs import fmt, ms
 
 REPO = Path(__file__).resolve().parent.parent
 now = time.monotonic
@@ -940,14 +941,6 @@ def shares(cpu: dict[str, float]) -> str:
     """The roles the notes show (the hub and the source server have columns)."""
     shown = [role for role in SHOWN if role in cpu]
     return " ".join(f"{role.removesuffix('-server')} {cpu[role]:.0f}%" for role in shown)
-
-
-def fmt(v: Any, spec: str = ",.0f") -> str:
-    return "-" if v is None else format(v, spec)
-
-
-def ms(v: float | None) -> str:
-    return "-" if v is None else f"{v:.1f}" if v < 100 else f"{v:.0f}"
 
 
 COLS = (

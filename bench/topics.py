@@ -52,6 +52,7 @@ from bench.__main__ import (
     unaccounted,
     wait_quiet,
 )
+from bench.procs import fmt, ms
 
 now = time.monotonic
 GONE_WITHIN = 30.0  # seconds the hub has to count no stream after a row's streams closed
@@ -195,14 +196,6 @@ def ok(r: dict[str, Any]) -> bool:
         and bool(after)
         and all(after.get(name) == 0 for name in TABLES)
     )
-
-
-def fmt(v: Any, spec: str = ",.0f") -> str:
-    return "-" if v is None else format(v, spec)
-
-
-def ms(v: float | None) -> str:
-    return "-" if v is None else f"{v:.1f}" if v < 100 else f"{v:.0f}"
 
 
 COLS = (
