@@ -377,3 +377,53 @@ def hub_processes(logdir: Path) -> Iterator[Callable[..., HubProcess]]:
             print(f"---- hub {n} (port {hub.port}, exit {hub.proc.returncode}) ----")
             lines = [line for line in hub.log().splitlines() if "GET /" not in line]
             print("\n".join(lines[-60:]))
+
+
+class PrivateServer:
+    """What the tests' private servers share (redis_support.PrivateRedis and SentinelProcess,
+    nats_support.PrivateNats, pg_support.PrivatePostgres): a process of the test's own
+    (`proc`, signalled by its PID only), its log file, and the wait until it answers after a
+    start. A server gives `answers` and `kill`."""
+
+    kind = "server"  # how messages name it
+    proc: subprocess.Popen[bytes] | None
+    log_path: Path
+    port: int
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def answers(self) -> bool:
+        raise NotImplementedError
+
+    def kill(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """End it for good, whatever the test did."""
+        if self.running:
+            self.kill()
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def wait_answering(self, timeout: float) -> None:
+        """Until it answers; an exit meanwhile fails at once with the end of its log, and a
+        server that never answers is killed before the failure."""
+
+        def up() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(
+                    f"{self.kind} exited with {self.proc.returncode}: {self.log()[-3000:]}"
+                )
+            return self.answers()
+
+        try:
+            wait_until(up, timeout, what=f"private {self.kind} on port {self.port} answers")
+        except BaseException:
+            self.kill()
+            raise

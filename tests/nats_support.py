@@ -37,7 +37,7 @@ from typing import NamedTuple, TypeVar
 
 import nats
 import pytest
-from browser_support import free_port, wait_until
+from browser_support import PrivateServer, free_port, wait_until
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
 from nats.errors import NoServersError
@@ -219,10 +219,12 @@ def _all_threads_stopped(pid: int) -> bool:
     return True
 
 
-class PrivateNats:
+class PrivateNats(PrivateServer):
     """A `nats-server` of this test's own, JetStream on, on a free loopback port. `stop()`
     (SIGTERM) and `start()` keep the port and the store; `kill()` is a SIGKILL; `pause()` and
     `resume()` are SIGSTOP and SIGCONT; `close()` ends it for good. `url` is its URL."""
+
+    kind = "nats-server"
 
     def __init__(self, workdir: Path) -> None:
         require_nats_server()
@@ -244,10 +246,6 @@ class PrivateNats:
         info = info_line(self.port, timeout)
         return info is not None and bool(info.get("jetstream"))
 
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
     def start(self, timeout: float = 15.0) -> PrivateNats:
         """Start the server (again, on the same port, with the store it kept) and wait until
         it answers with JetStream on."""
@@ -268,18 +266,7 @@ class PrivateNats:
             )
         self.starts += 1
 
-        def up() -> bool:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(
-                    f"nats-server exited with {self.proc.returncode}: {self.log()[-2000:]}"
-                )
-            return self.answers()
-
-        try:
-            wait_until(up, timeout, what=f"private nats-server on port {self.port} answers")
-        except BaseException:
-            self.kill()
-            raise
+        self.wait_answering(timeout)
         return self
 
     def _signal(self, sig: signal.Signals, timeout: float = 10.0) -> None:
@@ -325,16 +312,6 @@ class PrivateNats:
         else:
             self.stop()
         return self.start()
-
-    def close(self) -> None:
-        if self.running:
-            self.kill()
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
 
 
 @pytest.fixture

@@ -44,7 +44,7 @@ from typing import Any, NamedTuple
 
 import psycopg
 import pytest
-from browser_support import free_port, wait_until
+from browser_support import PrivateServer, free_port, wait_until
 from psycopg import sql
 
 SHARED_DSN = "postgres://postgres@127.0.0.1:5432/test"
@@ -239,7 +239,7 @@ def _subreaper() -> Iterator[None]:
         libc.prctl(PR_SET_CHILD_SUBREAPER, was.value, 0, 0, 0)
 
 
-class PrivatePostgres:
+class PrivatePostgres(PrivateServer):
     """A `postgres` of this test's own on a free loopback port. `stop()` and `start()` keep
     the port and the data; `kill()` is a SIGKILL of the postmaster and its backends;
     `restart()` is both (fast shutdown, or kill with `kill=True`); `close()` ends it for good
@@ -247,6 +247,8 @@ class PrivatePostgres:
 
     `initdb_seconds` and `start_seconds` (the last start, until it answered) say how long they
     took."""
+
+    kind = "postgres"
 
     def __init__(self, logdir: Path, *, database: str = "postgres") -> None:
         require_postgres_binaries()
@@ -290,10 +292,6 @@ class PrivatePostgres:
             return True
         except (psycopg.Error, OSError):
             return False
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     def _env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
@@ -369,18 +367,7 @@ class PrivatePostgres:
             )
         self.starts += 1
 
-        def up() -> bool:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(
-                    f"postgres exited with {self.proc.returncode}: {self.log()[-3000:]}"
-                )
-            return self.answers()
-
-        try:
-            wait_until(up, timeout, what=f"private postgres on port {self.port} answers")
-        except BaseException:
-            self.kill()
-            raise
+        self.wait_answering(timeout)
         self.start_seconds = time.monotonic() - began
         return self
 
@@ -436,12 +423,6 @@ class PrivatePostgres:
             self.kill()
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
 
 
 @pytest.fixture

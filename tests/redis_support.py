@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 
 import pytest
 import redis
-from browser_support import free_port, wait_until
+from browser_support import PrivateServer, free_port, wait_until
 
 SHARED_HOST = "127.0.0.1"
 SHARED_PORT = 6379
@@ -114,10 +114,12 @@ def redis_url() -> Iterator[RedisTarget]:
         client.close()
 
 
-class PrivateRedis:
+class PrivateRedis(PrivateServer):
     """A `redis-server` of this test's own on a free loopback port. `stop()` and `start()`
     keep the port and the data; `kill()` is a SIGKILL; `pause()` and `resume()` are SIGSTOP
     and SIGCONT; `close()` ends it for good."""
+
+    kind = "redis-server"
 
     def __init__(
         self, workdir: Path, *, appendonly: bool = True, extra_args: Sequence[str] = ()
@@ -149,10 +151,6 @@ class PrivateRedis:
         finally:
             client.close()
 
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
     def start(self) -> PrivateRedis:
         """Start the server (again, on the same port, with the data it kept) and wait until
         it answers."""
@@ -183,14 +181,7 @@ class PrivateRedis:
             )
         self.starts += 1
 
-        def up() -> bool:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(
-                    f"redis-server exited with {self.proc.returncode}: {self.log()[-2000:]}"
-                )
-            return self.answers()
-
-        wait_until(up, timeout=10, what=f"private redis-server on port {self.port} answers")
+        self.wait_answering(10)
         return self
 
     def _signal(self, sig: signal.Signals) -> None:
@@ -224,16 +215,6 @@ class PrivateRedis:
         if self.proc is not None and self.running:
             os.kill(self.proc.pid, signal.SIGCONT)
 
-    def close(self) -> None:
-        if self.running:
-            self.kill()
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
 
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
@@ -257,9 +238,11 @@ QUORUM = 2
 FAST_SYNC = ("--repl-diskless-sync-delay", "0")
 
 
-class SentinelProcess:
+class SentinelProcess(PrivateServer):
     """One `redis-server <conf> --sentinel` on a free loopback port, its config file (which
     sentinel rewrites) in a directory of its own; signalled by its own PID only."""
+
+    kind = "redis-server --sentinel"
 
     def __init__(self, workdir: Path) -> None:
         self.dir = workdir
@@ -329,12 +312,6 @@ class SentinelProcess:
         if proc is not None and proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
 
 
 class SentinelsDisagree(AssertionError):
