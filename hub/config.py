@@ -484,11 +484,12 @@ def join_leave_grants(label: str, text: str | None) -> Grants:
 
 
 def source_urls(label: str, text: str | None) -> tuple[str, ...]:
-    """--source's URLs, each checked (hub.sources.check_url); none: no source."""
+    """--source's URLs, each checked by its source's parser (hub.outbox, hub.jetstream: no
+    client library is imported); none: no source."""
     urls = tuple((text or "").split())
     if not urls:
         return urls
-    from hub.sources import SourceError
+    from hub.sources import SourceError, shown_url
 
     for url in urls:
         try:
@@ -503,16 +504,10 @@ def source_urls(label: str, text: str | None) -> tuple[str, ...]:
             else:
                 raise SourceError("a source URL starts with postgres://, postgresql:// or nats://")
         except SourceError as exc:
-            raise ConfigError(f"{label} {shown_source(url)[:120]!r}: {exc}") from None
+            raise ConfigError(f"{label} {shown_url(url)[:120]!r}: {exc}") from None
     if len(set(urls)) != len(urls):
         raise ConfigError(f"{label}: the same source is given twice")
     return urls
-
-
-def shown_source(url: str) -> str:
-    from hub.sources import shown_url
-
-    return shown_url(url)
 
 
 @dataclass

@@ -4,7 +4,8 @@ The HTTP layer calls these and nothing below them.
 Life of an event: a handler decodes and routes it (hub.decode, with the hub's type table),
 `publish` hands it to the broker, which gives it its id and feeds it to `deliver` on every
 node; `deliver` keeps it in the history and queues it once per audience (hub.flusher); the
-flusher writes.
+flusher writes. Events of the --source sources take the same way from `publish` on
+(hub.sources.Intake).
 """
 
 from __future__ import annotations
