@@ -52,6 +52,7 @@ __all__ = [
 
 log = logging.getLogger("hub.sources")
 
+
 class SourceError(ValueError):
     """A --source URL that cannot work: the message says why (no password in it)."""
 
